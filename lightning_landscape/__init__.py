@@ -1,0 +1,40 @@
+"""lightning-landscape: watch the geometry of the loss landscape while a Lightning model trains.
+
+Layers, from the bottom up:
+
+* :mod:`~lightning_landscape.operators`: curvature operators (Hessian-vector products over a
+  parameter subset on fixed probe data);
+* :mod:`~lightning_landscape.solvers`: pure solvers (thick-restart Lanczos, Hutch++) on any
+  operator;
+* :mod:`~lightning_landscape.functional`: one-call metrics (:func:`hessian_eigenvalues`,
+  :func:`hessian_trace`);
+* :mod:`~lightning_landscape.callbacks`: the :class:`LandscapeMonitor` Lightning callback.
+"""
+
+from .callbacks import LandscapeMonitor
+from .context import curvature_context, fork_rng
+from .functional import hessian_eigenvalues, hessian_trace
+from .operators import CurvatureOperator, HessianOperator, MatrixOperator
+from .results import EigenResult, ProbeReport, TraceResult
+from .solvers import hutchpp_trace, lanczos
+from .thresholds import stability_threshold
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "CurvatureOperator",
+    "EigenResult",
+    "HessianOperator",
+    "LandscapeMonitor",
+    "MatrixOperator",
+    "ProbeReport",
+    "TraceResult",
+    "__version__",
+    "curvature_context",
+    "fork_rng",
+    "hessian_eigenvalues",
+    "hessian_trace",
+    "hutchpp_trace",
+    "lanczos",
+    "stability_threshold",
+]

@@ -1,0 +1,460 @@
+r"""Landscape Monitor.
+
+Monitors the Hessian spectrum of the training loss while a LightningModule trains, on the
+trainer's own device, and logs it through ``trainer.loggers`` under ``landscape/``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from ..context import curvature_context
+from ..operators import _ROUTES, HessianOperator, HVPRoute, select_parameters
+from ..results import EigenResult, ProbeReport
+from ..solvers import hutchpp_trace, lanczos
+from ..thresholds import stability_threshold
+from ._probe import collect_probe_batches, silenced, training_step_loss
+
+ProbeLossFn = Callable[[pl.LightningModule, Any], Tensor]
+
+
+def _positive_or_none(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+
+
+class LandscapeMonitor(Callback):
+    r"""Probe the loss Hessian on a cadence during training and log it under ``landscape/``.
+
+    Each probe builds a :class:`~lightning_landscape.operators.HessianOperator` on fixed probe
+    data (by default the first ``num_probe_samples`` samples of the train dataset, taken once at
+    the start of training) with the model in ``eval()`` mode, runs thick-restart Lanczos for the
+    top-``top_k`` eigenvalues (warm-started from the previous probe) and, optionally, for λ_min,
+    and a Hutch++ trace estimate. Training is not affected: weights, RNG streams, module modes,
+    ``.grad``, optimizer state and logged metrics are exactly what they would be without it.
+
+    Logged keys (at ``trainer.global_step``, through every logger in ``trainer.loggers``):
+
+    * ``landscape/lambda_max``: the largest Hessian eigenvalue (sharpness).
+    * ``landscape/eigenvalues/<i>``: the i-th largest eigenvalue, ``i = 0 .. top_k - 1``.
+    * ``landscape/lambda_min``: the algebraically smallest eigenvalue (negative: a saddle
+      direction); with ``lambda_min=True``.
+    * ``landscape/trace``, ``landscape/trace_stderr``: Hutch++ estimate of tr(H) and its
+      standard error; with ``trace=True``.
+    * ``landscape/stability_ratio``: ``η·λ_max / (2 + 2β)``, i.e. λ_max over the threshold of SGD
+      with heavy-ball momentum β (``2/η`` without momentum). Values near or above 1 mean
+      training is at or past the edge of stability. Only for ``torch.optim.SGD``: for Adam and
+      other adaptive optimizers stability is governed by the preconditioned Hessian, so the
+      ratio is not logged. ``landscape/stability_threshold`` is the threshold itself.
+    * ``landscape/probe_loss``: the loss on the probe data (eval mode).
+    * ``landscape/converged`` (1/0) and ``landscape/max_residual``: whether every eigenvalue met
+      ``tol`` in relative Ritz residual. Values with ``converged = 0`` are estimates only.
+    * ``landscape/probe_failed``: 1 when a probe hit NaN/inf or ran out of memory (and was
+      skipped).
+    * ``landscape/cost/seconds``, ``landscape/cost/hvps``: the probe's wall time and
+      Hessian-vector products.
+    * With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`, a histogram
+      ``landscape/eigenvalues`` of the top-k eigenvalues.
+
+    Args:
+        every_n_steps: probe when ``trainer.global_step`` is a multiple of this (``None``: off).
+        every_n_epochs: probe at the end of every n-th training epoch (``None``: off).
+        top_k: number of largest eigenvalues.
+        tol: relative Ritz-residual tolerance of the eigenvalues.
+        lambda_min: also compute the smallest eigenvalue.
+        trace: also estimate the Hessian trace.
+        trace_hvps: Hessian-vector products for the trace (at least 3).
+        num_probe_samples: samples taken from the train dataset for the probe batch.
+        probe_dataloader: explicit probe data; every batch it yields is used (the Hessian is the
+            sample-weighted mean over them). Overrides ``num_probe_samples``.
+        loss_fn: ``loss_fn(pl_module, batch) -> scalar Tensor``; default the loss returned by
+            ``training_step(batch, 0)`` (a tensor or a dict with ``"loss"``), whose logging is
+            suppressed during the probe.
+        params: names or ``fnmatch`` patterns of the parameters to probe (default all trainable).
+        route: Hessian-vector-product route: ``"auto"`` (time both on the first probe and keep
+            the faster), ``"functorch"`` or ``"double_backward"``.
+        max_basis: bound on the Krylov basis (memory ``(max_basis + 1) × num_params``).
+        max_hvps: Hessian-vector-product budget per eigenvalue solve.
+        warm_start: start each solve from the previous probe's eigenvectors.
+        save_warm_start: keep the warm-start vectors in checkpoints (``top_k + 1`` vectors of
+            ``num_params`` floats) so a resumed run continues exactly.
+        probe_on_train_start: probe once when training starts.
+        probe_on_train_end: probe once when training ends.
+        prog_bar: show the latest λ_max in the progress bar.
+        log_histogram: log the eigenvalue histogram to TensorBoard loggers.
+        enabled: ``False`` turns the callback into a no-op (handy from YAML configs).
+        seed: seed of the private generators of the solvers (global RNG streams are never used).
+
+    Raises:
+        ValueError: on invalid arguments (non-positive cadences, ``top_k < 1``, ``tol <= 0``,
+            ``trace_hvps < 3``, unknown ``route``, ...).
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_landscape import LandscapeMonitor
+
+        monitor = LandscapeMonitor(every_n_steps=100, top_k=5)
+        trainer = Trainer(max_epochs=10, callbacks=[monitor])
+        trainer.fit(model, datamodule=dm)
+        print(monitor.history[-1].lambda_max)
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = 100,
+        every_n_epochs: int | None = None,
+        top_k: int = 5,
+        tol: float = 1e-3,
+        lambda_min: bool = True,
+        trace: bool = True,
+        trace_hvps: int = 30,
+        num_probe_samples: int = 256,
+        probe_dataloader: DataLoader[Any] | None = None,
+        loss_fn: ProbeLossFn | None = None,
+        params: list[str] | None = None,
+        route: HVPRoute = "auto",
+        max_basis: int | None = None,
+        max_hvps: int | None = None,
+        warm_start: bool = True,
+        save_warm_start: bool = True,
+        probe_on_train_start: bool = True,
+        probe_on_train_end: bool = True,
+        prog_bar: bool = False,
+        log_histogram: bool = True,
+        enabled: bool = True,
+        seed: int = 0,
+    ) -> None:
+        _positive_or_none("every_n_steps", every_n_steps)
+        _positive_or_none("every_n_epochs", every_n_epochs)
+        _positive_or_none("top_k", top_k)
+        _positive_or_none("num_probe_samples", num_probe_samples)
+        _positive_or_none("max_basis", max_basis)
+        _positive_or_none("max_hvps", max_hvps)
+        if top_k is None:
+            raise ValueError("top_k must be a positive integer, got None")
+        if not (isinstance(tol, (int, float)) and tol > 0):
+            raise ValueError(f"tol must be > 0, got {tol!r}")
+        if isinstance(trace_hvps, bool) or not isinstance(trace_hvps, int) or trace_hvps < 3:
+            raise ValueError(f"trace_hvps must be an integer >= 3 (Hutch++), got {trace_hvps!r}")
+        if route not in _ROUTES:
+            raise ValueError(f"route must be one of {_ROUTES}, got {route!r}")
+        if max_basis is not None and max_basis < top_k + 1:
+            raise ValueError(f"max_basis must be at least top_k + 1 = {top_k + 1}, got {max_basis}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError("loss_fn must be callable: loss_fn(pl_module, batch) -> Tensor")
+        if params is not None and (
+            isinstance(params, str) or not all(isinstance(p, str) for p in params)
+        ):
+            raise ValueError("params must be a list of parameter names or fnmatch patterns")
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+        self.top_k = top_k
+        self.tol = float(tol)
+        self.lambda_min = lambda_min
+        self.trace = trace
+        self.trace_hvps = trace_hvps
+        self.num_probe_samples = num_probe_samples
+        self.probe_dataloader = probe_dataloader
+        self.loss_fn = loss_fn
+        self.params = list(params) if params is not None else None
+        self.route: HVPRoute = route
+        self.max_basis = max_basis
+        self.max_hvps = max_hvps
+        self.warm_start = warm_start
+        self.save_warm_start = save_warm_start
+        self.probe_on_train_start = probe_on_train_start
+        self.probe_on_train_end = probe_on_train_end
+        self.prog_bar = prog_bar
+        self.log_histogram = log_histogram
+        self.enabled = enabled
+        self.seed = seed
+
+        self.history: list[ProbeReport] = []
+        self.num_probes = 0
+        self.num_failed = 0
+        self._last_probe_step = -1
+        self._resolved_route: HVPRoute | None = None
+        self._warm_top: Tensor | None = None
+        self._warm_min: Tensor | None = None
+        self._probe_batches: list[Any] | None = None
+        self._num_params = 0
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(top_k=self.top_k, params=self.params)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not self.enabled:
+            return
+        if trainer.world_size > 1:
+            raise RuntimeError(
+                f"LandscapeMonitor does not support multi-process training yet (world_size="
+                f"{trainer.world_size}, strategy {type(trainer.strategy).__name__}). Train on one "
+                "device, or set `enabled=False` for this run."
+            )
+        named = select_parameters(pl_module, self.params)
+        self._num_params = sum(p.numel() for _, p in named)
+        if self.top_k > self._num_params:
+            raise ValueError(
+                f"top_k={self.top_k} exceeds the {self._num_params} probed parameters; "
+                f"use top_k <= {self._num_params}."
+            )
+        if self.loss_fn is None and not pl_module.automatic_optimization:
+            raise ValueError(
+                "With manual optimization, training_step does not return the loss: pass "
+                "`loss_fn=lambda module, batch: ...` to LandscapeMonitor."
+            )
+        dtypes = {p.dtype for _, p in named}
+        if dtypes - {torch.float32, torch.float64}:
+            rank_zero_warn(
+                f"LandscapeMonitor probes parameters of dtype {dtypes}; curvature in reduced "
+                "precision is noisy (~1% per Hessian-vector product). Prefer float32 weights "
+                "(e.g. precision='bf16-mixed' rather than 'bf16-true')."
+            )
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        if optimizer is not None and stability_threshold(optimizer) is None:
+            rank_zero_info(
+                f"LandscapeMonitor: {type(optimizer).__name__} is not plain SGD, so "
+                "landscape/stability_ratio is not logged (adaptive optimizers are stable "
+                "w.r.t. the preconditioned Hessian, not the raw λ_max)."
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled:
+            return
+        self._probe_batches = collect_probe_batches(
+            trainer, pl_module, self.num_probe_samples, self.probe_dataloader
+        )
+        if self.probe_on_train_start:
+            self._maybe_probe(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not self.enabled:
+            return
+        step = trainer.global_step
+        if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0:
+            self._maybe_probe(trainer, pl_module)
+        if self.prog_bar and self.history:
+            pl_module.log(
+                "landscape/lambda_max",
+                self.history[-1].lambda_max,
+                prog_bar=True,
+                logger=False,
+                on_step=True,
+                on_epoch=False,
+            )
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled or self.every_n_epochs is None:
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._maybe_probe(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.enabled and self.probe_on_train_end:
+            self._maybe_probe(trainer, pl_module)
+        self._probe_batches = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        keep = self.save_warm_start and self.warm_start
+        return {
+            "num_probes": self.num_probes,
+            "num_failed": self.num_failed,
+            "last_probe_step": self._last_probe_step,
+            "route": self._resolved_route,
+            "warm_top": self._warm_top.cpu() if keep and self._warm_top is not None else None,
+            "warm_min": self._warm_min.cpu() if keep and self._warm_min is not None else None,
+            "history": [vars(r) for r in self.history],
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.num_probes = int(state_dict.get("num_probes", 0))
+        self.num_failed = int(state_dict.get("num_failed", 0))
+        self._last_probe_step = int(state_dict.get("last_probe_step", -1))
+        self._resolved_route = state_dict.get("route")
+        self._warm_top = state_dict.get("warm_top")
+        self._warm_min = state_dict.get("warm_min")
+        self.history = [ProbeReport(**r) for r in state_dict.get("history", [])]
+
+    # ------------------------------------------------------------------ probing
+    def _maybe_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == self._last_probe_step or self._probe_batches is None:
+            return
+        self._last_probe_step = trainer.global_step
+        report = self.probe(trainer, pl_module)
+        if report is not None:
+            self.history.append(report)
+            self._log(trainer, report)
+
+    def _loss(self, pl_module: torch.nn.Module, batch: Any) -> Tensor:
+        assert isinstance(pl_module, pl.LightningModule)
+        if self.loss_fn is not None:
+            return self.loss_fn(pl_module, batch)
+        return training_step_loss(pl_module, batch)
+
+    def _warm(self, vectors: Tensor | None, device: torch.device) -> Tensor | None:
+        if not self.warm_start or vectors is None or vectors.shape[0] != self._num_params:
+            return None
+        return vectors.to(device)
+
+    def probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ProbeReport | None:
+        """Run one probe now and return its report (``None`` if it failed and was skipped).
+
+        Args:
+            trainer: the trainer.
+            pl_module: the module being trained.
+
+        Returns:
+            The :class:`~lightning_landscape.results.ProbeReport`, or ``None`` on a skipped
+            probe (NaN/inf curvature or out of memory; a warning says which).
+
+        Raises:
+            RuntimeError: if called before the probe data was collected (before training
+                started).
+        """
+        if self._probe_batches is None:
+            raise RuntimeError("No probe data yet: probes run once training has started.")
+        t0 = time.perf_counter()
+        step, epoch = trainer.global_step, trainer.current_epoch
+        seed = self.seed + self.num_probes
+        self.num_probes += 1
+        try:
+            with curvature_context(pl_module), silenced(pl_module):
+                op = HessianOperator(
+                    pl_module,
+                    self._loss,
+                    self._probe_batches,
+                    params=self.params,
+                    route=self._resolved_route or self.route,
+                )
+                try:
+                    top = lanczos(
+                        op,
+                        self.top_k,
+                        tol=self.tol,
+                        max_basis=self.max_basis,
+                        max_hvps=self.max_hvps,
+                        start=self._warm(self._warm_top, op.device),
+                        seed=seed,
+                    )
+                    bottom: EigenResult | None = None
+                    if self.lambda_min:
+                        bottom = lanczos(
+                            op,
+                            1,
+                            which="smallest",
+                            tol=self.tol,
+                            max_basis=self.max_basis,
+                            max_hvps=self.max_hvps,
+                            start=self._warm(self._warm_min, op.device),
+                            seed=seed + 7919,
+                        )
+                    trace = hutchpp_trace(op, self.trace_hvps, seed=seed) if self.trace else None
+                finally:
+                    op.release()
+                self._resolved_route = op.route
+        except torch.OutOfMemoryError:
+            self._fail(trainer, step, "ran out of memory (lower num_probe_samples or top_k)")
+            return None
+        results = [r for r in (top, bottom) if r is not None]
+        finite = all(r.is_finite for r in results) and math.isfinite(op.loss_value)
+        if trace is not None:
+            finite = finite and math.isfinite(trace.trace)
+        if not finite:
+            self._fail(trainer, step, "produced NaN/inf curvature")
+            return None
+        self._warm_top = top.eigenvectors
+        self._warm_min = bottom.eigenvectors if bottom is not None else None
+        converged = all(r.all_converged for r in results)
+        max_residual = max(float(r.residuals.max()) for r in results if r.residuals.numel())
+        if not converged:
+            rank_zero_warn(
+                f"LandscapeMonitor: eigenvalues at step {step} did not reach tol={self.tol} "
+                f"(max relative residual {max_residual:.2e}); logged with "
+                "landscape/converged=0. Raise max_hvps or max_basis, or loosen tol."
+            )
+        lam_max = float(top.eigenvalues[0])
+        threshold = stability_threshold(trainer.optimizers[0]) if trainer.optimizers else None
+        return ProbeReport(
+            step=step,
+            epoch=epoch,
+            eigenvalues=tuple(float(v) for v in top.eigenvalues),
+            lambda_min=float(bottom.eigenvalues[0]) if bottom is not None else None,
+            trace=trace.trace if trace is not None else None,
+            trace_stderr=trace.stderr if trace is not None else None,
+            stability_threshold=threshold,
+            stability_ratio=lam_max / threshold if threshold else None,
+            probe_loss=op.loss_value,
+            converged=converged,
+            max_residual=max_residual,
+            num_hvps=op.num_matvecs,
+            seconds=time.perf_counter() - t0,
+        )
+
+    def _fail(self, trainer: pl.Trainer, step: int, why: str) -> None:
+        self.num_failed += 1
+        rank_zero_warn(f"LandscapeMonitor: the probe at step {step} {why}; skipped.")
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({"landscape/probe_failed": 1.0}, step=step)
+
+    def _log(self, trainer: pl.Trainer, report: ProbeReport) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics: dict[str, float] = {
+            "landscape/lambda_max": report.lambda_max,
+            "landscape/probe_loss": report.probe_loss,
+            "landscape/converged": float(report.converged),
+            "landscape/max_residual": report.max_residual,
+            "landscape/probe_failed": 0.0,
+            "landscape/cost/seconds": report.seconds,
+            "landscape/cost/hvps": float(report.num_hvps),
+        }
+        for i, value in enumerate(report.eigenvalues):
+            metrics[f"landscape/eigenvalues/{i}"] = value
+        if report.lambda_min is not None:
+            metrics["landscape/lambda_min"] = report.lambda_min
+        if report.trace is not None:
+            metrics["landscape/trace"] = report.trace
+            if report.trace_stderr is not None and math.isfinite(report.trace_stderr):
+                metrics["landscape/trace_stderr"] = report.trace_stderr
+        if report.stability_ratio is not None and report.stability_threshold is not None:
+            metrics["landscape/stability_ratio"] = report.stability_ratio
+            metrics["landscape/stability_threshold"] = report.stability_threshold
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=report.step)
+            if self.log_histogram and isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_histogram(
+                    "landscape/eigenvalues",
+                    torch.tensor(report.eigenvalues),
+                    global_step=report.step,
+                )

@@ -1,0 +1,145 @@
+"""One-call curvature functions on a model, a loss and a probe batch.
+
+These wrap :class:`~lightning_landscape.operators.HessianOperator`,
+:func:`~lightning_landscape.curvature_context` and the solvers; use those directly to reuse one
+operator for several solves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from .context import curvature_context
+from .operators import HessianOperator, HVPRoute, LossFn
+from .results import EigenResult, TraceResult, Which
+from .solvers import hutchpp_trace, lanczos
+
+
+def hessian_eigenvalues(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    k: int = 1,
+    *,
+    tol: float = 1e-3,
+    which: Which = "largest",
+    params: Sequence[str] | Sequence[Tensor] | None = None,
+    max_basis: int | None = None,
+    max_hvps: int | None = None,
+    start: Tensor | None = None,
+    return_eigenvectors: bool = False,
+    route: HVPRoute = "auto",
+    seed: int = 0,
+    eval_mode: bool = True,
+) -> EigenResult:
+    """Extreme eigenvalues of the loss Hessian on one probe batch.
+
+    The Hessian is that of ``loss_fn(model, batch)`` with respect to ``params`` (default: all
+    trainable parameters), evaluated with the model in ``eval()`` mode, autocast off and the math
+    attention backend (see :func:`~lightning_landscape.curvature_context`); the model, its
+    ``.grad`` and every RNG are left exactly as they were.
+
+    Args:
+        model: the model.
+        loss_fn: ``loss_fn(model, batch) -> scalar Tensor`` (the mean loss of the batch).
+        batch: the probe batch, already on the model's device.
+        k: number of eigenvalues.
+        tol: relative Ritz-residual tolerance for every returned eigenpair.
+        which: ``"largest"`` for the k algebraically largest (descending; ``[0]`` is the
+            sharpness λ_max) or ``"smallest"`` for the k most negative (ascending; ``[0]`` is
+            λ_min).
+        params: parameter subset: names, ``fnmatch`` patterns or tensors.
+        max_basis: bound on the Krylov basis (memory ``(max_basis + 1) × num_params``).
+        max_hvps: Hessian-vector-product budget; pairs not converged by then are flagged.
+        start: warm-start vector(s), e.g. ``previous.eigenvectors``.
+        return_eigenvectors: keep the ``(num_params, k)`` eigenvectors in the result.
+        route: HVP route: ``"auto"``, ``"functorch"`` or ``"double_backward"``.
+        seed: seed of the private generator for the random start vector.
+        eval_mode: probe in ``eval()`` mode (default) or in the model's current modes.
+
+    Returns:
+        An :class:`~lightning_landscape.results.EigenResult`; check ``.converged``.
+
+    Raises:
+        ValueError: for k < 1 or larger than the number of parameters, tol <= 0, an unknown
+            ``which``/``route``, unknown parameter names, no trainable parameters, or a loss
+            that is not a scalar.
+        TypeError: if ``loss_fn`` does not return a tensor.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import lightning_landscape as ll
+        >>> model = nn.Linear(3, 1, bias=False)
+        >>> x = torch.diag(torch.tensor([1.0, 2.0, 3.0]))
+        >>> loss_fn = lambda m, b: 0.5 * (m(b) ** 2).sum()  # Hessian = x^T x
+        >>> ll.hessian_eigenvalues(model, loss_fn, x, k=2, tol=1e-6).eigenvalues
+        tensor([9., 4.], dtype=torch.float64)
+    """
+    with curvature_context(model, eval_mode=eval_mode):
+        op = HessianOperator(model, loss_fn, [batch], params=params, route=route)
+        try:
+            return lanczos(
+                op,
+                k,
+                which=which,
+                tol=tol,
+                max_basis=max_basis,
+                max_hvps=max_hvps,
+                start=start,
+                seed=seed,
+                return_eigenvectors=return_eigenvectors,
+            )
+        finally:
+            op.release()
+
+
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    *,
+    num_hvps: int = 30,
+    params: Sequence[str] | Sequence[Tensor] | None = None,
+    route: HVPRoute = "auto",
+    seed: int = 0,
+    eval_mode: bool = True,
+) -> TraceResult:
+    """Trace of the loss Hessian on one probe batch, by Hutch++ with a standard error.
+
+    Args:
+        model: the model.
+        loss_fn: ``loss_fn(model, batch) -> scalar Tensor``.
+        batch: the probe batch, already on the model's device.
+        num_hvps: Hessian-vector products to spend (at least 3).
+        params: parameter subset: names, ``fnmatch`` patterns or tensors.
+        route: HVP route: ``"auto"``, ``"functorch"`` or ``"double_backward"``.
+        seed: seed of the private generator for the random probes.
+        eval_mode: probe in ``eval()`` mode (default) or in the model's current modes.
+
+    Returns:
+        A :class:`~lightning_landscape.results.TraceResult`.
+
+    Raises:
+        ValueError: for num_hvps < 3, unknown parameter names, no trainable parameters or a
+            non-scalar loss.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import lightning_landscape as ll
+        >>> model = nn.Linear(3, 1, bias=False)
+        >>> x = torch.diag(torch.tensor([1.0, 2.0, 3.0]))
+        >>> loss_fn = lambda m, b: 0.5 * (m(b) ** 2).sum()
+        >>> round(ll.hessian_trace(model, loss_fn, x, num_hvps=9).trace, 4)  # 1 + 4 + 9
+        14.0
+    """
+    with curvature_context(model, eval_mode=eval_mode):
+        op = HessianOperator(model, loss_fn, [batch], params=params, route=route)
+        try:
+            return hutchpp_trace(op, num_hvps, seed=seed)
+        finally:
+            op.release()

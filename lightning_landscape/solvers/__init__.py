@@ -1,0 +1,6 @@
+"""Pure solver functions that take any :class:`~lightning_landscape.operators.CurvatureOperator`."""
+
+from .lanczos import lanczos
+from .trace import hutchpp_trace
+
+__all__ = ["hutchpp_trace", "lanczos"]

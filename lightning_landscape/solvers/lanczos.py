@@ -1,0 +1,309 @@
+"""Thick-restart block Lanczos with full reorthogonalisation for extreme eigenpairs.
+
+Wu & Simon (2000) thick restart keeps the basis bounded by ``max_basis`` vectors: when the basis is
+full, the wanted Ritz vectors (plus a few more) are kept, the rest discarded, and the recurrence
+continues from the last residual vector. Every new Lanczos vector is orthogonalised twice against
+the whole basis ("twice is enough"), so no ghost copies of converged eigenvalues appear.
+
+Convergence is judged by Ritz residuals, ``‖A y − θ y‖ = ‖C_j s_j‖`` (read off the recurrence at
+no extra cost), relative to ``|θ|``. Host synchronisation happens once per block step, for the
+convergence check and breakdown detection; nothing else leaves the device.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from ..operators import CurvatureOperator, default_max_basis
+from ..results import EigenResult, Which
+
+_WHICH = ("largest", "smallest")
+_SCALE_FLOOR = 1e-6  # relative residuals are measured against max(|θ|, 1e-6 ‖A‖)
+
+
+def _validate(k: int, n: int, which: str, tol: float, max_basis: int | None) -> int:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if k > n:
+        raise ValueError(
+            f"k={k} eigenpairs requested but the operator has only {n} dimensions; use k <= {n}."
+        )
+    if which not in _WHICH:
+        raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol!r}")
+    m = default_max_basis(k, n) if max_basis is None else min(int(max_basis), n)
+    if m < n and m < k + 1:
+        raise ValueError(
+            f"max_basis={max_basis} is too small for k={k}: it must be at least k + 1 = {k + 1}."
+        )
+    return m
+
+
+def _start_block(
+    n: int,
+    b: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator,
+    start: Tensor | None,
+    noise: float,
+) -> Tensor:
+    """Orthonormal ``(n, b)`` start block: random, or warm vectors summed round-robin + noise."""
+    rand = torch.randn(n, b, dtype=dtype, device=device, generator=generator)
+    rand = rand / rand.norm(dim=0, keepdim=True)
+    block = rand
+    if start is not None:
+        warm = start.to(device=device, dtype=dtype)
+        if warm.ndim == 1:
+            warm = warm.unsqueeze(1)
+        if warm.ndim != 2 or warm.shape[0] != n:
+            raise ValueError(f"start vectors must have {n} rows, got shape {tuple(start.shape)}")
+        cols = warm / warm.norm(dim=0, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+        groups = torch.zeros(n, b, dtype=dtype, device=device)
+        groups.index_add_(1, torch.arange(cols.shape[1], device=device) % b, cols)
+        filled = groups.norm(dim=0) > 0
+        groups = torch.where(filled, groups / groups.norm(dim=0).clamp_min(1e-300), rand)
+        block = groups + noise * rand
+        if not torch.isfinite(block).all():
+            block = rand
+    q: Tensor = torch.linalg.qr(block)[0]
+    return q
+
+
+def _orthonormalize(w: Tensor, basis: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Orthonormalise the columns of ``w`` (already orthogonal to ``basis`` rows).
+
+    Returns ``(q, c)`` with orthonormal ``q`` (n, b), orthogonal to ``basis``, and ``c = qᵀ w``.
+    Rank-deficient directions (a Krylov breakdown: an invariant subspace was found) are replaced
+    by random directions orthogonal to everything so far; their coupling is then ~0.
+    """
+    eps = torch.finfo(w.dtype).eps
+    q, r = torch.linalg.qr(w)
+    scale = float(w.norm(dim=0).max()) if w.numel() else 0.0
+    diag = r.diagonal().abs()
+    if bool((diag <= 100 * eps * max(scale, 1e-300)).any()) or scale == 0.0:
+        cols: list[Tensor] = []
+        for i in range(w.shape[1]):
+            x = w[:, i]
+            for attempt in range(3):
+                for _ in range(2):
+                    x = x - basis.T @ (basis @ x)
+                    for c in cols:
+                        x = x - c * (c @ x)
+                norm = float(x.norm())
+                if norm > 100 * eps * max(scale, 1e-300) or attempt == 2:
+                    break
+                x = torch.randn(w.shape[0], dtype=w.dtype, device=w.device, generator=generator)
+                scale = max(scale, float(x.norm()))
+            cols.append(x / x.norm())
+        q = torch.stack(cols, dim=1)
+    else:
+        q = q - basis.T @ (basis @ q)
+        q, _ = torch.linalg.qr(q)
+    return q, (q.T @ w).to(torch.float64)
+
+
+def _dense_solve(
+    op: CurvatureOperator,
+    k: int,
+    which: Which,
+    tol: float,
+    return_eigenvectors: bool,
+    t_start: float,
+) -> EigenResult:
+    """Small operators: materialise ``A`` with ``n`` products and use ``eigh``."""
+    n = op.size
+    eye = torch.eye(n, dtype=op.dtype, device=op.device)
+    cols = [op.matmat(eye[:, c : c + 64]) for c in range(0, n, 64)]
+    dense = torch.cat(cols, dim=1).to(torch.float64)
+    dense = 0.5 * (dense + dense.T)
+    values, vectors = torch.linalg.eigh(dense)
+    idx = torch.arange(n - 1, n - 1 - k, -1) if which == "largest" else torch.arange(k)
+    idx = idx.to(values.device)
+    vals, vecs = values[idx], vectors[:, idx]
+    anorm = max(float(values.abs().max()), torch.finfo(torch.float64).tiny)
+    resid = (dense @ vecs - vecs * vals).norm(dim=0) / vals.abs().clamp_min(_SCALE_FLOOR * anorm)
+    resid = resid.cpu()
+    return EigenResult(
+        eigenvalues=vals.cpu(),
+        eigenvectors=vecs.to(op.dtype) if return_eigenvectors else None,
+        residuals=resid,
+        converged=resid <= tol,
+        which=which,
+        tol=float(tol),
+        num_hvps=n,
+        num_restarts=0,
+        seconds=time.perf_counter() - t_start,
+    )
+
+
+def lanczos(
+    op: CurvatureOperator,
+    k: int = 1,
+    *,
+    which: Which = "largest",
+    tol: float = 1e-3,
+    block_size: int | None = None,
+    max_basis: int | None = None,
+    max_hvps: int | None = None,
+    start: Tensor | None = None,
+    start_noise: float = 0.05,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+    return_eigenvectors: bool = True,
+) -> EigenResult:
+    """Extreme eigenpairs of a symmetric operator by thick-restart block Lanczos.
+
+    Each step applies the operator to a block of ``block_size`` vectors (one batched
+    Hessian-vector product), orthogonalises the result twice against the whole basis, and
+    extends the projected matrix. A block of size ``b`` resolves eigenvalues of multiplicity up
+    to ``b``; single-vector Lanczos (``b = 1``) finds one copy of an exactly repeated eigenvalue
+    per Krylov space, later copies only through rounding. When the basis bound reaches the
+    dimension (``max_basis >= n``) the operator is instead applied to the identity (``n``
+    products) and diagonalised densely, which is exact.
+
+    Args:
+        op: the symmetric operator.
+        k: number of eigenpairs.
+        which: ``"largest"`` (algebraically largest, descending) or ``"smallest"``
+            (algebraically smallest, ascending). Never magnitude ordering.
+        tol: relative Ritz-residual tolerance ``‖Av − λv‖ / |λ| <= tol`` for every pair.
+        block_size: vectors per step (default 1). Use at least the multiplicity of exactly
+            repeated eigenvalues you need resolved; larger blocks converge in fewer steps but
+            usually more products, so give them a larger ``max_basis``.
+        max_basis: most Krylov vectors held at once (memory ``(max_basis + block_size) · n``);
+            default ``min(n, max(2k + 10, 20))``.
+        max_hvps: operator applications allowed before giving up (results are then returned
+            with ``converged`` False where the tolerance was not met; fewer than k values if the
+            basis never reached k vectors); default ``max(20 · max_basis, 200)``.
+        start: warm start: a vector ``(n,)`` or block ``(n, p)`` (e.g. the previous Ritz
+            vectors), summed round-robin into the first block.
+        start_noise: weight of a random unit vector added to each warm-start column, so
+            directions outside the previous subspace are still explored.
+        seed: seed of the private generator for random vectors (ignored if ``generator`` is
+            given). The global RNG is never touched.
+        generator: an explicit ``torch.Generator`` on the operator's device.
+        return_eigenvectors: keep the ``(n, k)`` Ritz vectors in the result.
+
+    Returns:
+        An :class:`~lightning_landscape.results.EigenResult`.
+
+    Raises:
+        ValueError: on invalid ``k``, ``which``, ``tol``, ``block_size``, ``max_basis``,
+            ``max_hvps`` or ``start``.
+
+    Example:
+        >>> import torch
+        >>> from lightning_landscape.operators import MatrixOperator
+        >>> from lightning_landscape.solvers import lanczos
+        >>> a = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
+        >>> res = lanczos(MatrixOperator(a), k=2, tol=1e-8)
+        >>> [round(x, 8) for x in res.eigenvalues.tolist()]
+        [100.0, 99.0]
+    """
+    t_start = time.perf_counter()
+    n, dtype, device = op.size, op.dtype, op.device
+    m = _validate(k, n, which, tol, max_basis)
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    budget = max(20 * m, 200) if max_hvps is None else int(max_hvps)
+    if budget < 1:
+        raise ValueError(f"max_hvps must be >= 1, got {max_hvps}")
+    if m >= n and budget >= n:
+        return _dense_solve(op, k, which, tol, return_eigenvectors, t_start)
+    b = 1 if block_size is None else max(1, min(block_size, n - m, m - k))
+    if generator is None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    sign = 1.0 if which == "largest" else -1.0
+
+    basis = torch.empty(m + b, n, dtype=dtype, device=device)  # rows are Lanczos vectors
+    proj = torch.zeros(m, m, dtype=torch.float64, device=device)  # V^T A V
+    basis[:b] = _start_block(n, b, dtype, device, generator, start, start_noise).T
+    coupling = torch.zeros(b, b, dtype=torch.float64)
+
+    j = 0  # completed columns of `proj`
+    num_hvps = 0
+    restarts = 0
+    theta = s_vecs = None
+    result_cols = torch.arange(0)
+    resid = torch.zeros(0, dtype=torch.float64)
+    while True:
+        # ---- one block Lanczos step: columns j .. j+b-1
+        w = op.matmat(basis[j : j + b].T)  # (n, b)
+        num_hvps += b
+        v_prev = basis[: j + b]
+        h = v_prev @ w
+        w = w - v_prev.T @ h
+        h2 = v_prev @ w
+        w = w - v_prev.T @ h2
+        h = (h + h2).to(torch.float64)
+        proj[: j + b, j : j + b] = h
+        proj[j : j + b, : j + b] = h.T
+        diag = proj[j : j + b, j : j + b]
+        proj[j : j + b, j : j + b] = 0.5 * (diag + diag.T)
+        if j + b < n:
+            q, c = _orthonormalize(w, v_prev, generator)
+            basis[j + b : j + 2 * b] = q.T
+            coupling = c.cpu()
+        else:  # the basis spans the whole space: the residual is zero
+            coupling = torch.zeros(b, b, dtype=torch.float64)
+        j += b
+
+        out_of_budget = num_hvps + b > budget
+        if j < min(k, m) and not out_of_budget:
+            continue
+
+        # ---- Rayleigh-Ritz on the current basis (the host sync is here)
+        theta, s_vecs = torch.linalg.eigh(proj[:j, :j].cpu())
+        order = torch.argsort(sign * theta, descending=True)
+        anorm = float(theta.abs().max())
+        scale_floor = _SCALE_FLOOR * max(anorm, torch.finfo(torch.float64).tiny)
+        kk = min(k, j)
+        result_cols = order[:kk]
+        raw = (coupling @ s_vecs[j - b : j, result_cols]).norm(dim=0)
+        resid = raw / torch.clamp(theta[result_cols].abs(), min=scale_floor)
+        done = kk == k and bool((resid <= tol).all())
+        exhausted = j >= n
+        if done or out_of_budget or exhausted:
+            break
+        if j + b <= m:
+            continue
+
+        # ---- thick restart: keep the wanted Ritz vectors plus half of the rest
+        keep = max(k, min(m - b, k + (m - k) // 2))
+        keep_cols = order[:keep]
+        y = s_vecs[:, keep_cols].to(device=device, dtype=dtype)  # (j, keep)
+        chunk = 1 << 20
+        for c0 in range(0, n, chunk):
+            basis[:keep, c0 : c0 + chunk] = y.T @ basis[:j, c0 : c0 + chunk]
+        basis[keep : keep + b] = basis[j : j + b].clone()
+        cpl = (coupling @ s_vecs[j - b : j, keep_cols]).to(device)  # (b, keep)
+        proj.zero_()
+        proj[:keep, :keep] = torch.diag(theta[keep_cols].to(device))
+        proj[keep : keep + b, :keep] = cpl
+        proj[:keep, keep : keep + b] = cpl.T
+        j = keep
+        restarts += 1
+
+    assert theta is not None and s_vecs is not None
+    values = theta[result_cols].to(torch.float64)
+    vectors = None
+    if return_eigenvectors:
+        y = s_vecs[:, result_cols].to(device=device, dtype=dtype)  # (j, kk)
+        vectors = basis[:j].T @ y
+    return EigenResult(
+        eigenvalues=values,
+        eigenvectors=vectors,
+        residuals=resid,
+        converged=resid <= tol,
+        which=which,
+        tol=float(tol),
+        num_hvps=num_hvps,
+        num_restarts=restarts,
+        seconds=time.perf_counter() - t_start,
+    )
