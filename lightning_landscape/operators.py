@@ -455,12 +455,20 @@ class HessianOperator(CurvatureOperator):
 
             names = ["inner." + n for n in self.names]
             primals = tuple(p.detach() for p in self.params)
+            probed = set(self.names)
+            # Unprobed parameters enter as constants, so no autograd graph is built through them.
+            frozen = {
+                "inner." + n: p.detach()
+                for n, p in self.model.named_parameters()
+                if n not in probed
+            }
             weights, batches, wrapper = self.weights, self.batches, self._wrapper
 
             def loss_of(*ps: Tensor) -> Tensor:
                 total = ps[0].new_zeros(())
+                values = {**frozen, **dict(zip(names, ps, strict=True))}
                 for w, batch in zip(weights, batches, strict=True):
-                    loss = functional_call(wrapper, dict(zip(names, ps, strict=True)), (batch,))
+                    loss = functional_call(wrapper, values, (batch,))
                     total = total + w * check_scalar_loss(loss)
                 return total
 
@@ -487,10 +495,12 @@ class HessianOperator(CurvatureOperator):
     # ------------------------------------------------------------------ dispatch
     def _matmat(self, block: Tensor) -> Tensor:
         if self.route == "auto":
-            return self._calibrate(block)
-        if self.route == "functorch":
-            return self._func_matmat(block)
-        return self._db_matmat(block)
+            out = self._calibrate(block)
+        elif self.route == "functorch":
+            out = self._func_matmat(block)
+        else:
+            out = self._db_matmat(block)
+        return out.detach()
 
     def _calibrate(self, block: Tensor) -> Tensor:
         """Time both routes on the first product, keep the faster one (and its result).

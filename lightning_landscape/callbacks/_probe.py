@@ -8,7 +8,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -97,7 +96,9 @@ def collect_probe_batches(
 
     With ``probe_dataloader`` every batch it yields is used. Otherwise the first ``num_samples``
     samples of the train dataloader's dataset are taken in order (no shuffling, no workers), with
-    the train dataloader's ``collate_fn``; the training iterator itself is never advanced.
+    the train dataloader's ``collate_fn``; the training iterator itself is never advanced. Batches
+    go through the same precision conversion, batch-transfer hooks and device move as training
+    batches.
 
     Args:
         trainer: the trainer (its train dataloader must be set up).
@@ -133,4 +134,12 @@ def collect_probe_batches(
         batches = [b for b in batches if b is not None]
         if not batches:
             raise ValueError("The probe data is empty: the dataloader yielded no batch.")
-        return [move_data_to_device(b, pl_module.device) for b in batches]
+        return [_to_device(trainer, pl_module, b) for b in batches]
+
+
+def _to_device(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
+    """Move a batch exactly as the training loop does (precision, transfer hooks, device)."""
+    batch = trainer.precision_plugin.convert_input(batch)
+    # The same (datamodule-aware) hook dispatch the training loop uses.
+    batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+    return trainer.strategy.batch_to_device(batch, dataloader_idx=0)

@@ -28,6 +28,7 @@ from ..thresholds import stability_threshold
 from ._probe import collect_probe_batches, silenced, training_step_loss
 
 ProbeLossFn = Callable[[pl.LightningModule, Any], Tensor]
+_LINALG_ERROR: type[Exception] = getattr(torch.linalg, "LinAlgError", RuntimeError)
 
 
 def _positive_or_none(name: str, value: int | None) -> None:
@@ -196,7 +197,14 @@ class LandscapeMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(top_k=self.top_k, params=self.params)
+        loss = None if self.loss_fn is None else getattr(self.loss_fn, "__qualname__", "custom")
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps,
+            every_n_epochs=self.every_n_epochs,
+            top_k=self.top_k,
+            params=self.params,
+            loss_fn=loss,
+        )
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -227,6 +235,11 @@ class LandscapeMonitor(Callback):
                 "precision is noisy (~1% per Hessian-vector product). Prefer float32 weights "
                 "(e.g. precision='bf16-mixed' rather than 'bf16-true')."
             )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled:
+            return
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         if optimizer is not None and stability_threshold(optimizer) is None:
             rank_zero_info(
@@ -234,11 +247,6 @@ class LandscapeMonitor(Callback):
                 "landscape/stability_ratio is not logged (adaptive optimizers are stable "
                 "w.r.t. the preconditioned Hessian, not the raw λ_max)."
             )
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled:
-            return
         self._probe_batches = collect_probe_batches(
             trainer, pl_module, self.num_probe_samples, self.probe_dataloader
         )
@@ -356,6 +364,10 @@ class LandscapeMonitor(Callback):
                     params=self.params,
                     route=self._resolved_route or self.route,
                 )
+                if not math.isfinite(op.loss_value):
+                    op.release()
+                    self._fail(trainer, step, "has a NaN/inf loss on the probe data")
+                    return None
                 try:
                     top = lanczos(
                         op,
@@ -384,6 +396,9 @@ class LandscapeMonitor(Callback):
                 self._resolved_route = op.route
         except torch.OutOfMemoryError:
             self._fail(trainer, step, "ran out of memory (lower num_probe_samples or top_k)")
+            return None
+        except _LINALG_ERROR:
+            self._fail(trainer, step, "produced NaN/inf curvature")
             return None
         results = [r for r in (top, bottom) if r is not None]
         finite = all(r.is_finite for r in results) and math.isfinite(op.loss_value)

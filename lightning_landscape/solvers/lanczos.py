@@ -107,6 +107,24 @@ def _orthonormalize(w: Tensor, basis: Tensor, generator: torch.Generator) -> tup
     return q, (q.T @ w).to(torch.float64)
 
 
+def _non_finite(
+    k: int, which: Which, tol: float, num_hvps: int, restarts: int, t_start: float
+) -> EigenResult:
+    """The result of a solve whose operator produced NaN/inf: all NaN, nothing converged."""
+    nan = torch.full((k,), float("nan"), dtype=torch.float64)
+    return EigenResult(
+        eigenvalues=nan,
+        eigenvectors=None,
+        residuals=nan.clone(),
+        converged=torch.zeros(k, dtype=torch.bool),
+        which=which,
+        tol=float(tol),
+        num_hvps=num_hvps,
+        num_restarts=restarts,
+        seconds=time.perf_counter() - t_start,
+    )
+
+
 def _dense_solve(
     op: CurvatureOperator,
     k: int,
@@ -121,6 +139,8 @@ def _dense_solve(
     cols = [op.matmat(eye[:, c : c + 64]) for c in range(0, n, 64)]
     dense = torch.cat(cols, dim=1).to(torch.float64)
     dense = 0.5 * (dense + dense.T)
+    if not bool(torch.isfinite(dense).all()):
+        return _non_finite(k, which, tol, n, 0, t_start)
     values, vectors = torch.linalg.eigh(dense)
     idx = torch.arange(n - 1, n - 1 - k, -1) if which == "largest" else torch.arange(k)
     idx = idx.to(values.device)
@@ -190,7 +210,9 @@ def lanczos(
         return_eigenvectors: keep the ``(n, k)`` Ritz vectors in the result.
 
     Returns:
-        An :class:`~lightning_landscape.results.EigenResult`.
+        An :class:`~lightning_landscape.results.EigenResult`. If the operator produces NaN/inf,
+        the solve stops and returns NaN eigenvalues with ``converged`` all False (check
+        ``result.is_finite``) rather than raising.
 
     Raises:
         ValueError: on invalid ``k``, ``which``, ``tol``, ``block_size``, ``max_basis``,
@@ -259,7 +281,10 @@ def lanczos(
             continue
 
         # ---- Rayleigh-Ritz on the current basis (the host sync is here)
-        theta, s_vecs = torch.linalg.eigh(proj[:j, :j].cpu())
+        projected = proj[:j, :j].cpu()
+        if not bool(torch.isfinite(projected).all()):
+            return _non_finite(k, which, tol, num_hvps, restarts, t_start)
+        theta, s_vecs = torch.linalg.eigh(projected)
         order = torch.argsort(sign * theta, descending=True)
         anorm = float(theta.abs().max())
         scale_floor = _SCALE_FLOOR * max(anorm, torch.finfo(torch.float64).tiny)
