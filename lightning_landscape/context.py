@@ -5,7 +5,9 @@ running statistics, so the Hessian does not depend on the probe's batch composit
 off, PyTorch's math SDPA backend is forced (fused attention kernels have no double backward), and
 gradients are enabled even inside ``torch.inference_mode``. On exit everything a training step can
 observe is restored exactly: per-module train/eval modes, CPU and CUDA RNG states (plus Python's
-``random`` and NumPy's global RNG), ``.grad`` tensors and ``requires_grad`` flags. Probes never
+``random`` and NumPy's global RNG), ``.grad`` tensors (inside the context ``.grad`` is ``None``, so
+a ``backward()`` there cannot accumulate into the training gradients), ``requires_grad`` flags,
+and, when probing in train mode, the module buffers (BatchNorm running statistics). Probes never
 touch optimizer state.
 """
 
@@ -67,7 +69,8 @@ def curvature_context(model: nn.Module, *, eval_mode: bool = True) -> Iterator[n
         model: the module to probe.
         eval_mode: put every submodule in ``eval()`` for the probe (recommended: dropout off,
             BatchNorm on running statistics). With ``False`` the modes are left as they are (and
-            still restored afterwards).
+            still restored afterwards), and the buffers are copied and restored on exit, since a
+            train-mode forward pass updates BatchNorm running statistics.
 
     Yields:
         The model, prepared for probing.
@@ -87,6 +90,10 @@ def curvature_context(model: nn.Module, *, eval_mode: bool = True) -> Iterator[n
     params = list(model.parameters())
     grads = [p.grad for p in params]
     flags = [p.requires_grad for p in params]
+    # In train mode a forward pass may update buffers (BatchNorm running statistics): keep copies.
+    buffers = [] if eval_mode else [(b, b.detach().clone()) for b in model.buffers()]
+    for p in params:  # anything accumulated into .grad inside goes to fresh tensors
+        p.grad = None
     stack = contextlib.ExitStack()
     with stack:
         stack.enter_context(fork_rng())
@@ -106,5 +113,7 @@ def curvature_context(model: nn.Module, *, eval_mode: bool = True) -> Iterator[n
             for p, g, flag in zip(params, grads, flags, strict=True):
                 if p.requires_grad != flag:
                     p.requires_grad_(flag)
-                if p.grad is not g:
-                    p.grad = g
+                p.grad = g
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)

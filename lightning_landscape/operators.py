@@ -9,6 +9,7 @@ operator: the loss Hessian of a model (:class:`HessianOperator`) or an explicit 
 from __future__ import annotations
 
 import abc
+import contextlib
 import fnmatch
 import time
 import warnings
@@ -258,11 +259,16 @@ class HessianOperator(CurvatureOperator):
     * ``"double_backward"`` (Pearlmutter): the gradient graph is built once per batch and kept, and
       each product is one extra backward pass; blocks use ``is_grads_batched`` when possible.
     * ``"functorch"``: forward-over-reverse ``jvp(grad(loss))`` via :mod:`torch.func`, batched
-      over a block of vectors with ``vmap``. Needs a model that ``torch.func`` can trace (no
-      ``.item()``/data-dependent Python control flow inside the loss).
+      over a block of vectors with ``vmap``. Needs a model that ``torch.func`` can trace (e.g.
+      no NumPy conversion of activations or in-place updates of module state inside the loss).
 
     ``"auto"`` (default) times both routes on the first product and keeps the faster one; if
-    ``torch.func`` fails on the model it falls back to ``"double_backward"``.
+    ``torch.func`` fails on the model it falls back to ``"double_backward"``. The calibration's
+    extra products are counted in :attr:`num_matvecs` (the operator's total cost), not in the
+    ``num_hvps`` of solver results.
+
+    Probed parameters may be frozen (``requires_grad=False``) when selected explicitly; they are
+    differentiated all the same and stay frozen.
 
     With several batches the operator is the sample-weighted mean of the per-batch Hessians, i.e.
     the Hessian of the mean loss over the union of the batches (exact for models whose forward
@@ -340,7 +346,7 @@ class HessianOperator(CurvatureOperator):
         self.route: HVPRoute = route
         self.route_seconds: dict[str, float] = {}
         self._wrapper = _LossModule(model, loss_fn)
-        self._graphs: list[tuple[Tensor, ...]] | None = None
+        self._graphs: list[tuple[list[int], tuple[Tensor, ...]]] | None = None
         self._func_hvp: Callable[..., tuple[Tensor, ...]] | None = None
         self.loss_value = self._evaluate_loss()
 
@@ -388,54 +394,75 @@ class HessianOperator(CurvatureOperator):
         return self.flatten([p.detach() for p in self.params])
 
     # ------------------------------------------------------------------ double backward
-    def _build_graphs(self) -> list[tuple[Tensor, ...]]:
+    @contextlib.contextmanager
+    def _differentiable(self) -> Iterator[None]:
+        """Let autograd differentiate w.r.t. probed parameters that are frozen (restored after)."""
+        frozen = [p for p in self.params if not p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
+
+    def _build_graphs(self) -> list[tuple[list[int], tuple[Tensor, ...]]]:
+        """Per batch: indices of gradients that carry a graph, and those gradients."""
         if self._graphs is None:
             graphs = []
-            for batch in self.batches:
-                loss = check_scalar_loss(self.loss_fn(self.model, batch))
-                grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-                graphs.append(
-                    tuple(
-                        torch.zeros_like(p) if g is None else g
-                        for g, p in zip(grads, self.params, strict=True)
+            with self._differentiable():
+                for batch in self.batches:
+                    loss = check_scalar_loss(self.loss_fn(self.model, batch))
+                    grads = torch.autograd.grad(
+                        loss, self.params, create_graph=True, allow_unused=True
                     )
-                )
+                    # A gradient without a graph (unused parameter, or one the loss is linear in)
+                    # has a zero Hessian row: leave it out of the second differentiation.
+                    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+                    graphs.append((live, tuple(grads[i] for i in live)))  # type: ignore[misc]
             self._graphs = graphs
         return self._graphs
 
     def _db_matmat(self, block: Tensor) -> Tensor:
         graphs = self._build_graphs()
         out = torch.zeros_like(block)
-        for w, grads in zip(self.weights, graphs, strict=True):
-            if not any(g.requires_grad for g in grads):
-                continue  # loss is linear in these parameters: the Hessian block is zero
-            if block.shape[1] == 1:
-                vs = self.split(block[:, 0])
-                hv = torch.autograd.grad(
-                    grads, self.params, grad_outputs=vs, retain_graph=True, allow_unused=True
-                )
-                out[:, 0] += w * self._flat_or_zero(hv)
-                continue
-            try:
-                hv = torch.autograd.grad(
-                    grads,
-                    self.params,
-                    grad_outputs=self.split(block),
-                    retain_graph=True,
-                    allow_unused=True,
-                    is_grads_batched=True,
-                )
-                out += w * self._flat_or_zero(hv, batched=block.shape[1])
-            except RuntimeError:
-                for j in range(block.shape[1]):
+        with self._differentiable():
+            for w, (live, grads) in zip(self.weights, graphs, strict=True):
+                if not live:
+                    continue  # the loss is at most linear in the probed parameters: H = 0
+                if block.shape[1] == 1:
+                    vs = self.split(block[:, 0])
                     hv = torch.autograd.grad(
                         grads,
                         self.params,
-                        grad_outputs=self.split(block[:, j]),
+                        grad_outputs=[vs[i] for i in live],
                         retain_graph=True,
                         allow_unused=True,
                     )
-                    out[:, j] += w * self._flat_or_zero(hv)
+                    out[:, 0] += w * self._flat_or_zero(hv)
+                    continue
+                vs = self.split(block)
+                try:
+                    hv = torch.autograd.grad(
+                        grads,
+                        self.params,
+                        grad_outputs=[vs[i] for i in live],
+                        retain_graph=True,
+                        allow_unused=True,
+                        is_grads_batched=True,
+                    )
+                    out += w * self._flat_or_zero(hv, batched=block.shape[1])
+                except RuntimeError:  # an op without a batching rule: one vector at a time
+                    for j in range(block.shape[1]):
+                        vj = self.split(block[:, j])
+                        hv = torch.autograd.grad(
+                            grads,
+                            self.params,
+                            grad_outputs=[vj[i] for i in live],
+                            retain_graph=True,
+                            allow_unused=True,
+                        )
+                        out[:, j] += w * self._flat_or_zero(hv)
         return out
 
     def _flat_or_zero(self, hv: Sequence[Tensor | None], batched: int | None = None) -> Tensor:

@@ -152,6 +152,8 @@ class LandscapeMonitor(Callback):
             raise ValueError(f"trace_hvps must be an integer >= 3 (Hutch++), got {trace_hvps!r}")
         if route not in _ROUTES:
             raise ValueError(f"route must be one of {_ROUTES}, got {route!r}")
+        if max_hvps is not None and max_hvps < top_k:
+            raise ValueError(f"max_hvps must be at least top_k = {top_k}, got {max_hvps}")
         if max_basis is not None and max_basis < top_k + 1:
             raise ValueError(f"max_basis must be at least top_k + 1 = {top_k + 1}, got {max_basis}")
         if loss_fn is not None and not callable(loss_fn):

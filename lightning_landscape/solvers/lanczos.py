@@ -182,7 +182,11 @@ def lanczos(
     Hessian-vector product), orthogonalises the result twice against the whole basis, and
     extends the projected matrix. A block of size ``b`` resolves eigenvalues of multiplicity up
     to ``b``; single-vector Lanczos (``b = 1``) finds one copy of an exactly repeated eigenvalue
-    per Krylov space, later copies only through rounding. When the basis bound reaches the
+    per Krylov space, later copies only through rounding; likewise a member of a tight cluster
+    (relative spacing far below ``tol``) whose component in the start vector is tiny may not
+    have entered the Krylov space when the wanted residuals converge, and is then missed. This
+    is inherent to single-vector Krylov methods (ARPACK shares it); a block at least as large as
+    the cluster resolves it. When the basis bound reaches the
     dimension (``max_basis >= n``) the operator is instead applied to the identity (``n``
     products) and diagonalised densely, which is exact.
 
@@ -198,8 +202,8 @@ def lanczos(
         max_basis: most Krylov vectors held at once (memory ``(max_basis + block_size) · n``);
             default ``min(n, max(2k + 10, 20))``.
         max_hvps: operator applications allowed before giving up (results are then returned
-            with ``converged`` False where the tolerance was not met; fewer than k values if the
-            basis never reached k vectors); default ``max(20 · max_basis, 200)``.
+            with ``converged`` False where the tolerance was not met); at least
+            ``k + block_size - 1``; default ``max(20 · max_basis, 200)``.
         start: warm start: a vector ``(n,)`` or block ``(n, p)`` (e.g. the previous Ritz
             vectors), summed round-robin into the first block.
         start_noise: weight of a random unit vector added to each warm-start column, so
@@ -232,12 +236,17 @@ def lanczos(
     m = _validate(k, n, which, tol, max_basis)
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    b = 1 if block_size is None else max(1, min(block_size, n - m, m - k))
     budget = max(20 * m, 200) if max_hvps is None else int(max_hvps)
-    if budget < 1:
-        raise ValueError(f"max_hvps must be >= 1, got {max_hvps}")
+    if budget < k + b - 1:
+        raise ValueError(
+            f"max_hvps={max_hvps} cannot reach k={k} Ritz pairs with blocks of {b}: "
+            f"use max_hvps >= {k + b - 1}."
+        )
+    if start is not None and (start.ndim not in (1, 2) or start.shape[0] != n):
+        raise ValueError(f"start vectors must have {n} rows, got shape {tuple(start.shape)}")
     if m >= n and budget >= n:
         return _dense_solve(op, k, which, tol, return_eigenvectors, t_start)
-    b = 1 if block_size is None else max(1, min(block_size, n - m, m - k))
     if generator is None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)

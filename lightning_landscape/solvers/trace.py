@@ -32,7 +32,7 @@ def hutchpp_trace(
 ) -> TraceResult:
     """Estimate ``tr(A)`` of a symmetric operator with Hutch++.
 
-    The budget is split into a sketch of ``s = ⌈num_hvps / 3⌉`` vectors (``s`` products to form
+    The budget is split into a sketch of ``s = ⌊num_hvps / 3⌋`` vectors (``s`` products to form
     ``AS`` and ``s`` more for ``AQ``) and ``num_hvps − 2s`` Hutchinson probes on the deflated
     remainder. When the sketch spans the whole space (``s >= n``) the result is exact and its
     standard error is 0.
@@ -66,7 +66,7 @@ def hutchpp_trace(
         generator = torch.Generator(device=op.device)
         generator.manual_seed(seed)
     like = torch.empty(0, dtype=op.dtype, device=op.device)
-    s = min(math.ceil(num_hvps / 3), n)
+    s = min(num_hvps // 3, n)
     sketch = op.matmat(_rademacher(n, s, like, generator))
     q, _ = torch.linalg.qr(sketch)
     aq = op.matmat(q)
@@ -74,7 +74,7 @@ def hutchpp_trace(
     used = 2 * s
     if s >= n:
         return TraceResult(exact_part, 0.0, used, 0, "hutch++", time.perf_counter() - t_start)
-    g = max(num_hvps - used, 1)
+    g = num_hvps - used
     probes = _rademacher(n, g, like, generator)
     probes = probes - q @ (q.T @ probes)
     ag = op.matmat(probes)

@@ -1,0 +1,398 @@
+"""Thick-restart block Lanczos on explicit matrices of known spectrum, ``Q diag(λ) Qᵀ``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from lightning_landscape import EigenResult, MatrixOperator, lanczos
+
+F64 = torch.float64
+N = 300
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():  # type: ignore[no-untyped-def]
+    # Tiny problems: a multi-threaded OpenMP pool only adds (large, on a busy machine) overhead.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _orthogonal(n: int, seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def _matrix(eigs: Tensor, seed: int = 0) -> Tensor:
+    q = _orthogonal(len(eigs), seed)
+    a = (q * eigs) @ q.T
+    return 0.5 * (a + a.T)
+
+
+def _uniform(n: int, low: float, high: float, seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return low + (high - low) * torch.rand(n, generator=gen, dtype=F64)
+
+
+def _spectrum(name: str, n: int = N) -> Tensor:
+    """Eigenvalues (unsorted order does not matter: Q is random)."""
+    if name == "separated":
+        top = torch.tensor([100.0, 80.0, 65.0, 50.0, 40.0, 30.0], dtype=F64)
+        bottom = torch.tensor([0.05, 0.1, 0.2, 0.35, 0.5, 0.7], dtype=F64)
+        bulk = _uniform(n - 12, 1.0, 10.0, seed=1)
+    elif name == "clustered":  # spacing 1e-6 at both ends
+        top = 10.0 - 1e-6 * torch.arange(6, dtype=F64)
+        bottom = 0.5 + 1e-6 * torch.arange(6, dtype=F64)
+        bulk = _uniform(n - 12, 1.0, 5.0, seed=2)
+    elif name == "indefinite":  # the most negative eigenvalue dominates in magnitude
+        top = torch.tensor([30.0, 25.0, 20.0, 17.0, 15.0, 13.0], dtype=F64)
+        bottom = torch.tensor([-50.0, -20.0, -12.0, -9.0, -8.0, -7.0], dtype=F64)
+        bulk = _uniform(n - 12, -5.0, 10.0, seed=3)
+    else:  # pragma: no cover
+        raise ValueError(name)
+    return torch.cat([top, bottom, bulk])
+
+
+def _reference(eigs: Tensor, k: int, which: str) -> Tensor:
+    return torch.sort(eigs, descending=which == "largest").values[:k]
+
+
+def _true_residuals(a: Tensor, res: EigenResult) -> Tensor:
+    v = res.eigenvectors
+    assert v is not None
+    lam = res.eigenvalues.to(v.dtype)
+    return (a @ v - v * lam).norm(dim=0) / lam.abs()
+
+
+def _check_solution(
+    a: Tensor, res: EigenResult, ref: Tensor, tol: float, *, eigs: Tensor | None = None
+) -> None:
+    """Check a converged solve against the reference eigenvalues ``ref``.
+
+    With ``eigs`` given (near-degenerate clusters), each returned value need only be within 1e-8
+    of *some* true eigenvalue no further from the wanted end than the k-th one: which members
+    of a 1e-6-spaced cluster single-vector Lanczos resolves first is tested separately.
+    """
+    k = len(ref)
+    assert res.eigenvalues.shape == (k,)
+    assert res.eigenvalues.dtype == F64
+    if eigs is None:
+        torch.testing.assert_close(res.eigenvalues, ref, rtol=1e-8, atol=0)
+    else:
+        nearest = eigs[(eigs[None, :] - res.eigenvalues[:, None]).abs().argmin(dim=1)]
+        torch.testing.assert_close(res.eigenvalues, nearest, rtol=1e-8, atol=0)
+        assert len(set(nearest.tolist())) == k  # k different eigenvalues
+        assert bool(((res.eigenvalues - ref[-1]).abs() <= (ref[0] - ref[-1]).abs() + 1e-8).all())
+    order = res.eigenvalues.argsort(descending=res.which == "largest")
+    assert torch.equal(order, torch.arange(k))
+    assert res.all_converged
+    assert bool((res.residuals <= tol).all())
+    assert torch.equal(res.converged, res.residuals <= tol)
+    assert res.eigenvectors is not None and res.eigenvectors.shape == (a.shape[0], k)
+    # The reported residuals are the true ones (up to rounding), not just claims.
+    true = _true_residuals(a, res)
+    assert bool((true <= 10 * tol).all()), true
+    torch.testing.assert_close(true, res.residuals, rtol=0.1, atol=1e-12)
+    gram = res.eigenvectors.T @ res.eigenvectors
+    torch.testing.assert_close(gram, torch.eye(k, dtype=F64), rtol=0, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------
+# Accuracy
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+@pytest.mark.parametrize("spectrum", ["separated", "clustered", "indefinite"])
+def test_accuracy_on_known_spectra(spectrum: str, which: str, k: int) -> None:
+    eigs = _spectrum(spectrum)
+    a = _matrix(eigs)
+    op = MatrixOperator(a)
+    tol = 1e-8
+    res = lanczos(op, k, which=which, tol=tol)
+    cluster = eigs if spectrum == "clustered" else None
+    _check_solution(a, res, _reference(eigs, k, which), tol, eigs=cluster)
+    assert res.which == which
+    assert res.tol == tol
+    assert res.num_hvps == op.num_matvecs  # the cost is reported honestly
+    assert res.num_hvps < N  # the Krylov path, not a dense solve
+    assert res.seconds >= 0
+
+
+def test_indefinite_ordering_is_algebraic_not_magnitude() -> None:
+    eigs = _spectrum("indefinite")
+    a = _matrix(eigs)
+    top = lanczos(MatrixOperator(a), 3, which="largest", tol=1e-10)
+    bottom = lanczos(MatrixOperator(a), 3, which="smallest", tol=1e-10)
+    # |-50| is the largest magnitude, but "largest" means algebraically largest, descending.
+    torch.testing.assert_close(top.eigenvalues, torch.tensor([30.0, 25.0, 20.0], dtype=F64))
+    # "smallest": the most negative first, ascending.
+    torch.testing.assert_close(bottom.eigenvalues, torch.tensor([-50.0, -20.0, -12.0], dtype=F64))
+
+
+@pytest.mark.parametrize("k", [3, 6])
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+def test_clusters_fully_resolved_with_a_block_as_large_as_the_cluster(which: str, k: int) -> None:
+    eigs = _spectrum("clustered")
+    a = _matrix(eigs)
+    for seed in range(3):
+        res = lanczos(
+            MatrixOperator(a), k, which=which, tol=1e-8, block_size=6, max_basis=60, seed=seed
+        )
+        # Every member (spacing 1e-6) in order: the error is far below the spacing.
+        _check_solution(a, res, _reference(eigs, k, which), 1e-8)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Known limitation (documented in lanczos): single-vector Lanczos can stop before "
+    "a member of a tight cluster enters the Krylov space; block_size >= cluster size fixes it",
+)
+def test_single_vector_lanczos_does_not_skip_cluster_members() -> None:
+    eigs = _spectrum("clustered")
+    a = _matrix(eigs)
+    wrong = []
+    for k in (3, 5):
+        expected = _reference(eigs, k, "largest")
+        for seed in range(4):
+            res = lanczos(MatrixOperator(a), k, tol=1e-8, seed=seed)
+            assert res.all_converged
+            if not torch.allclose(res.eigenvalues, expected, rtol=1e-8, atol=0):
+                wrong.append((k, seed, ((res.eigenvalues - expected) / 1e-6).tolist()))
+    assert not wrong, f"(k, seed, error in units of the 1e-6 spacing): {wrong}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Degenerate eigenvalues
+# --------------------------------------------------------------------------------------------------
+
+
+def _degenerate(n: int = N) -> Tensor:
+    return torch.cat(
+        [torch.tensor([20.0, 20.0, 20.0, 15.0], dtype=F64), _uniform(n - 4, 0.0, 10.0, seed=4)]
+    )
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_triple_eigenvalue_found_with_block_size_3(k: int) -> None:
+    eigs = _degenerate()
+    a = _matrix(eigs, seed=5)
+    res = lanczos(MatrixOperator(a), k, tol=1e-10, block_size=3, max_basis=40)
+    _check_solution(a, res, _reference(eigs, k, "largest"), 1e-10)
+    # The three vectors span the whole 3-dim eigenspace of 20.
+    q = _orthogonal(N, 5)
+    idx = torch.nonzero(eigs == 20.0).squeeze(1)
+    proj = q[:, idx] @ q[:, idx].T
+    v = res.eigenvectors[:, :3]  # type: ignore[index]
+    torch.testing.assert_close(proj @ v, v, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+def test_dense_path_is_exact_with_repeated_eigenvalues(which: str) -> None:
+    eigs = torch.tensor([5.0, 5.0, 5.0, 1.0, -2.0, 0.5], dtype=F64)
+    a = _matrix(eigs, seed=6)
+    op = MatrixOperator(a)
+    res = lanczos(op, 3, which=which, tol=1e-12)  # default max_basis = min(n, 20) = n
+    expected = [5.0, 5.0, 5.0] if which == "largest" else [-2.0, 0.5, 1.0]
+    torch.testing.assert_close(
+        res.eigenvalues, torch.tensor(expected, dtype=F64), rtol=1e-13, atol=0
+    )
+    assert res.num_hvps == 6 == op.num_matvecs
+    assert res.num_restarts == 0
+    assert res.all_converged
+    v = res.eigenvectors
+    assert v is not None
+    torch.testing.assert_close(v.T @ v, torch.eye(3, dtype=F64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(a @ v, v * res.eigenvalues, rtol=0, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# Restarts, warm starts, budgets
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+@pytest.mark.parametrize("spectrum", ["separated", "clustered", "indefinite"])
+def test_small_basis_forces_restarts_and_still_converges(spectrum: str, which: str) -> None:
+    eigs = _spectrum(spectrum)
+    a = _matrix(eigs)
+    op = MatrixOperator(a)
+    res = lanczos(op, 3, which=which, tol=1e-8, max_basis=10, max_hvps=2000)
+    assert res.num_restarts > 0
+    assert res.num_hvps == op.num_matvecs
+    cluster = eigs if spectrum == "clustered" else None
+    _check_solution(a, res, _reference(eigs, 3, which), 1e-8, eigs=cluster)
+
+
+def _warm_problem() -> tuple[Tensor, Tensor]:
+    """A matrix with moderately separated top eigenvalues and a slightly perturbed copy."""
+    eigs = torch.cat([10.0 - 0.2 * torch.arange(6, dtype=F64), _uniform(N - 6, 0.0, 8.5, seed=7)])
+    a = _matrix(eigs, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    e = torch.randn(N, N, generator=gen, dtype=F64)
+    e = (e + e.T) / (2 * N**0.5)
+    return a, a + 1e-3 * e
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_warm_start_needs_fewer_products(k: int) -> None:
+    a, perturbed = _warm_problem()
+    previous = lanczos(MatrixOperator(a), k, tol=1e-8)
+    assert previous.eigenvectors is not None
+    start = previous.eigenvectors[:, 0] if k == 1 else previous.eigenvectors
+    for seed in range(3):
+        cold = lanczos(MatrixOperator(perturbed), k, tol=1e-8, seed=seed)
+        warm = lanczos(MatrixOperator(perturbed), k, tol=1e-8, seed=seed, start=start)
+        assert warm.all_converged and cold.all_converged
+        assert warm.num_hvps < cold.num_hvps, (seed, warm.num_hvps, cold.num_hvps)
+        torch.testing.assert_close(warm.eigenvalues, cold.eigenvalues, rtol=1e-9, atol=0)
+
+
+def test_non_convergence_is_reported() -> None:
+    eigs = _spectrum("clustered")
+    a = _matrix(eigs)
+    op = MatrixOperator(a)
+    res = lanczos(op, 3, tol=1e-8, max_hvps=10)
+    assert res.num_hvps <= 10
+    assert op.num_matvecs == res.num_hvps
+    assert res.eigenvalues.shape == (3,)
+    assert not res.all_converged
+    assert not bool(res.converged.all())
+    assert torch.equal(res.converged, res.residuals <= 1e-8)
+    # The reported residuals are real: the Ritz vectors are not eigenvectors yet.
+    true = _true_residuals(a, res)
+    torch.testing.assert_close(true, res.residuals, rtol=1e-3, atol=1e-12)
+    assert res.is_finite
+
+
+def test_budget_too_small_for_k_pairs_is_rejected() -> None:
+    a = torch.diag(torch.arange(1.0, 101.0, dtype=F64))
+    top = torch.zeros(100, dtype=F64)
+    top[-1] = 1.0
+    with pytest.raises(ValueError, match="max_hvps >= 3"):
+        lanczos(MatrixOperator(a), 3, tol=1e-8, max_hvps=1, start=top, start_noise=0.0)
+    with pytest.raises(ValueError, match="max_hvps >= 6"):
+        lanczos(MatrixOperator(a), 3, block_size=4, max_basis=20, max_hvps=5)
+    res = lanczos(MatrixOperator(a), 3, tol=1e-8, max_hvps=3, start=top, start_noise=0.0)
+    assert len(res.eigenvalues) == 3
+
+
+@pytest.mark.parametrize("n", [6, 50], ids=["dense_path", "krylov_path"])
+def test_non_finite_operator_is_reported_not_raised(n: int) -> None:
+    a = _matrix(torch.arange(1.0, n + 1.0, dtype=F64), seed=11)
+    a[0, 1] = a[1, 0] = float("nan")
+    res = lanczos(MatrixOperator(a), 2, tol=1e-8)
+    assert res.eigenvalues.shape == (2,)
+    assert not res.is_finite
+    assert not res.all_converged
+    assert not bool(res.converged.any())
+
+
+# --------------------------------------------------------------------------------------------------
+# Determinism and RNG hygiene
+# --------------------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_result_and_global_rng_untouched() -> None:
+    a = _matrix(_spectrum("separated"))
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    r1 = lanczos(MatrixOperator(a), 3, tol=1e-8, seed=7)
+    r2 = lanczos(MatrixOperator(a), 3, tol=1e-8, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(r1.eigenvalues, r2.eigenvalues)
+    assert torch.equal(r1.eigenvectors, r2.eigenvectors)  # type: ignore[arg-type]
+    assert torch.equal(r1.residuals, r2.residuals)
+    assert r1.num_hvps == r2.num_hvps
+    # An explicit generator seeded the same way is equivalent to `seed=`.
+    r3 = lanczos(MatrixOperator(a), 3, tol=1e-8, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(r1.eigenvectors, r3.eigenvectors)  # type: ignore[arg-type]
+    # ... and the seed is actually used.
+    r4 = lanczos(MatrixOperator(a), 3, tol=1e-8, seed=8)
+    assert not torch.equal(r1.eigenvectors, r4.eigenvectors)  # type: ignore[arg-type]
+    torch.testing.assert_close(r4.eigenvalues, r1.eigenvalues, rtol=1e-8, atol=0)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_global_seed_does_not_influence_result() -> None:
+    a = _matrix(_spectrum("indefinite"))
+    torch.manual_seed(0)
+    r1 = lanczos(MatrixOperator(a), 2, tol=1e-8)
+    torch.manual_seed(99)
+    r2 = lanczos(MatrixOperator(a), 2, tol=1e-8)
+    assert torch.equal(r1.eigenvectors, r2.eigenvectors)  # type: ignore[arg-type]
+
+
+def test_return_eigenvectors_false() -> None:
+    a = _matrix(_spectrum("separated"))
+    res = lanczos(MatrixOperator(a), 2, tol=1e-8, return_eigenvectors=False)
+    assert res.eigenvectors is None
+    torch.testing.assert_close(res.eigenvalues, torch.tensor([100.0, 80.0], dtype=F64))
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+_A = _matrix(_spectrum("separated", n=50), seed=10)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"k": 0}, "positive integer"),
+        ({"k": -2}, "positive integer"),
+        ({"k": 2.0}, "positive integer"),
+        ({"k": True}, "positive integer"),
+        ({"k": 51}, "k <= 50"),
+        ({"tol": 0.0}, "tol"),
+        ({"tol": -1e-3}, "tol"),
+        ({"tol": float("nan")}, "tol"),
+        ({"which": "LM"}, "which"),
+        ({"which": "LA"}, "which"),
+        ({"k": 5, "max_basis": 5}, "max_basis"),
+        ({"k": 1, "max_basis": 0}, "max_basis"),
+        ({"block_size": 0}, "block_size"),
+        ({"block_size": -1}, "block_size"),
+        ({"block_size": 1.5}, "block_size"),
+        ({"max_hvps": 0}, "max_hvps"),
+        ({"start": torch.ones(49, dtype=F64)}, "rows"),
+        ({"start": torch.ones(49, 2, dtype=F64)}, "rows"),
+        ({"start": torch.ones(50, 2, 1, dtype=F64)}, "rows"),
+    ],
+)
+def test_validation_errors(kwargs: dict, match: str) -> None:  # type: ignore[type-arg]
+    args = {"k": 1, **kwargs}
+    k = args.pop("k")
+    with pytest.raises(ValueError, match=match):
+        lanczos(MatrixOperator(_A), k, **args)
+
+
+def test_bad_start_rejected_on_dense_path_too() -> None:
+    small = _matrix(torch.arange(1.0, 7.0, dtype=F64))
+    with pytest.raises(ValueError, match="rows"):
+        lanczos(MatrixOperator(small), 1, start=torch.ones(5, dtype=F64))
+
+
+# --------------------------------------------------------------------------------------------------
+# float32
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+def test_float32_operator(which: str) -> None:
+    eigs = _spectrum("indefinite")
+    a = _matrix(eigs).float()
+    res = lanczos(MatrixOperator(a), 3, which=which, tol=1e-4)
+    assert res.all_converged
+    assert res.eigenvectors is not None and res.eigenvectors.dtype == torch.float32
+    assert res.eigenvalues.dtype == F64
+    torch.testing.assert_close(res.eigenvalues, _reference(eigs, 3, which), rtol=1e-4, atol=0)
+    v = res.eigenvectors.double()
+    true = (a.double() @ v - v * res.eigenvalues).norm(dim=0) / res.eigenvalues.abs()
+    assert bool((true <= 1e-3).all())

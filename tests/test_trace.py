@@ -1,0 +1,197 @@
+"""Hutch++ trace estimation: on explicit matrices and on the loss Hessians of the test models."""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from lightning_landscape import MatrixOperator, TraceResult, hessian_trace, hutchpp_trace
+from tests._models import KINDS, dense_hessian, make_model
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():  # type: ignore[no-untyped-def]
+    # Tiny problems: a multi-threaded OpenMP pool only adds (large, on a busy machine) overhead.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _orthogonal(n: int, seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def _psd_decaying(n: int = 200, seed: int = 0) -> tuple[Tensor, float]:
+    """PSD matrix with eigenvalues 100 / i², i = 1..n, and its exact trace."""
+    lam = 100.0 / torch.arange(1, n + 1, dtype=F64) ** 2
+    q = _orthogonal(n, seed)
+    a = (q * lam) @ q.T
+    return 0.5 * (a + a.T), float(lam.sum())
+
+
+def _hutchinson(a: Tensor, num: int, seed: int) -> float:
+    gen = torch.Generator().manual_seed(seed)
+    probes = torch.randint(0, 2, (a.shape[0], num), generator=gen).to(F64) * 2 - 1
+    return float(torch.sum(probes * (a @ probes), dim=0).mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# Explicit matrices
+# --------------------------------------------------------------------------------------------------
+
+
+def test_hutchpp_is_unbiased_within_its_standard_error() -> None:
+    a, exact = _psd_decaying()
+    for seed in range(10):
+        res = hutchpp_trace(MatrixOperator(a), 60, seed=seed)
+        assert isinstance(res, TraceResult)
+        assert res.method == "hutch++"
+        assert res.stderr > 0
+        assert abs(res.trace - exact) <= 4 * res.stderr, (seed, res.trace, exact, res.stderr)
+
+
+def test_hutchpp_beats_hutchinson_at_equal_budget() -> None:
+    a, exact = _psd_decaying()
+    budget, seeds = 60, range(10)
+    err_pp = [abs(hutchpp_trace(MatrixOperator(a), budget, seed=s).trace - exact) for s in seeds]
+    err_h = [abs(_hutchinson(a, budget, seed=100 + s) - exact) for s in seeds]
+    # With a 1/i² spectrum the sketch captures almost all of the variance.
+    assert np.mean(err_pp) < 0.1 * np.mean(err_h), (np.mean(err_pp), np.mean(err_h))
+    # ... and the reported standard error is much smaller than Hutchinson's.
+    res = hutchpp_trace(MatrixOperator(a), budget)
+    lam = 100.0 / torch.arange(1, 201, dtype=F64) ** 2
+    # Rademacher Hutchinson variance per probe <= 2 ||A||_F^2.
+    assert res.stderr < 0.1 * math.sqrt(2 * float((lam**2).sum()) / budget)
+
+
+@pytest.mark.parametrize("budget", [36, 38, 50])
+def test_exact_when_the_sketch_spans_the_space(budget: int) -> None:
+    n = 12
+    gen = torch.Generator().manual_seed(1)
+    lam = torch.randn(n, generator=gen, dtype=F64) * 3  # indefinite is fine too
+    q = _orthogonal(n, 2)
+    a = (q * lam) @ q.T
+    op = MatrixOperator(0.5 * (a + a.T))
+    res = hutchpp_trace(op, budget)  # budget // 3 >= n
+    assert res.stderr == 0.0
+    assert res.num_samples == 0
+    assert res.trace == pytest.approx(float(lam.sum()), rel=1e-12, abs=1e-12)
+    assert res.num_hvps == 2 * n == op.num_matvecs  # no products wasted once exact
+    assert res.num_hvps <= budget
+
+
+@pytest.mark.parametrize("budget", [3, 4, 5, 6, 7, 8, 9, 10, 11, 30, 31, 32])
+def test_products_spent_equal_the_budget(budget: int) -> None:
+    a, _ = _psd_decaying(n=50)
+    op = MatrixOperator(a)
+    res = hutchpp_trace(op, budget)
+    assert op.num_matvecs == res.num_hvps
+    assert res.num_hvps == budget
+    sketch = budget // 3
+    assert res.num_samples == budget - 2 * sketch
+    if res.num_samples >= 2:
+        assert math.isfinite(res.stderr) and res.stderr > 0
+
+
+@pytest.mark.parametrize("budget", [2, 1, 0, -3])
+def test_too_small_budget_is_rejected(budget: int) -> None:
+    op = MatrixOperator(torch.eye(10, dtype=F64))
+    with pytest.raises(ValueError, match="num_hvps >= 3"):
+        hutchpp_trace(op, budget)
+    assert op.num_matvecs == 0
+
+
+def test_deterministic_and_leaves_global_rng_alone() -> None:
+    a, _ = _psd_decaying(n=80)
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    states = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    r1 = hutchpp_trace(MatrixOperator(a), 30, seed=3)
+    r2 = hutchpp_trace(MatrixOperator(a), 30, seed=3)
+    r3 = hutchpp_trace(MatrixOperator(a), 30, generator=torch.Generator().manual_seed(3))
+    r4 = hutchpp_trace(MatrixOperator(a), 30, seed=4)
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert random.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2])
+    assert (r1.trace, r1.stderr) == (r2.trace, r2.stderr) == (r3.trace, r3.stderr)
+    assert r4.trace != r1.trace
+
+
+def test_float32_operator() -> None:
+    a, exact = _psd_decaying(n=60)
+    res = hutchpp_trace(MatrixOperator(a.float()), 180)  # exact up to float32 rounding
+    assert res.stderr == 0.0
+    assert res.trace == pytest.approx(exact, rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# hessian_trace on the test models
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _dense(kind: str) -> Tensor:
+    model, loss_fn, batch = make_model(kind)
+    return dense_hessian(model, loss_fn, batch).detach()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hessian_trace_within_stderr(kind: str) -> None:
+    model, loss_fn, batch = make_model(kind)
+    exact = float(torch.trace(_dense(kind)))
+    for seed in range(3):
+        res = hessian_trace(model, loss_fn, batch, num_hvps=90, seed=seed)
+        assert res.num_hvps == 90
+        assert res.num_samples == 30
+        assert 0 < res.stderr < abs(exact)
+        assert abs(res.trace - exact) <= 4 * res.stderr, (seed, res.trace, exact, res.stderr)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hessian_trace_exact_with_budget_3n(kind: str) -> None:
+    model, loss_fn, batch = make_model(kind)
+    hess = _dense(kind)
+    n = hess.shape[0]
+    res = hessian_trace(model, loss_fn, batch, num_hvps=3 * n)
+    assert res.stderr == 0.0
+    assert res.num_hvps == 2 * n
+    assert res.trace == pytest.approx(float(torch.trace(hess)), rel=1e-8, abs=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("kind", "patterns"),
+    [("mlp", ["fc3.*"]), ("cnn", ["conv.*", "bn.*"]), ("attention", ["head.*", "ln2.*"])],
+)
+@pytest.mark.parametrize("route", ["functorch", "double_backward"])
+def test_hessian_trace_of_a_parameter_subset(kind: str, patterns: list[str], route: str) -> None:
+    model, loss_fn, batch = make_model(kind)
+    names = [
+        name
+        for name, _ in model.named_parameters()
+        if any(name.startswith(p[:-1]) for p in patterns)  # patterns are "prefix.*"
+    ]
+    sub = dense_hessian(model, loss_fn, batch, params=names).detach()
+    m = sub.shape[0]
+    res = hessian_trace(model, loss_fn, batch, num_hvps=3 * m, params=patterns, route=route)
+    assert res.stderr == 0.0
+    assert res.trace == pytest.approx(float(torch.trace(sub)), rel=1e-8, abs=1e-10)
+
+
+def test_hessian_trace_rejects_small_budget_and_restores_model() -> None:
+    model, loss_fn, batch = make_model("cnn")
+    model.train()
+    with pytest.raises(ValueError, match="num_hvps"):
+        hessian_trace(model, loss_fn, batch, num_hvps=2)
+    assert all(m.training for m in model.modules())
