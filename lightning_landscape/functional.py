@@ -7,7 +7,8 @@ operator for several solves.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -16,6 +17,24 @@ from .context import curvature_context
 from .operators import HessianOperator, HVPRoute, LossFn
 from .results import EigenResult, TraceResult, Which
 from .solvers import hutchpp_trace, lanczos
+
+
+@contextlib.contextmanager
+def _hessian(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    params: Sequence[str] | Sequence[Tensor] | None,
+    route: HVPRoute,
+    eval_mode: bool,
+) -> Iterator[HessianOperator]:
+    """A Hessian operator on one batch, inside the curvature context, released on exit."""
+    with curvature_context(model, eval_mode=eval_mode):
+        op = HessianOperator(model, loss_fn, [batch], params=params, route=route)
+        try:
+            yield op
+        finally:
+            op.release()
 
 
 def hessian_eigenvalues(
@@ -79,22 +98,18 @@ def hessian_eigenvalues(
         >>> ll.hessian_eigenvalues(model, loss_fn, x, k=2, tol=1e-6).eigenvalues
         tensor([9., 4.], dtype=torch.float64)
     """
-    with curvature_context(model, eval_mode=eval_mode):
-        op = HessianOperator(model, loss_fn, [batch], params=params, route=route)
-        try:
-            return lanczos(
-                op,
-                k,
-                which=which,
-                tol=tol,
-                max_basis=max_basis,
-                max_hvps=max_hvps,
-                start=start,
-                seed=seed,
-                return_eigenvectors=return_eigenvectors,
-            )
-        finally:
-            op.release()
+    with _hessian(model, loss_fn, batch, params, route, eval_mode) as op:
+        return lanczos(
+            op,
+            k,
+            which=which,
+            tol=tol,
+            max_basis=max_basis,
+            max_hvps=max_hvps,
+            start=start,
+            seed=seed,
+            return_eigenvectors=return_eigenvectors,
+        )
 
 
 def hessian_trace(
@@ -137,9 +152,5 @@ def hessian_trace(
         >>> round(ll.hessian_trace(model, loss_fn, x, num_hvps=9).trace, 4)  # 1 + 4 + 9
         14.0
     """
-    with curvature_context(model, eval_mode=eval_mode):
-        op = HessianOperator(model, loss_fn, [batch], params=params, route=route)
-        try:
-            return hutchpp_trace(op, num_hvps, seed=seed)
-        finally:
-            op.release()
+    with _hessian(model, loss_fn, batch, params, route, eval_mode) as op:
+        return hutchpp_trace(op, num_hvps, seed=seed)

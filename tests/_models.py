@@ -287,3 +287,10 @@ def make_model(
 def num_params(model: nn.Module) -> int:
     """Number of trainable scalars."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def random_orthogonal(n: int, seed: int) -> Tensor:
+    """A Haar-random ``n × n`` orthogonal matrix (float64) from a private seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))

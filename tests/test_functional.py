@@ -26,15 +26,6 @@ from tests._models import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    # Tiny problems: a multi-threaded OpenMP pool only adds (large, on a busy machine) overhead.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @functools.cache
 def _spectrum(kind: str) -> tuple[Tensor, Tensor]:
     """(eigenvalues ascending, eigenvectors) of the dense Hessian of ``make_model(kind)``."""

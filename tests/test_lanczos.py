@@ -7,28 +7,14 @@ import torch
 from torch import Tensor
 
 from lightning_landscape import EigenResult, MatrixOperator, lanczos
+from tests._models import random_orthogonal
 
 F64 = torch.float64
 N = 300
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    # Tiny problems: a multi-threaded OpenMP pool only adds (large, on a busy machine) overhead.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def _orthogonal(n: int, seed: int) -> Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))
-    return q * torch.sign(torch.diagonal(r))
-
-
 def _matrix(eigs: Tensor, seed: int = 0) -> Tensor:
-    q = _orthogonal(len(eigs), seed)
+    q = random_orthogonal(len(eigs), seed)
     a = (q * eigs) @ q.T
     return 0.5 * (a + a.T)
 
@@ -185,7 +171,7 @@ def test_triple_eigenvalue_found_with_block_size_3(k: int) -> None:
     res = lanczos(MatrixOperator(a), k, tol=1e-10, block_size=3, max_basis=40)
     _check_solution(a, res, _reference(eigs, k, "largest"), 1e-10)
     # The three vectors span the whole 3-dim eigenspace of 20.
-    q = _orthogonal(N, 5)
+    q = random_orthogonal(N, 5)
     idx = torch.nonzero(eigs == 20.0).squeeze(1)
     proj = q[:, idx] @ q[:, idx].T
     v = res.eigenvectors[:, :3]  # type: ignore[index]

@@ -44,20 +44,6 @@ FAST: dict[str, Any] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Run this module's tiny models on one intra-op thread.
-
-    With two OpenMP threads on a 2-core machine that other processes also use, each of the many
-    small parallel regions in a probe can stall waiting for a descheduled thread: probes then
-    run up to ~100x slower. One thread is also the fastest choice for models this small.
-    """
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _fit(
     make_module: Callable[[], pl.LightningModule],
     callbacks: list[Callback] | None = None,

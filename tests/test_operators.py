@@ -33,15 +33,6 @@ ROUTES = ("functorch", "double_backward", "auto")
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    # Tiny problems: a multi-threaded OpenMP pool only adds (large, on a busy machine) overhead.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @functools.cache
 def _dense(kind: str) -> Tensor:
     """Dense Hessian of the ``make_model(kind)`` problem (cached: it is the slow part)."""

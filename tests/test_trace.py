@@ -12,30 +12,15 @@ import torch
 from torch import Tensor
 
 from lightning_landscape import MatrixOperator, TraceResult, hessian_trace, hutchpp_trace
-from tests._models import KINDS, dense_hessian, make_model
+from tests._models import KINDS, dense_hessian, make_model, random_orthogonal
 
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    # Tiny problems: a multi-threaded OpenMP pool only adds (large, on a busy machine) overhead.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def _orthogonal(n: int, seed: int) -> Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))
-    return q * torch.sign(torch.diagonal(r))
 
 
 def _psd_decaying(n: int = 200, seed: int = 0) -> tuple[Tensor, float]:
     """PSD matrix with eigenvalues 100 / i², i = 1..n, and its exact trace."""
     lam = 100.0 / torch.arange(1, n + 1, dtype=F64) ** 2
-    q = _orthogonal(n, seed)
+    q = random_orthogonal(n, seed)
     a = (q * lam) @ q.T
     return 0.5 * (a + a.T), float(lam.sum())
 
@@ -80,7 +65,7 @@ def test_exact_when_the_sketch_spans_the_space(budget: int) -> None:
     n = 12
     gen = torch.Generator().manual_seed(1)
     lam = torch.randn(n, generator=gen, dtype=F64) * 3  # indefinite is fine too
-    q = _orthogonal(n, 2)
+    q = random_orthogonal(n, 2)
     a = (q * lam) @ q.T
     op = MatrixOperator(0.5 * (a + a.T))
     res = hutchpp_trace(op, budget)  # budget // 3 >= n
