@@ -13,6 +13,7 @@ Layers, from the bottom up:
 
 from .callbacks import LandscapeMonitor
 from .context import curvature_context, fork_rng
+from .distributed import DistributedOperator, ProbeFailure
 from .functional import hessian_eigenvalues, hessian_trace
 from .operators import CurvatureOperator, HessianOperator, MatrixOperator
 from .results import EigenResult, ProbeReport, TraceResult
@@ -23,10 +24,12 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "CurvatureOperator",
+    "DistributedOperator",
     "EigenResult",
     "HessianOperator",
     "LandscapeMonitor",
     "MatrixOperator",
+    "ProbeFailure",
     "ProbeReport",
     "TraceResult",
     "__version__",

@@ -8,13 +8,15 @@ operator for several solves.
 from __future__ import annotations
 
 import contextlib
+import datetime
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
 from .context import curvature_context
-from .operators import HessianOperator, HVPRoute, LossFn
+from .distributed import DistributedOperator, distributed_world
+from .operators import CurvatureOperator, HessianOperator, HVPRoute, LossFn, batch_size
 from .results import EigenResult, TraceResult, Which
 from .solvers import hutchpp_trace, lanczos
 
@@ -27,14 +29,24 @@ def _hessian(
     params: Sequence[str] | Sequence[Tensor] | None,
     route: HVPRoute,
     eval_mode: bool,
-) -> Iterator[HessianOperator]:
-    """A Hessian operator on one batch, inside the curvature context, released on exit."""
+    distributed: bool | None,
+    timeout: datetime.timedelta | None,
+) -> Iterator[CurvatureOperator]:
+    """A Hessian operator on one batch, inside the curvature context, released on exit.
+
+    Inside an initialised process group with more than one rank (unless ``distributed`` is
+    False) every rank's batch is a shard and the operator is the sample-weighted mean over ranks.
+    """
     with curvature_context(model, eval_mode=eval_mode):
-        op = HessianOperator(model, loss_fn, [batch], params=params, route=route)
+        local = HessianOperator(model, loss_fn, [batch], params=params, route=route)
         try:
-            yield op
+            use_dist = distributed_world() > 1 if distributed is None else distributed
+            if use_dist:
+                yield DistributedOperator(local, float(batch_size(batch)), timeout=timeout)
+            else:
+                yield local
         finally:
-            op.release()
+            local.release()
 
 
 def hessian_eigenvalues(
@@ -53,6 +65,8 @@ def hessian_eigenvalues(
     route: HVPRoute = "auto",
     seed: int = 0,
     eval_mode: bool = True,
+    distributed: bool | None = None,
+    timeout: datetime.timedelta | None = None,
 ) -> EigenResult:
     """Extreme eigenvalues of the loss Hessian on one probe batch.
 
@@ -75,9 +89,14 @@ def hessian_eigenvalues(
         max_hvps: Hessian-vector-product budget; pairs not converged by then are flagged.
         start: warm-start vector(s), e.g. ``previous.eigenvectors``.
         return_eigenvectors: keep the ``(num_params, k)`` eigenvectors in the result.
-        route: HVP route: ``"auto"``, ``"functorch"`` or ``"double_backward"``.
+        route: HVP route: ``"auto"``, ``"functorch"``, ``"double_backward"`` or
+            ``"finite_difference"``.
         seed: seed of the private generator for the random start vector.
         eval_mode: probe in ``eval()`` mode (default) or in the model's current modes.
+        distributed: treat ``batch`` as this rank's shard and return the result for the union
+            of all ranks' shards (one all-reduce per Hessian-vector product). ``None``: yes
+            when called inside an initialised process group with more than one rank.
+        timeout: bound on each collective wait under ``distributed``.
 
     Returns:
         An :class:`~lightning_landscape.results.EigenResult`; check ``.converged``.
@@ -98,7 +117,7 @@ def hessian_eigenvalues(
         >>> ll.hessian_eigenvalues(model, loss_fn, x, k=2, tol=1e-6).eigenvalues
         tensor([9., 4.], dtype=torch.float64)
     """
-    with _hessian(model, loss_fn, batch, params, route, eval_mode) as op:
+    with _hessian(model, loss_fn, batch, params, route, eval_mode, distributed, timeout) as op:
         return lanczos(
             op,
             k,
@@ -122,6 +141,8 @@ def hessian_trace(
     route: HVPRoute = "auto",
     seed: int = 0,
     eval_mode: bool = True,
+    distributed: bool | None = None,
+    timeout: datetime.timedelta | None = None,
 ) -> TraceResult:
     """Trace of the loss Hessian on one probe batch, by Hutch++ with a standard error.
 
@@ -131,9 +152,14 @@ def hessian_trace(
         batch: the probe batch, already on the model's device.
         num_hvps: Hessian-vector products to spend (at least 3).
         params: parameter subset: names, ``fnmatch`` patterns or tensors.
-        route: HVP route: ``"auto"``, ``"functorch"`` or ``"double_backward"``.
+        route: HVP route: ``"auto"``, ``"functorch"``, ``"double_backward"`` or
+            ``"finite_difference"``.
         seed: seed of the private generator for the random probes.
         eval_mode: probe in ``eval()`` mode (default) or in the model's current modes.
+        distributed: treat ``batch`` as this rank's shard and return the result for the union
+            of all ranks' shards (one all-reduce per Hessian-vector product). ``None``: yes
+            when called inside an initialised process group with more than one rank.
+        timeout: bound on each collective wait under ``distributed``.
 
     Returns:
         A :class:`~lightning_landscape.results.TraceResult`.
@@ -152,5 +178,5 @@ def hessian_trace(
         >>> round(ll.hessian_trace(model, loss_fn, x, num_hvps=9).trace, 4)  # 1 + 4 + 9
         14.0
     """
-    with _hessian(model, loss_fn, batch, params, route, eval_mode) as op:
+    with _hessian(model, loss_fn, batch, params, route, eval_mode, distributed, timeout) as op:
         return hutchpp_trace(op, num_hvps, seed=seed)

@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from ..context import fork_rng
 
@@ -96,7 +96,9 @@ def collect_probe_batches(
 
     With ``probe_dataloader`` every batch it yields is used. Otherwise the first ``num_samples``
     samples of the train dataloader's dataset are taken in order (no shuffling, no workers), with
-    the train dataloader's ``collate_fn``; the training iterator itself is never advanced. Batches
+    the train dataloader's ``collate_fn``; the training iterator itself is never advanced. Under DDP
+    rank ``r`` of ``W`` takes samples ``r, r + W, ...`` of those, so the union over ranks is the
+    single-process probe set (a ``probe_dataloader`` should then yield each rank's shard). Batches
     go through the same precision conversion, batch-transfer hooks and device move as training
     batches.
 
@@ -123,8 +125,22 @@ def collect_probe_batches(
                     "LandscapeMonitor takes its probe batch from a single train DataLoader, got "
                     f"{type(source).__name__}. Pass `probe_dataloader=` with the probe data."
                 )
+            dataset = source.dataset
+            world, rank = trainer.world_size, trainer.global_rank
+            if world > 1:
+                if not hasattr(dataset, "__len__"):
+                    raise ValueError(
+                        "Under DDP the monitor shards the first num_probe_samples samples of a "
+                        "map-style train dataset across ranks; this one has no length (an "
+                        "IterableDataset). Pass `probe_dataloader=` yielding each rank's shard."
+                    )
+                # Rank r takes samples r, r + W, r + 2W, ... of the first num_samples: the union
+                # over ranks is exactly the probe set of a single-process run.
+                count = min(num_samples, len(dataset))
+                dataset = Subset(dataset, list(range(rank, count, world)))
+                num_samples = max(len(dataset), 1)
             loader: DataLoader[Any] = DataLoader(
-                source.dataset,
+                dataset,
                 batch_size=num_samples,
                 shuffle=False,
                 num_workers=0,

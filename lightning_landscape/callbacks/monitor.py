@@ -6,6 +6,7 @@ trainer's own device, and logs it through ``trainer.loggers`` under ``landscape/
 
 from __future__ import annotations
 
+import datetime
 import math
 import time
 from collections.abc import Callable
@@ -15,20 +16,37 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from ..context import curvature_context
-from ..operators import _ROUTES, HessianOperator, HVPRoute, select_parameters
-from ..results import EigenResult, ProbeReport
+from ..distributed import DistributedOperator, ProbeFailure, agree_on_failure, weighted_mean
+from ..operators import (
+    _ROUTES,
+    CurvatureOperator,
+    HessianOperator,
+    HVPRoute,
+    batch_size,
+    select_parameters,
+)
+from ..results import EigenResult, ProbeReport, TraceResult
 from ..solvers import hutchpp_trace, lanczos
 from ..thresholds import stability_threshold
 from ._probe import collect_probe_batches, silenced, training_step_loss
 
 ProbeLossFn = Callable[[pl.LightningModule, Any], Tensor]
 _LINALG_ERROR: type[Exception] = getattr(torch.linalg, "LinAlgError", RuntimeError)
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, torch.OutOfMemoryError):
+        return "ran out of memory (lower num_probe_samples or top_k)"
+    if isinstance(err, ProbeFailure):
+        return f"failed ({err})"
+    return "produced NaN/inf curvature"
 
 
 def _positive_or_none(name: str, value: int | None) -> None:
@@ -97,6 +115,9 @@ class LandscapeMonitor(Callback):
         log_histogram: log the eigenvalue histogram to TensorBoard loggers.
         enabled: ``False`` turns the callback into a no-op (handy from YAML configs).
         seed: seed of the private generators of the solvers (global RNG streams are never used).
+        collective_timeout: under DDP, seconds a rank waits for the others in a probe's
+            collectives before raising instead of hanging (``None``: the process group's own
+            timeout).
 
     Raises:
         ValueError: on invalid arguments (non-positive cadences, ``top_k < 1``, ``tol <= 0``,
@@ -137,6 +158,7 @@ class LandscapeMonitor(Callback):
         log_histogram: bool = True,
         enabled: bool = True,
         seed: int = 0,
+        collective_timeout: float | None = None,
     ) -> None:
         _positive_or_none("every_n_steps", every_n_steps)
         _positive_or_none("every_n_epochs", every_n_epochs)
@@ -184,6 +206,10 @@ class LandscapeMonitor(Callback):
         self.log_histogram = log_histogram
         self.enabled = enabled
         self.seed = seed
+        if collective_timeout is not None and not collective_timeout > 0:
+            raise ValueError(f"collective_timeout must be > 0 seconds, got {collective_timeout}")
+        self.collective_timeout = collective_timeout
+        self._probe_weight = 0.0
 
         self.history: list[ProbeReport] = []
         self.num_probes = 0
@@ -212,11 +238,18 @@ class LandscapeMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or not self.enabled:
             return
-        if trainer.world_size > 1:
+        strategy = trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise RuntimeError(
-                f"LandscapeMonitor does not support multi-process training yet (world_size="
-                f"{trainer.world_size}, strategy {type(trainer.strategy).__name__}). Train on one "
-                "device, or set `enabled=False` for this run."
+                f"LandscapeMonitor supports single-device and DDP training; "
+                f"{type(strategy).__name__} shards or partitions the parameters (FSDP, "
+                "DeepSpeed, model parallel), which the monitor does not support yet. Use "
+                "strategy='ddp', or `enabled=False` for this run."
+            )
+        if trainer.world_size > self.num_probe_samples and self.probe_dataloader is None:
+            raise ValueError(
+                f"num_probe_samples={self.num_probe_samples} is smaller than the "
+                f"{trainer.world_size} processes: each rank needs at least one probe sample."
             )
         named = select_parameters(pl_module, self.params)
         self._num_params = sum(p.numel() for _, p in named)
@@ -252,6 +285,7 @@ class LandscapeMonitor(Callback):
         self._probe_batches = collect_probe_batches(
             trainer, pl_module, self.num_probe_samples, self.probe_dataloader
         )
+        self._probe_weight = float(sum(batch_size(b) for b in self._probe_batches))
         if self.probe_on_train_start:
             self._maybe_probe(trainer, pl_module)
 
@@ -357,53 +391,42 @@ class LandscapeMonitor(Callback):
         step, epoch = trainer.global_step, trainer.current_epoch
         seed = self.seed + self.num_probes
         self.num_probes += 1
-        try:
-            with curvature_context(pl_module), silenced(pl_module):
-                op = HessianOperator(
+        timeout = self._timeout()
+        with curvature_context(pl_module), silenced(pl_module):
+            local: HessianOperator | None = None
+            why: str | None = None
+            try:
+                local = HessianOperator(
                     pl_module,
                     self._loss,
                     self._probe_batches,
                     params=self.params,
                     route=self._resolved_route or self.route,
                 )
-                if not math.isfinite(op.loss_value):
-                    op.release()
-                    self._fail(trainer, step, "has a NaN/inf loss on the probe data")
-                    return None
-                try:
-                    top = lanczos(
-                        op,
-                        self.top_k,
-                        tol=self.tol,
-                        max_basis=self.max_basis,
-                        max_hvps=self.max_hvps,
-                        start=self._warm(self._warm_top, op.device),
-                        seed=seed,
-                    )
-                    bottom: EigenResult | None = None
-                    if self.lambda_min:
-                        bottom = lanczos(
-                            op,
-                            1,
-                            which="smallest",
-                            tol=self.tol,
-                            max_basis=self.max_basis,
-                            max_hvps=self.max_hvps,
-                            start=self._warm(self._warm_min, op.device),
-                            seed=seed + 7919,
-                        )
-                    trace = hutchpp_trace(op, self.trace_hvps, seed=seed) if self.trace else None
-                finally:
-                    op.release()
-                self._resolved_route = op.route
-        except torch.OutOfMemoryError:
-            self._fail(trainer, step, "ran out of memory (lower num_probe_samples or top_k)")
-            return None
-        except _LINALG_ERROR:
-            self._fail(trainer, step, "produced NaN/inf curvature")
-            return None
+                if not math.isfinite(local.loss_value):
+                    why = "has a NaN/inf loss on the probe data"
+            except torch.OutOfMemoryError:
+                why = "ran out of memory (lower num_probe_samples or top_k)"
+            # Before any Hessian-vector product, every rank learns whether any rank failed.
+            if agree_on_failure(why is not None, timeout=timeout) or local is None:
+                if local is not None:
+                    local.release()
+                self._fail(trainer, step, why or "failed on another rank")
+                return None
+            op: CurvatureOperator = local
+            if trainer.world_size > 1:
+                op = DistributedOperator(local, self._probe_weight, timeout=timeout)
+            try:
+                top, bottom, trace = self._solve(op, seed)
+            except (torch.OutOfMemoryError, ProbeFailure, _LINALG_ERROR) as err:
+                self._fail(trainer, step, _describe(err))
+                return None
+            finally:
+                local.release()
+            self._resolved_route = local.route
+            probe_loss = weighted_mean(local.loss_value, self._probe_weight, timeout=timeout)
         results = [r for r in (top, bottom) if r is not None]
-        finite = all(r.is_finite for r in results) and math.isfinite(op.loss_value)
+        finite = all(r.is_finite for r in results) and math.isfinite(probe_loss)
         if trace is not None:
             finite = finite and math.isfinite(trace.trace)
         if not finite:
@@ -430,12 +453,44 @@ class LandscapeMonitor(Callback):
             trace_stderr=trace.stderr if trace is not None else None,
             stability_threshold=threshold,
             stability_ratio=lam_max / threshold if threshold else None,
-            probe_loss=op.loss_value,
+            probe_loss=probe_loss,
             converged=converged,
             max_residual=max_residual,
-            num_hvps=op.num_matvecs,
+            num_hvps=local.num_matvecs,
             seconds=time.perf_counter() - t0,
         )
+
+    def _solve(
+        self, op: CurvatureOperator, seed: int
+    ) -> tuple[EigenResult, EigenResult | None, TraceResult | None]:
+        top = lanczos(
+            op,
+            self.top_k,
+            tol=self.tol,
+            max_basis=self.max_basis,
+            max_hvps=self.max_hvps,
+            start=self._warm(self._warm_top, op.device),
+            seed=seed,
+        )
+        bottom = None
+        if self.lambda_min:
+            bottom = lanczos(
+                op,
+                1,
+                which="smallest",
+                tol=self.tol,
+                max_basis=self.max_basis,
+                max_hvps=self.max_hvps,
+                start=self._warm(self._warm_min, op.device),
+                seed=seed + 7919,
+            )
+        trace = hutchpp_trace(op, self.trace_hvps, seed=seed) if self.trace else None
+        return top, bottom, trace
+
+    def _timeout(self) -> datetime.timedelta | None:
+        if self.collective_timeout is None:
+            return None
+        return datetime.timedelta(seconds=self.collective_timeout)
 
     def _fail(self, trainer: pl.Trainer, step: int, why: str) -> None:
         self.num_failed += 1
