@@ -262,8 +262,10 @@ class HessianOperator(CurvatureOperator):
       over a block of vectors with ``vmap``. Needs a model that ``torch.func`` can trace (e.g.
       no NumPy conversion of activations or in-place updates of module state inside the loss).
 
-    ``"auto"`` (default) times both routes on the first product and keeps the faster one; if
-    ``torch.func`` fails on the model it falls back to ``"double_backward"``. The calibration's
+    ``"auto"`` (default) uses ``"double_backward"`` on the CPU (measured 2-3× faster there, see
+    ``benchmarks/RESULTS.md``); on accelerators (or with ``calibrate=True``) it times both routes on
+    the first product and keeps the faster one, falling back to ``"double_backward"`` if
+    ``torch.func`` fails on the model. The calibration's
     extra products are counted in :attr:`num_matvecs` (the operator's total cost), not in the
     ``num_hvps`` of solver results.
 
@@ -293,6 +295,8 @@ class HessianOperator(CurvatureOperator):
         route: ``"auto"``, ``"functorch"``, ``"double_backward"`` or ``"finite_difference"``.
         max_block: largest number of vectors pushed through one vmapped product.
         fd_eps: relative step of the finite-difference route (default ``ε_mach^(1/3)``).
+        calibrate: with ``route="auto"``, time both routes on the first product (``True``) or
+            take ``"double_backward"`` directly (``False``); default ``True`` except on the CPU.
 
     Raises:
         ValueError: for an unknown route, no batches, mixed parameter dtypes/devices, a
@@ -321,6 +325,7 @@ class HessianOperator(CurvatureOperator):
         route: HVPRoute = "auto",
         max_block: int = 16,
         fd_eps: float | None = None,
+        calibrate: bool | None = None,
     ) -> None:
         if route not in _ROUTES:
             raise ValueError(f"route must be one of {_ROUTES}, got {route!r}")
@@ -356,6 +361,7 @@ class HessianOperator(CurvatureOperator):
             raise ValueError(f"fd_eps must be > 0, got {fd_eps}")
         self.fd_eps = fd_eps if fd_eps is not None else torch.finfo(self.dtype).eps ** (1 / 3)
         self.route: HVPRoute = route
+        self.calibrate = calibrate
         self.route_seconds: dict[str, float] = {}
         self._wrapper = _LossModule(model, loss_fn)
         self._graphs: list[tuple[list[int], tuple[Tensor, ...]]] | None = None
@@ -569,6 +575,12 @@ class HessianOperator(CurvatureOperator):
 
     # ------------------------------------------------------------------ dispatch
     def _matmat(self, block: Tensor) -> Tensor:
+        calibrate = block.device.type != "cpu" if self.calibrate is None else self.calibrate
+        if self.route == "auto" and not calibrate:
+            # On the CPU the retained-graph double backward measured 2-3x faster per product than
+            # forward-over-reverse on every benchmarked model (benchmarks/RESULTS.md); calibrating
+            # would only spend products to learn that.
+            self.route = "double_backward"
         if self.route == "auto":
             out = self._calibrate(block)
         elif self.route == "functorch":

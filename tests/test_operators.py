@@ -270,7 +270,7 @@ def test_auto_route_calibrates_once_and_records_timings() -> None:
     model, loss_fn, batch = make_model("mlp")
     hess = _dense("mlp")
     with curvature_context(model):
-        op = HessianOperator(model, loss_fn, [batch], route="auto")
+        op = HessianOperator(model, loss_fn, [batch], route="auto", calibrate=True)
         assert op.route == "auto"
         assert op.route_seconds == {}
         block = _randn(155, 3, seed=12)
@@ -292,6 +292,18 @@ def test_auto_route_calibrates_once_and_records_timings() -> None:
         assert op.num_matvecs == calibrated + 1
     _assert_rel_close(first, hess @ block)
     _assert_rel_close(second, hess @ block[:, 0])
+
+
+def test_auto_route_on_cpu_takes_double_backward_without_calibrating() -> None:
+    model, loss_fn, batch = make_model("mlp")
+    block = _randn(155, 3, seed=12)
+    with curvature_context(model):
+        op = HessianOperator(model, loss_fn, [batch], route="auto")
+        out = op.matmat(block)
+        assert op.route == "double_backward"
+        assert op.route_seconds == {}
+        assert op.num_matvecs == 3  # no calibration products
+    _assert_rel_close(out, _dense("mlp") @ block)
 
 
 def _numpy_branch_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -324,7 +336,7 @@ def test_auto_falls_back_to_double_backward_with_warning(first: str) -> None:
     hess = _dense("mlp")  # same loss mathematically
     block = _randn(155, 4, seed=13)
     with curvature_context(model):
-        op = HessianOperator(model, _numpy_branch_loss, [batch], route="auto")
+        op = HessianOperator(model, _numpy_branch_loss, [batch], route="auto", calibrate=True)
         with pytest.warns(RuntimeWarning, match="double backward"):
             out = op.matvec(block[:, 0]) if first == "matvec" else op.matmat(block)
         assert op.route == "double_backward"
