@@ -1,16 +1,8 @@
-"""Curvature operators: symmetric linear maps on flat parameter vectors.
-
-Solvers in :mod:`lightning_landscape.solvers` only see the small :class:`CurvatureOperator`
-interface (``size``, ``dtype``, ``device``, ``matvec``, ``matmat``), so they work on any symmetric
-operator: the loss Hessian of a model (:class:`HessianOperator`) or an explicit matrix
-(:class:`MatrixOperator`, for tests and for users who already hold a matrix).
-"""
+"""The loss Hessian on fixed probe data, with exact and finite-difference product routes."""
 
 from __future__ import annotations
 
-import abc
 import contextlib
-import fnmatch
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -19,236 +11,18 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-LossFn = Callable[[nn.Module, Any], Tensor]
-"""``loss_fn(model, batch) -> scalar Tensor``: the loss whose Hessian is probed."""
+from .base import CurvatureOperator
+from .data import (
+    LossFn,
+    _LossModule,
+    _normal_tensors,
+    batch_size,
+    check_scalar_loss,
+    select_parameters,
+)
 
 HVPRoute = Literal["auto", "functorch", "double_backward", "finite_difference"]
 _ROUTES = ("auto", "functorch", "double_backward", "finite_difference")
-
-
-class CurvatureOperator(abc.ABC):
-    """A symmetric linear operator on flat vectors of length :attr:`size`.
-
-    Subclasses implement :meth:`_matmat`; :meth:`matvec` and :meth:`matmat` validate shapes and
-    count applications in :attr:`num_matvecs`.
-    """
-
-    def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.size = size
-        self.dtype = dtype
-        self.device = device
-        self.num_matvecs = 0
-
-    def matvec(self, v: Tensor) -> Tensor:
-        """Apply the operator to one vector.
-
-        Args:
-            v: tensor of shape ``(size,)``.
-
-        Returns:
-            ``A @ v``, shape ``(size,)``.
-
-        Raises:
-            ValueError: if ``v`` has the wrong shape.
-        """
-        if v.shape != (self.size,):
-            raise ValueError(
-                f"matvec expects a vector of shape ({self.size},), got {tuple(v.shape)}"
-            )
-        self.num_matvecs += 1
-        return self._matvec(v)
-
-    def matmat(self, block: Tensor) -> Tensor:
-        """Apply the operator to a block of column vectors.
-
-        Args:
-            block: tensor of shape ``(size, b)``.
-
-        Returns:
-            ``A @ block``, shape ``(size, b)``.
-
-        Raises:
-            ValueError: if ``block`` has the wrong shape.
-        """
-        if block.ndim != 2 or block.shape[0] != self.size:
-            raise ValueError(
-                f"matmat expects a block of shape ({self.size}, b), got {tuple(block.shape)}"
-            )
-        self.num_matvecs += block.shape[1]
-        return self._matmat(block)
-
-    def _matvec(self, v: Tensor) -> Tensor:
-        return self._matmat(v.unsqueeze(1)).squeeze(1)
-
-    @abc.abstractmethod
-    def _matmat(self, block: Tensor) -> Tensor: ...
-
-    def __matmul__(self, x: Tensor) -> Tensor:
-        """``op @ x`` for a vector or a block."""
-        return self.matvec(x) if x.ndim == 1 else self.matmat(x)
-
-
-class MatrixOperator(CurvatureOperator):
-    """An explicit symmetric matrix as a :class:`CurvatureOperator`.
-
-    Args:
-        matrix: square, symmetric tensor.
-
-    Raises:
-        ValueError: if ``matrix`` is not square.
-
-    Example:
-        >>> import torch
-        >>> from lightning_landscape.operators import MatrixOperator
-        >>> op = MatrixOperator(torch.diag(torch.tensor([3.0, 1.0])))
-        >>> op @ torch.tensor([1.0, 1.0])
-        tensor([3., 1.])
-    """
-
-    def __init__(self, matrix: Tensor) -> None:
-        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-            raise ValueError(f"matrix must be square, got shape {tuple(matrix.shape)}")
-        super().__init__(matrix.shape[0], matrix.dtype, matrix.device)
-        self.matrix = matrix
-
-    def _matmat(self, block: Tensor) -> Tensor:
-        return self.matrix @ block
-
-
-def select_parameters(
-    model: nn.Module, params: Sequence[str] | Sequence[Tensor] | None = None
-) -> list[tuple[str, Tensor]]:
-    """Resolve the parameter subset a curvature operator acts on.
-
-    Args:
-        model: the module.
-        params: ``None`` for every parameter with ``requires_grad``; a sequence of names or
-            ``fnmatch`` patterns (``"encoder.*"``, ``"*.weight"``); or a sequence of the parameter
-            tensors themselves.
-
-    Returns:
-        ``(name, parameter)`` pairs in ``model.named_parameters()`` order.
-
-    Raises:
-        ValueError: if a name or pattern matches nothing, a tensor is not a parameter of
-            ``model``, or the selection is empty.
-    """
-    named: list[tuple[str, Tensor]] = list(model.named_parameters())
-    if params is None:
-        chosen = [(n, p) for n, p in named if p.requires_grad]
-        if not chosen:
-            raise ValueError(
-                "The model has no trainable parameters (none with requires_grad=True); "
-                "unfreeze some or pass `params=` explicitly."
-            )
-        return chosen
-    wanted: list[str | Tensor] = list(params)
-    if not wanted:
-        raise ValueError("`params` is empty; pass None for all trainable parameters.")
-    if all(isinstance(p, str) for p in wanted):
-        keep: set[str] = set()
-        for pattern in wanted:
-            assert isinstance(pattern, str)
-            hits = [n for n, _ in named if n == pattern or fnmatch.fnmatchcase(n, pattern)]
-            if not hits:
-                sample = ", ".join(n for n, _ in named[:8])
-                raise ValueError(
-                    f"Parameter name or pattern {pattern!r} matches no parameter of the model. "
-                    f"Known names start with: {sample}{', ...' if len(named) > 8 else ''}"
-                )
-            keep.update(hits)
-        return [(n, p) for n, p in named if n in keep]
-    if all(isinstance(p, Tensor) for p in wanted):
-        ids = {id(p) for p in wanted}
-        chosen = [(n, p) for n, p in named if id(p) in ids]
-        if len(chosen) != len(ids):
-            raise ValueError("Some tensors in `params` are not parameters of the model.")
-        return chosen
-    raise ValueError("`params` must be all names/patterns (str) or all parameter tensors.")
-
-
-class _LossModule(nn.Module):
-    """Wraps ``loss_fn(model, batch)`` so ``torch.func.functional_call`` can reparametrise it."""
-
-    def __init__(self, inner: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.inner = inner
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> Tensor:
-        return self.loss_fn(self.inner, batch)
-
-
-def batch_size(batch: Any) -> int:
-    """Number of samples in a batch: the leading dimension of its first tensor.
-
-    Args:
-        batch: a tensor or a (nested) tuple, list or dict containing tensors.
-
-    Returns:
-        The size of dimension 0 of the first tensor found.
-
-    Raises:
-        ValueError: if the batch contains no tensor with at least one dimension.
-    """
-    for t in _iter_tensors(batch):
-        if t.ndim > 0:
-            return int(t.shape[0])
-    raise ValueError(
-        "Cannot infer the number of samples of a batch without tensors; pass `weights=`."
-    )
-
-
-def _iter_tensors(obj: Any) -> Iterator[Tensor]:
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from _iter_tensors(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from _iter_tensors(value)
-
-
-def _normal_tensors(obj: Any) -> Any:
-    """Clone inference-mode tensors so autograd may save them for backward."""
-    if isinstance(obj, Tensor):
-        return obj.clone() if obj.is_inference() else obj
-    if isinstance(obj, dict):
-        return type(obj)((k, _normal_tensors(v)) for k, v in obj.items())
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_normal_tensors(v) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_normal_tensors(v) for v in obj)
-    return obj
-
-
-def check_scalar_loss(loss: Any) -> Tensor:
-    """Validate that ``loss_fn`` produced a scalar tensor.
-
-    Args:
-        loss: what the loss function returned.
-
-    Returns:
-        The loss tensor.
-
-    Raises:
-        TypeError: if it is not a tensor.
-        ValueError: if it is not a scalar with a floating dtype.
-    """
-    if not isinstance(loss, Tensor):
-        raise TypeError(
-            f"loss_fn must return a scalar torch.Tensor, got {type(loss).__name__}. "
-            "Return the mean loss of the batch, e.g. `F.cross_entropy(model(x), y)`."
-        )
-    if loss.numel() != 1:
-        raise ValueError(
-            f"loss_fn must return a scalar loss, got a tensor of shape {tuple(loss.shape)}. "
-            "Reduce it (e.g. `.mean()`) so the Hessian is that of the mean loss."
-        )
-    if not loss.is_floating_point():
-        raise ValueError(f"loss_fn returned a {loss.dtype} tensor; a floating loss is required.")
-    return loss.reshape(())
 
 
 class HessianOperator(CurvatureOperator):
@@ -646,16 +420,3 @@ def _synchronizer(device: torch.device) -> Callable[[], None]:
             torch.cuda.synchronize(device)
 
     return sync
-
-
-def default_max_basis(k: int, n: int) -> int:
-    """Default bound on the Krylov basis size for ``k`` wanted eigenpairs of an ``n``-dim operator.
-
-    Args:
-        k: number of wanted eigenpairs.
-        n: operator dimension.
-
-    Returns:
-        ``min(n, max(2k + 10, 20))``.
-    """
-    return min(n, max(2 * k + 10, 20))

@@ -1,0 +1,148 @@
+"""Parameter selection, probe batches and loss validation for curvature operators."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+"""``loss_fn(model, batch) -> scalar Tensor``: the loss whose Hessian is probed."""
+
+
+def select_parameters(
+    model: nn.Module, params: Sequence[str] | Sequence[Tensor] | None = None
+) -> list[tuple[str, Tensor]]:
+    """Resolve the parameter subset a curvature operator acts on.
+
+    Args:
+        model: the module.
+        params: ``None`` for every parameter with ``requires_grad``; a sequence of names or
+            ``fnmatch`` patterns (``"encoder.*"``, ``"*.weight"``); or a sequence of the parameter
+            tensors themselves.
+
+    Returns:
+        ``(name, parameter)`` pairs in ``model.named_parameters()`` order.
+
+    Raises:
+        ValueError: if a name or pattern matches nothing, a tensor is not a parameter of
+            ``model``, or the selection is empty.
+    """
+    named: list[tuple[str, Tensor]] = list(model.named_parameters())
+    if params is None:
+        chosen = [(n, p) for n, p in named if p.requires_grad]
+        if not chosen:
+            raise ValueError(
+                "The model has no trainable parameters (none with requires_grad=True); "
+                "unfreeze some or pass `params=` explicitly."
+            )
+        return chosen
+    wanted: list[str | Tensor] = list(params)
+    if not wanted:
+        raise ValueError("`params` is empty; pass None for all trainable parameters.")
+    if all(isinstance(p, str) for p in wanted):
+        keep: set[str] = set()
+        for pattern in wanted:
+            assert isinstance(pattern, str)
+            hits = [n for n, _ in named if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+            if not hits:
+                sample = ", ".join(n for n, _ in named[:8])
+                raise ValueError(
+                    f"Parameter name or pattern {pattern!r} matches no parameter of the model. "
+                    f"Known names start with: {sample}{', ...' if len(named) > 8 else ''}"
+                )
+            keep.update(hits)
+        return [(n, p) for n, p in named if n in keep]
+    if all(isinstance(p, Tensor) for p in wanted):
+        ids = {id(p) for p in wanted}
+        chosen = [(n, p) for n, p in named if id(p) in ids]
+        if len(chosen) != len(ids):
+            raise ValueError("Some tensors in `params` are not parameters of the model.")
+        return chosen
+    raise ValueError("`params` must be all names/patterns (str) or all parameter tensors.")
+
+
+class _LossModule(nn.Module):
+    """Wraps ``loss_fn(model, batch)`` so ``torch.func.functional_call`` can reparametrise it."""
+
+    def __init__(self, inner: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.inner = inner
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.inner, batch)
+
+
+def batch_size(batch: Any) -> int:
+    """Number of samples in a batch: the leading dimension of its first tensor.
+
+    Args:
+        batch: a tensor or a (nested) tuple, list or dict containing tensors.
+
+    Returns:
+        The size of dimension 0 of the first tensor found.
+
+    Raises:
+        ValueError: if the batch contains no tensor with at least one dimension.
+    """
+    for t in _iter_tensors(batch):
+        if t.ndim > 0:
+            return int(t.shape[0])
+    raise ValueError(
+        "Cannot infer the number of samples of a batch without tensors; pass `weights=`."
+    )
+
+
+def _iter_tensors(obj: Any) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _iter_tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _iter_tensors(value)
+
+
+def _normal_tensors(obj: Any) -> Any:
+    """Clone inference-mode tensors so autograd may save them for backward."""
+    if isinstance(obj, Tensor):
+        return obj.clone() if obj.is_inference() else obj
+    if isinstance(obj, dict):
+        return type(obj)((k, _normal_tensors(v)) for k, v in obj.items())
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(_normal_tensors(v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_normal_tensors(v) for v in obj)
+    return obj
+
+
+def check_scalar_loss(loss: Any) -> Tensor:
+    """Validate that ``loss_fn`` produced a scalar tensor.
+
+    Args:
+        loss: what the loss function returned.
+
+    Returns:
+        The loss tensor.
+
+    Raises:
+        TypeError: if it is not a tensor.
+        ValueError: if it is not a scalar with a floating dtype.
+    """
+    if not isinstance(loss, Tensor):
+        raise TypeError(
+            f"loss_fn must return a scalar torch.Tensor, got {type(loss).__name__}. "
+            "Return the mean loss of the batch, e.g. `F.cross_entropy(model(x), y)`."
+        )
+    if loss.numel() != 1:
+        raise ValueError(
+            f"loss_fn must return a scalar loss, got a tensor of shape {tuple(loss.shape)}. "
+            "Reduce it (e.g. `.mean()`) so the Hessian is that of the mean loss."
+        )
+    if not loss.is_floating_point():
+        raise ValueError(f"loss_fn returned a {loss.dtype} tensor; a floating loss is required.")
+    return loss.reshape(())
