@@ -140,8 +140,8 @@ def format_table(history: Sequence[ProbeReport]) -> str:
 
 
 def run_demo(
-    max_epochs: int = 20,
-    every_n_steps: int = 50,
+    max_epochs: int = 40,
+    every_n_steps: int = 60,
     top_k: int = 5,
     log_dir: str = "landscape_logs",
     seed: int = 0,
@@ -205,9 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Train a small CNN on the bundled 8x8 digits with LandscapeMonitor on, write "
         "TensorBoard logs, and print what was measured.",
     )
-    parser.add_argument("--max-epochs", type=int, default=20)
+    parser.add_argument("--max-epochs", type=int, default=40)
     parser.add_argument("--max-steps", type=int, default=-1, help="stop early (-1: no limit)")
-    parser.add_argument("--every-n-steps", type=int, default=50, help="probe cadence")
+    parser.add_argument("--every-n-steps", type=int, default=60, help="probe cadence")
     parser.add_argument("--top-k", type=int, default=5, help="eigenvalues per probe")
     parser.add_argument("--log-dir", default="landscape_logs", help="TensorBoard root directory")
     parser.add_argument("--seed", type=int, default=0)
