@@ -19,6 +19,7 @@ every rank sees a non-finite result at the same time.
 from __future__ import annotations
 
 import datetime
+import math
 from typing import Any
 
 import torch
@@ -47,7 +48,10 @@ def distributed_world(group: Any | None = None) -> int:
 
 
 def all_reduce_sum(
-    tensor: Tensor, group: Any | None = None, timeout: datetime.timedelta | None = None
+    tensor: Tensor,
+    group: Any | None = None,
+    timeout: datetime.timedelta | None = None,
+    op: Any = None,
 ) -> Tensor:
     """Sum ``tensor`` over the ranks of ``group`` in place, optionally bounded by ``timeout``.
 
@@ -55,14 +59,16 @@ def all_reduce_sum(
         tensor: the local contribution (replaced by the sum).
         group: a process group, or ``None`` for the default group.
         timeout: raise instead of waiting longer than this for the other ranks.
+        op: another ``torch.distributed.ReduceOp`` (e.g. ``MAX``) instead of the sum.
 
     Returns:
-        ``tensor``, now holding the sum.
+        ``tensor``, now holding the reduction.
     """
+    op = dist.ReduceOp.SUM if op is None else op
     if timeout is None:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(tensor, op=op, group=group)
     else:
-        work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
+        work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
         assert work is not None
         work.wait(timeout)
     return tensor
@@ -82,11 +88,27 @@ def agree_on_failure(
         ``True`` on every rank if any rank passed ``failed=True``; ``failed`` itself when not
         running distributed.
     """
+    return count_failures(failed, group, timeout) > 0
+
+
+def count_failures(
+    failed: bool, group: Any | None = None, timeout: datetime.timedelta | None = None
+) -> int:
+    """How many ranks failed: one all-reduce of a flag, so all ranks decide alike.
+
+    Args:
+        failed: this rank's verdict.
+        group: a process group, or ``None`` for the default group.
+        timeout: bound on the wait for the other ranks.
+
+    Returns:
+        The number of ranks that passed ``failed=True`` (0 or 1 when not running distributed).
+    """
     if distributed_world(group) == 1:
-        return failed
+        return int(failed)
     device = _collective_device(group)
     flag = torch.tensor([1.0 if failed else 0.0], dtype=torch.float64, device=device)
-    return bool(all_reduce_sum(flag, group, timeout).item() > 0)
+    return round(float(all_reduce_sum(flag, group, timeout).item()))
 
 
 def weighted_mean(
@@ -129,9 +151,13 @@ class DistributedOperator(CurvatureOperator):
         group: the process group (default: the default group).
         timeout: bound on every collective; a rank that waits longer raises instead of hanging.
 
+    Construction costs two small all-reduces (a MAX over 3 numbers checking that every rank has
+    the same operator size and a valid weight, and the SUM of the weights); every product then
+    costs one all-reduce of ``(size + 1) × b`` numbers.
+
     Raises:
-        ValueError: if the weight is negative, the total weight is not positive, or the ranks'
-            operator sizes differ.
+        ValueError: on every rank alike, if any rank's weight is negative or not finite, the
+            total weight is not positive, or the ranks' operator sizes differ.
 
     Example::
 
@@ -149,8 +175,6 @@ class DistributedOperator(CurvatureOperator):
         group: Any | None = None,
         timeout: datetime.timedelta | None = None,
     ) -> None:
-        if weight < 0:
-            raise ValueError(f"weight must be >= 0, got {weight}")
         super().__init__(local.size, local.dtype, local.device)
         self.local = local
         self.group = group
@@ -158,15 +182,25 @@ class DistributedOperator(CurvatureOperator):
         self.world_size = distributed_world(group)
         self.num_all_reduces = 0
         self.floats_reduced = 0
-        stats = torch.tensor(
-            [float(weight), float(local.size), -float(local.size)],
+        # Handshake, so every rank takes the same decision: the largest and smallest operator
+        # size (MAX of [s, -s]) and whether any weight is negative, then the total weight.
+        bad = not (weight >= 0 and math.isfinite(weight))
+        checks = torch.tensor(
+            [float(local.size), -float(local.size), 1.0 if bad else 0.0],
             dtype=torch.float64,
             device=self._comm_device(),
         )
-        self._reduce(stats)
-        if not stats[1] == -stats[2]:
-            raise ValueError("The ranks' operators differ in size: probe the same parameters.")
-        self.total_weight = float(stats[0])
+        self._reduce(checks, dist.ReduceOp.MAX)
+        if checks[2] > 0:
+            raise ValueError(f"Every rank's weight must be finite and >= 0 (this rank: {weight}).")
+        if checks[0] != -checks[1]:
+            raise ValueError(
+                f"The ranks' operators differ in size ({int(-checks[1])} to {int(checks[0])}): "
+                "every rank must probe the same parameters."
+            )
+        total = torch.tensor([float(weight)], dtype=torch.float64, device=self._comm_device())
+        self._reduce(total)
+        self.total_weight = float(total[0])
         if not self.total_weight > 0:
             raise ValueError("The total weight over ranks must be positive (no probe data?).")
         self.weight = float(weight)
@@ -177,12 +211,12 @@ class DistributedOperator(CurvatureOperator):
         backend = dist.get_backend(self.group)
         return self.device if backend == "nccl" else torch.device("cpu")
 
-    def _reduce(self, tensor: Tensor) -> Tensor:
+    def _reduce(self, tensor: Tensor, op: Any = None) -> Tensor:
         if self.world_size == 1:
             return tensor
         self.num_all_reduces += 1
         self.floats_reduced += tensor.numel()
-        return all_reduce_sum(tensor, self.group, self.timeout)
+        return all_reduce_sum(tensor, self.group, self.timeout, op=op)
 
     def _matmat(self, block: Tensor) -> Tensor:
         b = block.shape[1]

@@ -6,10 +6,11 @@ trainer's own device, and logs it through ``trainer.loggers`` under ``landscape/
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from ..context import curvature_context
-from ..distributed import DistributedOperator, ProbeFailure, agree_on_failure, weighted_mean
+from ..distributed import DistributedOperator, ProbeFailure, count_failures, weighted_mean
 from ..operators import (
     _ROUTES,
     CurvatureOperator,
@@ -39,6 +40,36 @@ from ._probe import collect_probe_batches, silenced, training_step_loss
 
 ProbeLossFn = Callable[[pl.LightningModule, Any], Tensor]
 _LINALG_ERROR: type[Exception] = getattr(torch.linalg, "LinAlgError", RuntimeError)
+_UNSUPPORTED_STRATEGIES = {
+    "DeepSpeedStrategy",
+    "XLAStrategy",
+    "FSDPStrategy",
+    "ModelParallelStrategy",
+}
+
+
+@contextlib.contextmanager
+def _rank_zero_buffers(module: torch.nn.Module, world: int) -> Iterator[None]:
+    """Under DDP, probe every rank with rank 0's buffers (what DDP's next forward would use).
+
+    DDP broadcasts rank 0's buffers (BatchNorm running statistics) at the start of each forward
+    pass, so between steps the ranks' copies differ. The probe uses rank 0's on every rank and
+    puts each rank's own values back afterwards, so training is unaffected.
+    """
+    if world == 1:
+        yield
+        return
+    buffers = [b for b in module.buffers() if b.numel()]
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        with torch.no_grad():
+            for b in buffers:
+                torch.distributed.broadcast(b, src=0)
+        yield
+    finally:
+        with torch.no_grad():
+            for b, old in zip(buffers, saved, strict=True):
+                b.copy_(old)
 
 
 def _describe(err: BaseException) -> str:
@@ -239,7 +270,9 @@ class LandscapeMonitor(Callback):
         if stage != "fit" or not self.enabled:
             return
         strategy = trainer.strategy
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        # DeepSpeed and XLA subclass DDPStrategy but partition or compile differently.
+        unsupported = {c.__name__ for c in type(strategy).__mro__} & _UNSUPPORTED_STRATEGIES
+        if unsupported or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise RuntimeError(
                 f"LandscapeMonitor supports single-device and DDP training; "
                 f"{type(strategy).__name__} shards or partitions the parameters (FSDP, "
@@ -392,9 +425,15 @@ class LandscapeMonitor(Callback):
         seed = self.seed + self.num_probes
         self.num_probes += 1
         timeout = self._timeout()
-        with curvature_context(pl_module), silenced(pl_module):
+        world = trainer.world_size
+        with (
+            curvature_context(pl_module),
+            silenced(pl_module),
+            _rank_zero_buffers(pl_module, world),
+        ):
             local: HessianOperator | None = None
             why: str | None = None
+            error: Exception | None = None
             try:
                 local = HessianOperator(
                     pl_module,
@@ -407,12 +446,20 @@ class LandscapeMonitor(Callback):
                     why = "has a NaN/inf loss on the probe data"
             except torch.OutOfMemoryError:
                 why = "ran out of memory (lower num_probe_samples or top_k)"
-            # Before any Hessian-vector product, every rank learns whether any rank failed.
-            if agree_on_failure(why is not None, timeout=timeout) or local is None:
+            except Exception as err:
+                if world == 1:
+                    raise  # a bug in the loss or bad input: say so rather than skip
+                error, why = err, f"failed ({type(err).__name__}: {err})"
+            # Before any Hessian-vector product, every rank learns how many ranks failed.
+            failures = count_failures(why is not None, timeout=timeout)
+            if failures:
                 if local is not None:
                     local.release()
+                if error is not None and failures == world:
+                    raise error  # the same failure everywhere: a real error, raised on all ranks
                 self._fail(trainer, step, why or "failed on another rank")
                 return None
+            assert local is not None
             op: CurvatureOperator = local
             if trainer.world_size > 1:
                 op = DistributedOperator(local, self._probe_weight, timeout=timeout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -131,8 +132,8 @@ class HessianOperator(CurvatureOperator):
         self.shapes = [p.shape for p in self.params]
         self.numels = [p.numel() for p in self.params]
         self.max_block = max_block
-        if fd_eps is not None and not fd_eps > 0:
-            raise ValueError(f"fd_eps must be > 0, got {fd_eps}")
+        if fd_eps is not None and not (fd_eps > 0 and math.isfinite(fd_eps)):
+            raise ValueError(f"fd_eps must be a finite number > 0, got {fd_eps}")
         self.fd_eps = fd_eps if fd_eps is not None else torch.finfo(self.dtype).eps ** (1 / 3)
         self.route: HVPRoute = route
         self.calibrate = calibrate
