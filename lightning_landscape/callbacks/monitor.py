@@ -461,7 +461,7 @@ class LandscapeMonitor(Callback):
                 return None
             assert local is not None
             op: CurvatureOperator = local
-            if trainer.world_size > 1:
+            if world > 1:
                 op = DistributedOperator(local, self._probe_weight, timeout=timeout)
             try:
                 top, bottom, trace = self._solve(op, seed)

@@ -219,44 +219,35 @@ class HessianOperator(CurvatureOperator):
     def _db_matmat(self, block: Tensor) -> Tensor:
         graphs = self._build_graphs()
         out = torch.zeros_like(block)
+        b = block.shape[1]
         with self._differentiable():
             for w, (live, grads) in zip(self.weights, graphs, strict=True):
                 if not live:
                     continue  # the loss is at most linear in the probed parameters: H = 0
-                if block.shape[1] == 1:
-                    vs = self.split(block[:, 0])
-                    hv = torch.autograd.grad(
-                        grads,
-                        self.params,
-                        grad_outputs=[vs[i] for i in live],
-                        retain_graph=True,
-                        allow_unused=True,
-                    )
-                    out[:, 0] += w * self._flat_or_zero(hv)
+                if b == 1:
+                    out[:, 0] += w * self._second_backward(live, grads, block[:, 0])
                     continue
-                vs = self.split(block)
                 try:
-                    hv = torch.autograd.grad(
-                        grads,
-                        self.params,
-                        grad_outputs=[vs[i] for i in live],
-                        retain_graph=True,
-                        allow_unused=True,
-                        is_grads_batched=True,
-                    )
-                    out += w * self._flat_or_zero(hv, batched=block.shape[1])
+                    out += w * self._second_backward(live, grads, block, batched=b)
                 except RuntimeError:  # an op without a batching rule: one vector at a time
-                    for j in range(block.shape[1]):
-                        vj = self.split(block[:, j])
-                        hv = torch.autograd.grad(
-                            grads,
-                            self.params,
-                            grad_outputs=[vj[i] for i in live],
-                            retain_graph=True,
-                            allow_unused=True,
-                        )
-                        out[:, j] += w * self._flat_or_zero(hv)
+                    for j in range(b):
+                        out[:, j] += w * self._second_backward(live, grads, block[:, j])
         return out
+
+    def _second_backward(
+        self, live: list[int], grads: tuple[Tensor, ...], v: Tensor, batched: int | None = None
+    ) -> Tensor:
+        """``∂(g · v)/∂θ`` on the retained gradient graph; ``batched`` vectors at once if set."""
+        pieces = self.split(v)
+        hv = torch.autograd.grad(
+            grads,
+            self.params,
+            grad_outputs=[pieces[i] for i in live],
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=batched is not None,
+        )
+        return self._flat_or_zero(hv, batched=batched)
 
     # ------------------------------------------------------------------ finite differences
     def _gradient(self) -> Tensor:
