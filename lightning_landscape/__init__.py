@@ -15,7 +15,7 @@ from .callbacks import LandscapeMonitor
 from .context import curvature_context, fork_rng
 from .distributed import DistributedOperator, ProbeFailure
 from .functional import hessian_eigenvalues, hessian_trace
-from .operators import CurvatureOperator, HessianOperator, MatrixOperator
+from .operators import CurvatureOperator, HessianOperator, MatrixOperator, split_batch
 from .results import EigenResult, ProbeReport, TraceResult
 from .solvers import hutchpp_trace, lanczos
 from .thresholds import stability_threshold
@@ -39,5 +39,6 @@ __all__ = [
     "hessian_trace",
     "hutchpp_trace",
     "lanczos",
+    "split_batch",
     "stability_threshold",
 ]

@@ -133,6 +133,25 @@ def weighted_mean(
     return float(both[0] / both[1])
 
 
+def max_over_ranks(
+    value: float, group: Any | None = None, timeout: datetime.timedelta | None = None
+) -> float:
+    """The largest of a scalar over ranks (``value`` itself when not running distributed).
+
+    Args:
+        value: this rank's value.
+        group: a process group, or ``None`` for the default group.
+        timeout: bound on the wait for the other ranks.
+
+    Returns:
+        ``max_r x_r``.
+    """
+    if distributed_world(group) == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device(group))
+    return float(all_reduce_sum(t, group, timeout, op=dist.ReduceOp.MAX)[0])
+
+
 def _collective_device(group: Any | None) -> torch.device:
     backend = dist.get_backend(group)
     if backend == "nccl":

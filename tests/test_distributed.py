@@ -441,6 +441,7 @@ def test_ddp_monitor_logs_once_from_rank_zero(trainer_run: Launch) -> None:
         "landscape/probe_failed",
         "landscape/cost/seconds",
         "landscape/cost/hvps",
+        "landscape/cost/overhead",
         "landscape/stability_ratio",
         "landscape/stability_threshold",
         *(f"landscape/eigenvalues/{i}" for i in range(W.TOP_K)),

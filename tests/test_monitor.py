@@ -296,6 +296,7 @@ def test_logged_keys_values_and_steps() -> None:
         "landscape/probe_failed",
         "landscape/cost/seconds",
         "landscape/cost/hvps",
+        "landscape/cost/overhead",
     ]
     for key in expected_keys:
         assert logger.steps(key) == probe_steps, key

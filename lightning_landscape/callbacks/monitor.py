@@ -24,7 +24,13 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from ..context import curvature_context
-from ..distributed import DistributedOperator, ProbeFailure, count_failures, weighted_mean
+from ..distributed import (
+    DistributedOperator,
+    ProbeFailure,
+    count_failures,
+    max_over_ranks,
+    weighted_mean,
+)
 from ..operators import (
     _ROUTES,
     CurvatureOperator,
@@ -32,14 +38,17 @@ from ..operators import (
     HVPRoute,
     batch_size,
     select_parameters,
+    split_batch,
 )
 from ..results import EigenResult, ProbeReport, TraceResult
 from ..solvers import hutchpp_trace, lanczos
 from ..thresholds import stability_threshold
+from ._budget import _OverheadLedger
 from ._probe import collect_probe_batches, silenced, training_step_loss
 
 ProbeLossFn = Callable[[pl.LightningModule, Any], Tensor]
 _LINALG_ERROR: type[Exception] = getattr(torch.linalg, "LinAlgError", RuntimeError)
+_RESCHEDULE_EVERY = 25  # optimizer steps between agreed re-plans of an adaptive cadence (DDP)
 _UNSUPPORTED_STRATEGIES = {
     "DeepSpeedStrategy",
     "XLAStrategy",
@@ -114,7 +123,8 @@ class LandscapeMonitor(Callback):
     * ``landscape/probe_failed``: 1 when a probe hit NaN/inf or ran out of memory (and was
       skipped).
     * ``landscape/cost/seconds``, ``landscape/cost/hvps``: the probe's wall time and
-      Hessian-vector products.
+      Hessian-vector products; ``landscape/cost/overhead``: the fraction of the wall time since
+      training started spent in probes (with ``max_overhead``, kept within that budget).
     * With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`, a histogram
       ``landscape/eigenvalues`` of the top-k eigenvalues.
 
@@ -149,6 +159,18 @@ class LandscapeMonitor(Callback):
         collective_timeout: under DDP, seconds a rank waits for the others in a probe's
             collectives before raising instead of hanging (``None``: the process group's own
             timeout).
+        max_overhead: adaptive cadence: the largest fraction of training wall time the probes
+            may take (e.g. ``0.02``). The monitor measures the optimizer-step time and the cost
+            of its probes, and after each probe schedules the next one as early as the budget
+            allows; ``every_n_steps`` then becomes the longest allowed gap (a floor on how often
+            λ_max is read, which may exceed the budget). The achieved fraction is logged as
+            ``landscape/cost/overhead``. The schedule depends on timings, so a resumed run may
+            probe at other steps (training itself is unaffected).
+        probe_micro_batch_size: memory cap: split the probe data into micro-batches of at most
+            this many samples, processed one at a time (sample-weighted, so the result is the
+            same; exact since probes run in eval mode). Peak probe memory is then that of one
+            micro-batch, at the price of one extra forward and backward per micro-batch and
+            Hessian-vector product.
 
     Raises:
         ValueError: on invalid arguments (non-positive cadences, ``top_k < 1``, ``tol <= 0``,
@@ -190,6 +212,8 @@ class LandscapeMonitor(Callback):
         enabled: bool = True,
         seed: int = 0,
         collective_timeout: float | None = None,
+        max_overhead: float | None = None,
+        probe_micro_batch_size: int | None = None,
     ) -> None:
         _positive_or_none("every_n_steps", every_n_steps)
         _positive_or_none("every_n_epochs", every_n_epochs)
@@ -240,7 +264,13 @@ class LandscapeMonitor(Callback):
         if collective_timeout is not None and not collective_timeout > 0:
             raise ValueError(f"collective_timeout must be > 0 seconds, got {collective_timeout}")
         self.collective_timeout = collective_timeout
+        if max_overhead is not None and not 0 < max_overhead < 1:
+            raise ValueError(f"max_overhead must be a fraction in (0, 1), got {max_overhead!r}")
+        self.max_overhead = max_overhead
+        _positive_or_none("probe_micro_batch_size", probe_micro_batch_size)
+        self.probe_micro_batch_size = probe_micro_batch_size
         self._probe_weight = 0.0
+        self._budget = _OverheadLedger()
 
         self.history: list[ProbeReport] = []
         self.num_probes = 0
@@ -318,7 +348,11 @@ class LandscapeMonitor(Callback):
         self._probe_batches = collect_probe_batches(
             trainer, pl_module, self.num_probe_samples, self.probe_dataloader
         )
+        if self.probe_micro_batch_size is not None:
+            size = self.probe_micro_batch_size
+            self._probe_batches = [m for b in self._probe_batches for m in split_batch(b, size)]
         self._probe_weight = float(sum(batch_size(b) for b in self._probe_batches))
+        self._budget.start(trainer.global_step)
         if self.probe_on_train_start:
             self._maybe_probe(trainer, pl_module)
 
@@ -334,7 +368,20 @@ class LandscapeMonitor(Callback):
         if not self.enabled:
             return
         step = trainer.global_step
-        if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0:
+        if self.max_overhead is not None:
+            self._budget.record_step(step)
+            floor = self.every_n_steps  # the longest gap, whatever the budget says
+            if trainer.world_size == 1:
+                due = self._budget.allows(self.max_overhead)
+            else:
+                # Wall clocks differ between ranks: decide on an agreed step, refreshed at steps
+                # every rank reaches together.
+                if self._budget.ready and step % _RESCHEDULE_EVERY == 0:
+                    self._schedule(trainer)
+                due = self._budget.next_step is not None and step >= self._budget.next_step
+            if due or (floor is not None and step - self._last_probe_step >= floor):
+                self._maybe_probe(trainer, pl_module)
+        elif self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0:
             self._maybe_probe(trainer, pl_module)
         if self.prog_bar and self.history:
             pl_module.log(
@@ -387,10 +434,32 @@ class LandscapeMonitor(Callback):
         if trainer.global_step == self._last_probe_step or self._probe_batches is None:
             return
         self._last_probe_step = trainer.global_step
+        t0 = time.perf_counter()
         report = self.probe(trainer, pl_module)
+        self._budget.record_probe(time.perf_counter() - t0)
+        if self.max_overhead is not None and trainer.world_size > 1:
+            self._schedule(trainer)
         if report is not None:
             self.history.append(report)
             self._log(trainer, report)
+
+    def _schedule(self, trainer: pl.Trainer) -> None:
+        """Under DDP: set the step of the next probe from the ledger, the same on every rank."""
+        assert self.max_overhead is not None
+        if not self._budget.ready:
+            self._budget.next_step = None  # wait for step timings
+            return
+        gap = self._budget.gap(self.max_overhead)
+        if self.every_n_steps is not None:
+            gap = min(gap, self.every_n_steps)
+        if trainer.world_size > 1:  # wall clocks differ: take the most conservative gap
+            gap = round(max_over_ranks(float(gap), timeout=self._timeout()))
+        self._budget.next_step = trainer.global_step + gap
+
+    @property
+    def overhead(self) -> float:
+        """Fraction of the wall time since training started that went into probes."""
+        return self._budget.fraction()
 
     def _loss(self, pl_module: torch.nn.Module, batch: Any) -> Tensor:
         assert isinstance(pl_module, pl.LightningModule)
@@ -557,6 +626,7 @@ class LandscapeMonitor(Callback):
             "landscape/probe_failed": 0.0,
             "landscape/cost/seconds": report.seconds,
             "landscape/cost/hvps": float(report.num_hvps),
+            "landscape/cost/overhead": self._budget.fraction(),
         }
         for i, value in enumerate(report.eigenvalues):
             metrics[f"landscape/eigenvalues/{i}"] = value

@@ -7,7 +7,7 @@ operator: the loss Hessian of a model (:class:`HessianOperator`) or an explicit 
 """
 
 from .base import CurvatureOperator, MatrixOperator, default_max_basis
-from .data import LossFn, batch_size, check_scalar_loss, select_parameters
+from .data import LossFn, batch_size, check_scalar_loss, select_parameters, split_batch
 from .hessian import _ROUTES, HessianOperator, HVPRoute
 
 __all__ = [
@@ -21,4 +21,5 @@ __all__ = [
     "check_scalar_loss",
     "default_max_basis",
     "select_parameters",
+    "split_batch",
 ]

@@ -31,11 +31,13 @@ class HessianOperator(CurvatureOperator):
 
     The operator is exact (no finite differences). Two routes compute Hessian-vector products:
 
-    * ``"double_backward"`` (Pearlmutter): the gradient graph is built once per batch and kept, and
-      each product is one extra backward pass; blocks use ``is_grads_batched`` when possible.
+    * ``"double_backward"`` (Pearlmutter): the gradient graph of a batch (forward, then backward
+      with ``create_graph``) is differentiated once more per product; blocks use
+      ``is_grads_batched`` when possible. See ``retain_graph`` for whether graphs are kept.
     * ``"functorch"``: forward-over-reverse ``jvp(grad(loss))`` via :mod:`torch.func`, batched
-      over a block of vectors with ``vmap``. Needs a model that ``torch.func`` can trace (e.g.
-      no NumPy conversion of activations or in-place updates of module state inside the loss).
+      over a block of vectors with ``vmap``, recomputed on every product one batch at a time.
+      Needs a model that ``torch.func`` can trace (e.g. no NumPy conversion of activations or
+      in-place updates of module state inside the loss).
 
     ``"auto"`` (default) uses ``"double_backward"`` on the CPU (measured 2-3× faster there, see
     ``benchmarks/RESULTS.md``); on accelerators (or with ``calibrate=True``) it times both routes on
@@ -58,6 +60,13 @@ class HessianOperator(CurvatureOperator):
     the Hessian of the mean loss over the union of the batches (exact for models whose forward
     pass does not couple samples, e.g. no BatchNorm in train mode).
 
+    Memory cap: every route processes the batches one at a time, so passing a large probe batch as
+    micro-batches (:func:`~lightning_landscape.operators.split_batch`) bounds the probe's peak
+    memory by that of one micro-batch, provided the double-backward route does not retain its
+    graphs (``retain_graph=False``, the default with several batches). Retaining them holds the
+    activations and gradient graph of every batch for the operator's lifetime (until
+    :meth:`release`), which is the memory of the whole batch again.
+
     Use it inside :func:`lightning_landscape.curvature_context` so the model is in a deterministic
     mode and training state is restored afterwards.
 
@@ -72,10 +81,18 @@ class HessianOperator(CurvatureOperator):
         fd_eps: relative step of the finite-difference route (default ``ε_mach^(1/3)``).
         calibrate: with ``route="auto"``, time both routes on the first product (``True``) or
             take ``"double_backward"`` directly (``False``); default ``True`` except on the CPU.
+        retain_graph: double-backward route only. ``True`` builds each batch's gradient graph
+            once and keeps it, so a product costs one backward pass per batch, but the graphs of
+            all batches stay in memory together. ``False`` rebuilds the graph of one batch at a
+            time on every product and frees it before the next batch, so peak memory is that of
+            one batch, at the price of one extra forward and backward pass per batch per
+            product. ``None`` (default): ``True`` for a single batch (nothing to save by
+            rebuilding), ``False`` for several (a memory cap, see above).
 
     Raises:
         ValueError: for an unknown route, no batches, mixed parameter dtypes/devices, a
             non-positive weight, or a loss that is not a scalar.
+        TypeError: if ``retain_graph`` is not a bool or None.
 
     Example:
         >>> import torch
@@ -101,9 +118,12 @@ class HessianOperator(CurvatureOperator):
         max_block: int = 16,
         fd_eps: float | None = None,
         calibrate: bool | None = None,
+        retain_graph: bool | None = None,
     ) -> None:
         if route not in _ROUTES:
             raise ValueError(f"route must be one of {_ROUTES}, got {route!r}")
+        if retain_graph is not None and not isinstance(retain_graph, bool):
+            raise TypeError(f"retain_graph must be True, False or None, got {retain_graph!r}")
         if max_block < 1:
             raise ValueError(f"max_block must be >= 1, got {max_block}")
         batches = [_normal_tensors(b) for b in batches]
@@ -137,10 +157,11 @@ class HessianOperator(CurvatureOperator):
         self.fd_eps = fd_eps if fd_eps is not None else torch.finfo(self.dtype).eps ** (1 / 3)
         self.route: HVPRoute = route
         self.calibrate = calibrate
+        self.retain_graph = len(batches) == 1 if retain_graph is None else retain_graph
         self.route_seconds: dict[str, float] = {}
         self._wrapper = _LossModule(model, loss_fn)
         self._graphs: list[tuple[list[int], tuple[Tensor, ...]]] | None = None
-        self._func_hvp: Callable[..., tuple[Tensor, ...]] | None = None
+        self._func_hvps: list[Callable[..., tuple[Tensor, ...]]] | None = None
         self.loss_value = self._evaluate_loss()
 
     # ------------------------------------------------------------------ helpers
@@ -199,45 +220,54 @@ class HessianOperator(CurvatureOperator):
             for p in frozen:
                 p.requires_grad_(False)
 
+    def _batch_graph(self, batch: Any) -> tuple[list[int], tuple[Tensor, ...]]:
+        """One batch's gradient graph: indices of gradients that carry a graph, and those."""
+        loss = check_scalar_loss(self.loss_fn(self.model, batch))
+        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        # A gradient without a graph (unused parameter, or one the loss is linear in) has a zero
+        # Hessian row: leave it out of the second differentiation.
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        return live, tuple(grads[i] for i in live)  # type: ignore[misc]
+
     def _build_graphs(self) -> list[tuple[list[int], tuple[Tensor, ...]]]:
-        """Per batch: indices of gradients that carry a graph, and those gradients."""
+        """The retained gradient graphs of all batches (built on the first call)."""
         if self._graphs is None:
-            graphs = []
             with self._differentiable():
-                for batch in self.batches:
-                    loss = check_scalar_loss(self.loss_fn(self.model, batch))
-                    grads = torch.autograd.grad(
-                        loss, self.params, create_graph=True, allow_unused=True
-                    )
-                    # A gradient without a graph (unused parameter, or one the loss is linear in)
-                    # has a zero Hessian row: leave it out of the second differentiation.
-                    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-                    graphs.append((live, tuple(grads[i] for i in live)))  # type: ignore[misc]
-            self._graphs = graphs
+                self._graphs = [self._batch_graph(batch) for batch in self.batches]
         return self._graphs
 
     def _db_matmat(self, block: Tensor) -> Tensor:
-        graphs = self._build_graphs()
+        graphs = self._build_graphs() if self.retain_graph else None
         out = torch.zeros_like(block)
-        b = block.shape[1]
         with self._differentiable():
-            for w, (live, grads) in zip(self.weights, graphs, strict=True):
-                if not live:
-                    continue  # the loss is at most linear in the probed parameters: H = 0
-                if b == 1:
-                    out[:, 0] += w * self._second_backward(live, grads, block[:, 0])
-                    continue
-                try:
-                    out += w * self._second_backward(live, grads, block, batched=b)
-                except RuntimeError:  # an op without a batching rule: one vector at a time
-                    for j in range(b):
-                        out[:, j] += w * self._second_backward(live, grads, block[:, j])
+            for i, (w, batch) in enumerate(zip(self.weights, self.batches, strict=True)):
+                # Without retained graphs this batch's graph is built here and its last reference
+                # dropped (`del`) before the next batch's forward pass: one graph alive at a time.
+                live, grads = graphs[i] if graphs is not None else self._batch_graph(batch)
+                self._accumulate_products(out, w, live, grads, block)
+                del live, grads
         return out
+
+    def _accumulate_products(
+        self, out: Tensor, w: float, live: list[int], grads: tuple[Tensor, ...], block: Tensor
+    ) -> None:
+        """``out += w · H_batch @ block`` from one batch's gradient graph."""
+        if not live:
+            return  # the loss is at most linear in the probed parameters: H = 0
+        b = block.shape[1]
+        if b == 1:
+            out[:, 0] += w * self._second_backward(live, grads, block[:, 0])
+            return
+        try:
+            out += w * self._second_backward(live, grads, block, batched=b)
+        except RuntimeError:  # an op without a batching rule: one vector at a time
+            for j in range(b):
+                out[:, j] += w * self._second_backward(live, grads, block[:, j])
 
     def _second_backward(
         self, live: list[int], grads: tuple[Tensor, ...], v: Tensor, batched: int | None = None
     ) -> Tensor:
-        """``∂(g · v)/∂θ`` on the retained gradient graph; ``batched`` vectors at once if set."""
+        """``∂(g · v)/∂θ`` on a batch's gradient graph; ``batched`` vectors at once if set."""
         pieces = self.split(v)
         hv = torch.autograd.grad(
             grads,
@@ -251,11 +281,13 @@ class HessianOperator(CurvatureOperator):
 
     # ------------------------------------------------------------------ finite differences
     def _gradient(self) -> Tensor:
+        """Weighted gradient over the batches, one batch at a time (its graph freed by backward)."""
         total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
         for w, batch in zip(self.weights, self.batches, strict=True):
             loss = check_scalar_loss(self.loss_fn(self.model, batch))
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
             total += w * self._flat_or_zero(grads)
+            del loss, grads
         return total
 
     def _fd_matmat(self, block: Tensor) -> Tensor:
@@ -296,8 +328,9 @@ class HessianOperator(CurvatureOperator):
         return torch.cat(parts) if batched is None else torch.cat(parts, dim=1).T
 
     # ------------------------------------------------------------------ functorch
-    def _functorch_hvp(self) -> Callable[..., tuple[Tensor, ...]]:
-        if self._func_hvp is None:
+    def _functorch_hvps(self) -> list[Callable[..., tuple[Tensor, ...]]]:
+        """One traced ``v ↦ H_batch v`` per batch (unweighted)."""
+        if self._func_hvps is None:
             from torch.func import functional_call, grad, jvp
 
             names = ["inner." + n for n in self.names]
@@ -309,35 +342,42 @@ class HessianOperator(CurvatureOperator):
                 for n, p in self.model.named_parameters()
                 if n not in probed
             }
-            weights, batches, wrapper = self.weights, self.batches, self._wrapper
-
-            def loss_of(*ps: Tensor) -> Tensor:
-                total = ps[0].new_zeros(())
-                values = {**frozen, **dict(zip(names, ps, strict=True))}
-                for w, batch in zip(weights, batches, strict=True):
-                    loss = functional_call(wrapper, values, (batch,))
-                    total = total + w * check_scalar_loss(loss)
-                return total
-
+            wrapper = self._wrapper
             argnums = tuple(range(len(primals)))
-            grad_fn = grad(loss_of, argnums=argnums)
 
-            def hvp(*tangents: Tensor) -> tuple[Tensor, ...]:
-                return tuple(jvp(lambda *ps: grad_fn(*ps), primals, tangents)[1])
+            def batch_hvp(batch: Any) -> Callable[..., tuple[Tensor, ...]]:
+                # One batch per traced function, so a product never holds the activations of
+                # more than one batch (a memory cap with micro-batches, see `split_batch`).
+                def loss_of(*ps: Tensor) -> Tensor:
+                    values = {**frozen, **dict(zip(names, ps, strict=True))}
+                    return check_scalar_loss(functional_call(wrapper, values, (batch,)))
 
-            self._func_hvp = hvp
-        return self._func_hvp
+                grad_fn = grad(loss_of, argnums=argnums)
+
+                def hvp(*tangents: Tensor) -> tuple[Tensor, ...]:
+                    return tuple(jvp(lambda *ps: grad_fn(*ps), primals, tangents)[1])
+
+                return hvp
+
+            self._func_hvps = [batch_hvp(batch) for batch in self.batches]
+        return self._func_hvps
 
     def _func_matmat(self, block: Tensor) -> Tensor:
-        hvp = self._functorch_hvp()
+        hvps = self._functorch_hvps()
+        out = torch.zeros_like(block)
         if block.shape[1] == 1:
-            return self.flatten(hvp(*self.split(block[:, 0]))).unsqueeze(1)
-        outs = []
+            for w, hvp in zip(self.weights, hvps, strict=True):
+                out[:, 0] += w * self.flatten(hvp(*self.split(block[:, 0])))
+            return out
         for start in range(0, block.shape[1], self.max_block):
             chunk = block[:, start : start + self.max_block]
-            hv = torch.vmap(hvp)(*self.split(chunk))
-            outs.append(torch.cat([h.reshape(chunk.shape[1], -1) for h in hv], dim=1).T)
-        return torch.cat(outs, dim=1)
+            tangents = self.split(chunk)
+            for w, hvp in zip(self.weights, hvps, strict=True):
+                hv = torch.vmap(hvp)(*tangents)
+                flat = torch.cat([h.reshape(chunk.shape[1], -1) for h in hv], dim=1).T
+                out[:, start : start + chunk.shape[1]] += w * flat
+                del hv, flat
+        return out
 
     # ------------------------------------------------------------------ dispatch
     def _matmat(self, block: Tensor) -> Tensor:
@@ -360,9 +400,11 @@ class HessianOperator(CurvatureOperator):
     def _calibrate(self, block: Tensor) -> Tensor:
         """Time both routes on the first product, keep the faster one (and its result).
 
-        The functorch route is run twice (its first call pays one-off dispatch set-up) and the
-        retained graph of the double-backward route is built before timing, so both timings are
-        per-product steady-state costs. The extra products are counted in ``num_matvecs``.
+        The functorch route is run twice (its first call pays one-off dispatch set-up) and, when
+        graphs are retained (``retain_graph``), the graphs of the double-backward route are built
+        before timing, so both timings are per-product steady-state costs (without retained graphs
+        the rebuild is part of every product, and so of its timing). The extra products are
+        counted in ``num_matvecs``.
         """
         sync = _synchronizer(block.device)
         try:
@@ -381,9 +423,10 @@ class HessianOperator(CurvatureOperator):
                 stacklevel=3,
             )
             self.route = "double_backward"
-            self._func_hvp = None
+            self._func_hvps = None
             return self._db_matmat(block)
-        self._build_graphs()
+        if self.retain_graph:
+            self._build_graphs()
         sync()
         t0 = time.perf_counter()
         self._db_matmat(block)
@@ -395,13 +438,13 @@ class HessianOperator(CurvatureOperator):
             self._graphs = None  # free the retained graph
         else:
             self.route = "double_backward"
-            self._func_hvp = None
+            self._func_hvps = None
         return result
 
     def release(self) -> None:
         """Free retained autograd graphs and traced functions (call when done probing)."""
         self._graphs = None
-        self._func_hvp = None
+        self._func_hvps = None
 
 
 def _synchronizer(device: torch.device) -> Callable[[], None]:
