@@ -476,6 +476,23 @@ def scenario_trainer(rank: int, rec: Recorder, outdir: Path) -> None:
 
     guarded(rec, "fit_plain", lambda: fit("plain", None))
     guarded(rec, "fit_monitor", lambda: fit("monitor", monitor()))
+    # Adaptive cadence: wall clocks differ between ranks, the probe steps must not.
+    guarded(
+        rec,
+        "fit_budget",
+        lambda: fit(
+            "budget",
+            ll.LandscapeMonitor(
+                every_n_steps=5,
+                max_overhead=0.5,
+                top_k=TOP_K,
+                tol=TOL,
+                trace_hvps=TRACE_HVPS,
+                num_probe_samples=NUM_PROBE_SAMPLES,
+                collective_timeout=30,
+            ),
+        ),
+    )
 
     def fit_failing(name: str, under_grad: bool, **kwargs: Any) -> dict[str, Any]:
         loss = FailOnRank1(rank, at_probe=2, under_grad=under_grad)

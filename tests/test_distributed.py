@@ -17,6 +17,7 @@ The FSDP/DeepSpeed refusal and the single-process fall-backs run in this process
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -495,6 +496,26 @@ def test_ddp_training_is_bit_identical_with_and_without_monitor(trainer_run: Lau
     initial = _initial_state()
     trained = _load_state(trainer_run, "plain", 0)["model"]
     assert not torch.equal(trained["net.0.weight"], initial["net.0.weight"])  # it did train
+
+
+def test_ddp_adaptive_cadence_is_agreed_between_ranks(trainer_run: Launch) -> None:
+    """``max_overhead`` under DDP: the ranks' wall clocks differ, but the schedule is agreed, so
+    both ranks probe at the same steps (no hang), within the ``every_n_steps`` floor, and
+    training is bit-identical to the run without a monitor."""
+    r0, r1 = trainer_run.both("fit_budget")
+    for res in (r0, r1):
+        assert "error" not in res, res
+        assert res["global_step"] == W.MAX_STEPS
+    steps = [h["step"] for h in r0["history"]]
+    assert steps == [h["step"] for h in r1["history"]]
+    assert steps[0] == 0 and steps[-1] == W.MAX_STEPS
+    assert all(b - a <= 5 for a, b in itertools.pairwise(steps)), steps
+    assert _timeless(r0["history"]) == _timeless(r1["history"])
+    overheads = [m["landscape/cost/overhead"] for _, m in _landscape_records(r0["records"])]
+    assert len(overheads) == len(steps) and all(0 < o < 1 for o in overheads)
+    for rank in RANKS:
+        plain = _load_state(trainer_run, "plain", rank)
+        _assert_states_equal(_load_state(trainer_run, "budget", rank), plain, f"budget r{rank}")
 
 
 def _probe_states(launch: Launch, rank: int) -> dict[int, dict[str, torch.Tensor]]:

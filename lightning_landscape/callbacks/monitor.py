@@ -376,7 +376,9 @@ class LandscapeMonitor(Callback):
             else:
                 # Wall clocks differ between ranks: decide on an agreed step, refreshed at steps
                 # every rank reaches together.
-                if self._budget.ready and step % _RESCHEDULE_EVERY == 0:
+                # Readiness depends on the step count only, so all ranks plan at the same step.
+                plan = self._budget.next_step is None or step % _RESCHEDULE_EVERY == 0
+                if self._budget.ready and plan:
                     self._schedule(trainer)
                 due = self._budget.next_step is not None and step >= self._budget.next_step
             if due or (floor is not None and step - self._last_probe_step >= floor):
