@@ -47,13 +47,13 @@ def distributed_world(group: Any | None = None) -> int:
     return int(dist.get_world_size(group))
 
 
-def all_reduce_sum(
+def all_reduce(
     tensor: Tensor,
     group: Any | None = None,
     timeout: datetime.timedelta | None = None,
     op: Any = None,
 ) -> Tensor:
-    """Sum ``tensor`` over the ranks of ``group`` in place, optionally bounded by ``timeout``.
+    """Reduce ``tensor`` over the ranks of ``group`` in place (default: sum), within ``timeout``.
 
     Args:
         tensor: the local contribution (replaced by the sum).
@@ -108,7 +108,7 @@ def count_failures(
         return int(failed)
     device = _collective_device(group)
     flag = torch.tensor([1.0 if failed else 0.0], dtype=torch.float64, device=device)
-    return round(float(all_reduce_sum(flag, group, timeout).item()))
+    return round(float(all_reduce(flag, group, timeout).item()))
 
 
 def weighted_mean(
@@ -129,7 +129,7 @@ def weighted_mean(
         return value
     device = _collective_device(group)
     both = torch.tensor([value * weight, weight], dtype=torch.float64, device=device)
-    all_reduce_sum(both, group, timeout)
+    all_reduce(both, group, timeout)
     return float(both[0] / both[1])
 
 
@@ -149,7 +149,7 @@ def max_over_ranks(
     if distributed_world(group) == 1:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=_collective_device(group))
-    return float(all_reduce_sum(t, group, timeout, op=dist.ReduceOp.MAX)[0])
+    return float(all_reduce(t, group, timeout, op=dist.ReduceOp.MAX)[0])
 
 
 def _collective_device(group: Any | None) -> torch.device:
@@ -235,7 +235,7 @@ class DistributedOperator(CurvatureOperator):
             return tensor
         self.num_all_reduces += 1
         self.floats_reduced += tensor.numel()
-        return all_reduce_sum(tensor, self.group, self.timeout, op=op)
+        return all_reduce(tensor, self.group, self.timeout, op=op)
 
     def _matmat(self, block: Tensor) -> Tensor:
         b = block.shape[1]
