@@ -15,6 +15,7 @@ from .callbacks import LandscapeMonitor
 from .context import curvature_context, fork_rng
 from .distributed import DistributedOperator, ProbeFailure
 from .functional import hessian_eigenvalues, hessian_trace
+from .metrics import AlphaResult, curvature_exponents, fit_power_law, group_alphas
 from .operators import CurvatureOperator, HessianOperator, MatrixOperator, split_batch
 from .results import EigenResult, ProbeReport, TraceResult
 from .solvers import hutchpp_trace, lanczos
@@ -23,6 +24,7 @@ from .thresholds import stability_threshold
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AlphaResult",
     "CurvatureOperator",
     "DistributedOperator",
     "EigenResult",
@@ -34,7 +36,10 @@ __all__ = [
     "TraceResult",
     "__version__",
     "curvature_context",
+    "curvature_exponents",
+    "fit_power_law",
     "fork_rng",
+    "group_alphas",
     "hessian_eigenvalues",
     "hessian_trace",
     "hutchpp_trace",

@@ -1,0 +1,329 @@
+"""Per-layer curvature exponent α: ``h_k = c·σ_k^α`` along the gradient's singular directions.
+
+For a 2-D weight ``W`` (conv weights reshaped to ``(C_out, C_in·k_h·k_w)``) with mean-batch
+gradient ``G = U Σ Vᵀ``, ``h_k = vec(u_k v_kᵀ)ᵀ H vec(u_k v_kᵀ)`` is the Rayleigh quotient of the
+exact Hessian restricted to ``W`` along the unit rank-1 direction of the k-th singular pair (not
+an eigenvalue), and α is the log-log slope of ``h_k`` on ``σ_k``, paired by SVD index.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..context import curvature_context
+from ..operators import HessianOperator, HVPRoute, LossFn, check_scalar_loss
+from ._fit import assess_fit, fit_power_law
+
+LAYER_TYPES = ("conv", "attention", "mlp", "embedding", "head", "other")
+_ATTENTION_MARKERS = (
+    "attn",
+    "attention",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "qkv",
+    "out_proj",
+)
+_EMBEDDING_MARKERS = ("embed", "wte", "wpe")
+_HEAD_NAMES = ("head", "lm_head", "classifier")
+
+
+@dataclass(frozen=True)
+class AlphaResult:
+    """Curvature exponent of one 2-D weight.
+
+    Reliability rule: ``reliable`` is False when fewer than 5 pairs are kept, the kept σ span
+    less than 1 decade, there is a leverage point (``σ₁/σ₂ > 10`` over kept pairs, so the OLS
+    slope is dominated by k = 1) or the OLS and Theil–Sen slopes differ by more than 0.5;
+    ``unreliable_reason`` lists every rule that fired. ``alpha`` is NaN with fewer than 2 kept
+    pairs.
+
+    Attributes:
+        name: the parameter's qualified name (e.g. ``"layer1.0.conv1.weight"``).
+        layer_type: ``"conv"``, ``"attention"``, ``"mlp"``, ``"embedding"``, ``"head"`` or
+            ``"other"`` (see :func:`layer_type`).
+        shape: shape ``(m, n)`` of the weight as a matrix.
+        alpha: OLS slope of ``log h`` on ``log σ`` over kept pairs.
+        intercept: OLS intercept ``log c`` (natural log).
+        r2: R² of the OLS fit.
+        alpha_theil_sen: robust Theil–Sen slope (median of pairwise slopes) over kept pairs.
+        num_points: number of kept pairs.
+        sigma_decades: ``log10(σ_max/σ_min)`` over kept pairs.
+        sigma: 1-D float64 CPU tensor, the top-k singular values of the gradient in SVD order.
+        h: 1-D float64 CPU tensor, the curvatures ``h_k`` paired with ``sigma``.
+        kept: 1-D bool tensor, the pairs used by the fit (σ above the numerical-zero floor
+            ``σ₁·max(m, n)·ε`` of the parameter dtype, ``h > 0``, both finite).
+        reliable: whether the fit passes the reliability rule above.
+        unreliable_reason: why not, or ``None``.
+        num_hvps: Hessian-vector products spent on this layer (k).
+        seconds: wall-clock time of this layer's SVD, products and fit (the shared gradient
+            pass is not included).
+    """
+
+    name: str
+    layer_type: str
+    shape: tuple[int, int]
+    alpha: float
+    intercept: float
+    r2: float
+    alpha_theil_sen: float
+    num_points: int
+    sigma_decades: float
+    sigma: Tensor
+    h: Tensor
+    kept: Tensor
+    reliable: bool
+    unreliable_reason: str | None
+    num_hvps: int
+    seconds: float
+
+
+def layer_type(name: str, module: nn.Module, *, is_head: bool = False) -> str:
+    """Classify a weight by its owning module's type and its name.
+
+    Rules, first match wins: a ``Conv1d/2d/3d`` (or transposed) module is ``"conv"``; an
+    ``nn.Embedding`` or a name containing ``embed``, ``wte`` or ``wpe`` is ``"embedding"``; an
+    ``nn.MultiheadAttention`` (its ``in_proj_weight``) or a name containing ``attn``,
+    ``attention``, ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``qkv`` or ``out_proj`` is
+    ``"attention"``; a ``Linear`` flagged ``is_head``, named ``head``, ``lm_head`` or
+    ``classifier`` (last module component) or a top-level ``fc`` is ``"head"``; any other
+    ``Linear`` is ``"mlp"``; everything else is ``"other"``. A bare output projection such as
+    ``proj`` is not recognised as attention: override with ``layer_types=``.
+
+    Args:
+        name: qualified parameter name (``"blocks.0.attn.qkv.weight"``) or module name.
+        module: the module owning the parameter.
+        is_head: the caller knows this is the model's output layer (see
+            :func:`curvature_exponents`, which flags the last ``Linear`` whose ``out_features``
+            equals the model output's last dimension).
+
+    Returns:
+        One of :data:`LAYER_TYPES`.
+    """
+    parts = name.lower().split(".")
+    if parts[-1] in ("weight", "bias", "in_proj_weight"):
+        parts = parts[:-1]
+    lowered = ".".join(parts)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv"
+    if isinstance(module, nn.Embedding) or any(m in lowered for m in _EMBEDDING_MARKERS):
+        return "embedding"
+    if isinstance(module, nn.MultiheadAttention) or any(m in lowered for m in _ATTENTION_MARKERS):
+        return "attention"
+    if isinstance(module, nn.Linear):
+        last = parts[-1] if parts else ""
+        if is_head or last in _HEAD_NAMES or lowered == "fc":
+            return "head"
+        return "mlp"
+    return "other"
+
+
+def _default_weights(model: nn.Module) -> list[str]:
+    """Weights of Linear / Conv modules and MultiheadAttention input projections, trainable."""
+    names: list[str] = []
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            names.append(dot + "weight")
+        elif isinstance(module, nn.MultiheadAttention):
+            names += [dot + a for a in ("in_proj_weight", "q_proj_weight", "k_proj_weight")]
+            names.append(dot + "v_proj_weight")
+    params = dict(model.named_parameters())
+    return [n for n in params if n in names and params[n].requires_grad and params[n].ndim >= 2]
+
+
+def _resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
+    if layers is None:
+        chosen = _default_weights(model)
+        if not chosen:
+            raise ValueError("The model has no trainable Linear / Conv / attention weights.")
+        return chosen
+    if isinstance(layers, str):
+        layers = [layers]
+    candidates = [n for n, p in model.named_parameters() if p.ndim >= 2]
+    keep: set[str] = set()
+    for pattern in layers:
+        hits = [
+            n
+            for n in candidates
+            if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n.rpartition(".")[0], pattern)
+        ]
+        if not hits:
+            raise ValueError(
+                f"Layer name or pattern {pattern!r} matches no parameter with >= 2 dimensions; "
+                f"known: {', '.join(candidates[:8])}{', ...' if len(candidates) > 8 else ''}"
+            )
+        keep.update(hits)
+    return [n for n in candidates if n in keep]
+
+
+def _owner(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name.rpartition(".")[0])
+
+
+def _head_module(model: nn.Module, out_dim: int | None) -> str | None:
+    """Name of the last Linear with ``out_features == out_dim`` (the last Linear if unknown)."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if out_dim is not None:
+        linears = [(n, m) for n, m in linears if m.out_features == out_dim]
+    return linears[-1][0] if linears else None
+
+
+def _layer_alpha(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    name: str,
+    grad: Tensor,
+    top_k: int,
+    kind: str,
+    route: HVPRoute,
+) -> AlphaResult:
+    start = time.perf_counter()
+    g2 = grad.detach().reshape(grad.shape[0], -1).to(torch.float64)
+    m, n = g2.shape
+    u, s, vh = torch.linalg.svd(g2, full_matrices=False)
+    k = min(top_k, m, n)
+    u, s, v = u[:, :k], s[:k], vh[:k].T
+    directions = torch.einsum("ik,jk->ijk", u, v).reshape(m * n, k)
+    directions = directions / directions.norm(dim=0, keepdim=True).clamp_min(1e-300)
+    directions = directions.to(grad.dtype)
+    op = HessianOperator(model, loss_fn, [batch], params=[name], route=route)
+    try:
+        hd = op.matmat(directions)
+    finally:
+        op.release()
+    h = (directions * hd).sum(0).detach().to("cpu", torch.float64)
+    sigma = s.to("cpu")
+    eps = torch.finfo(grad.dtype).eps if grad.dtype.is_floating_point else 0.0
+    floor = (float(sigma[0]) if k else 0.0) * max(m, n) * eps
+    fit = fit_power_law(sigma, h, sigma_floor=floor)
+    reliable, reason = assess_fit(fit)
+    return AlphaResult(
+        name=name,
+        layer_type=kind,
+        shape=(m, n),
+        alpha=fit.alpha,
+        intercept=fit.intercept,
+        r2=fit.r2,
+        alpha_theil_sen=fit.alpha_theil_sen,
+        num_points=fit.num_points,
+        sigma_decades=fit.sigma_decades,
+        sigma=sigma,
+        h=h,
+        kept=fit.kept,
+        reliable=reliable,
+        unreliable_reason=reason,
+        num_hvps=k,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def curvature_exponents(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    top_k: int = 20,
+    *,
+    layers: Sequence[str] | None = None,
+    layer_types: Mapping[str, str] | None = None,
+    route: HVPRoute = "auto",
+    eval_mode: bool = True,
+) -> dict[str, AlphaResult]:
+    """Per-layer curvature exponent α on one fixed probe batch.
+
+    For each selected weight ``W`` (as a matrix: conv weights ``(C_out, C_in·k_h·k_w)``) the
+    mean-batch gradient ``G`` of ``loss_fn(model, batch)`` is decomposed, ``G = U Σ Vᵀ``; for the
+    top-k singular triplets ``h_k = d_kᵀ H_W d_k`` with ``d_k = vec(u_k v_kᵀ)`` (unit norm) and
+    ``H_W`` the exact Hessian restricted to ``W`` (one batched product of k vectors per layer);
+    then ``h_k = c·σ_k^α`` is fitted in log-log space, pairs matched by SVD index. All gradients
+    come from one backward pass. Runs inside :func:`~lightning_landscape.curvature_context`: the
+    model, its ``.grad``, modes and RNGs are left as they were. Cost: ``k`` Hessian-vector
+    products per layer plus one forward/backward.
+
+    Args:
+        model: the model.
+        loss_fn: ``loss_fn(model, batch) -> scalar Tensor`` (the mean loss of the batch).
+        batch: the probe batch, already on the model's device.
+        top_k: number of singular directions per layer (capped at ``min(m, n)``).
+        layers: ``None`` for every trainable weight of a ``Linear``/``Conv`` module and the
+            input projections of ``nn.MultiheadAttention``; or parameter names / ``fnmatch``
+            patterns, matched against parameter names (``"fc1.weight"``, ``"*.conv*"``) and
+            module names (``"fc1"``), restricted to parameters with at least 2 dimensions.
+        layer_types: overrides of the inferred :func:`layer_type`, by parameter name.
+        route: HVP route of :class:`~lightning_landscape.operators.HessianOperator`.
+        eval_mode: probe in ``eval()`` mode (default) or in the model's current modes.
+
+    Returns:
+        ``{parameter name: AlphaResult}`` in ``model.named_parameters()`` order.
+
+    Raises:
+        ValueError: for ``top_k < 1``, a layer pattern that matches no parameter with at least 2
+            dimensions, an unknown layer type in ``layer_types``, or a non-scalar loss.
+
+    Example::
+
+        results = curvature_exponents(model, loss_fn, batch, top_k=20)
+        for name, r in results.items():
+            print(name, r.layer_type, r.alpha, r.r2, r.reliable, r.unreliable_reason)
+        group_alphas(results)  # {"conv": 2.03, "head": 1.41, ...}
+    """
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    overrides = dict(layer_types or {})
+    bad = {t for t in overrides.values() if t not in LAYER_TYPES}
+    if bad:
+        raise ValueError(f"Unknown layer types {sorted(bad)}; expected one of {LAYER_TYPES}")
+    names = _resolve_layers(model, layers)
+    params = dict(model.named_parameters())
+    results: dict[str, AlphaResult] = {}
+    with curvature_context(model, eval_mode=eval_mode):
+        outputs: list[Any] = []
+        hook = model.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+        try:
+            for n in names:
+                params[n].requires_grad_(True)  # frozen weights may be probed; restored on exit
+            loss = check_scalar_loss(loss_fn(model, batch))
+        finally:
+            hook.remove()
+        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        del loss
+        out = outputs[0] if outputs else None
+        out_dim = int(out.shape[-1]) if isinstance(out, Tensor) and out.ndim > 0 else None
+        outputs.clear()
+        head = _head_module(model, out_dim)
+        for n, g in zip(names, grads, strict=True):
+            g = torch.zeros_like(params[n]) if g is None else g
+            module_name = n.rpartition(".")[0]
+            kind = overrides.get(n) or layer_type(
+                n, _owner(model, n), is_head=module_name == head and n.endswith("weight")
+            )
+            results[n] = _layer_alpha(model, loss_fn, batch, n, g, top_k, kind, route)
+    return results
+
+
+def group_alphas(results: Mapping[str, AlphaResult]) -> dict[str, float]:
+    """Mean α per layer type over the reliable layers.
+
+    Args:
+        results: the output of :func:`curvature_exponents`.
+
+    Returns:
+        ``{layer type: mean α}`` for every type present in ``results``; NaN for a type with no
+        reliable layer with a finite α.
+    """
+    groups: dict[str, list[float]] = {}
+    for r in results.values():
+        values = groups.setdefault(r.layer_type, [])
+        if r.reliable and math.isfinite(r.alpha):
+            values.append(r.alpha)
+    return {t: (sum(v) / len(v) if v else math.nan) for t, v in groups.items()}
