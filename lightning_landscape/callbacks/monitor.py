@@ -31,6 +31,7 @@ from ..distributed import (
     max_over_ranks,
     weighted_mean,
 )
+from ..metrics import AlphaResult, curvature_exponents, group_alphas
 from ..operators import (
     _ROUTES,
     CurvatureOperator,
@@ -171,6 +172,18 @@ class LandscapeMonitor(Callback):
             same; exact since probes run in eval mode). Peak probe memory is then that of one
             micro-batch, at the price of one extra forward and backward per micro-batch and
             Hessian-vector product.
+        alpha_every_n_steps: also measure the per-layer curvature exponent α
+            (:func:`~lightning_landscape.curvature_exponents`) every this many steps and at the
+            end of training (``None``: off). It costs ``alpha_top_k`` Hessian-vector products per
+            layer, so keep it much sparser than the eigenvalue cadence. Uses the first probe
+            batch; under DDP each rank measures on its own shard and rank 0's values are logged.
+            Logs ``landscape/alpha/<layer>``, ``landscape/alpha_r2/<layer>``,
+            ``landscape/alpha_group/<type>`` (mean over reliable layers) and, with a TensorBoard
+            logger, a figure ``landscape/alpha_fit`` of log h against log σ per layer type.
+        alpha_top_k: singular directions per layer for α.
+        alpha_layers: names or ``fnmatch`` patterns of the weights for α (default: every
+            Linear/Conv weight and attention input projection).
+        alpha_figure: log the α figure to TensorBoard loggers.
 
     Raises:
         ValueError: on invalid arguments (non-positive cadences, ``top_k < 1``, ``tol <= 0``,
@@ -214,6 +227,10 @@ class LandscapeMonitor(Callback):
         collective_timeout: float | None = None,
         max_overhead: float | None = None,
         probe_micro_batch_size: int | None = None,
+        alpha_every_n_steps: int | None = None,
+        alpha_top_k: int = 20,
+        alpha_layers: list[str] | None = None,
+        alpha_figure: bool = True,
     ) -> None:
         _positive_or_none("every_n_steps", every_n_steps)
         _positive_or_none("every_n_epochs", every_n_epochs)
@@ -269,6 +286,18 @@ class LandscapeMonitor(Callback):
         self.max_overhead = max_overhead
         _positive_or_none("probe_micro_batch_size", probe_micro_batch_size)
         self.probe_micro_batch_size = probe_micro_batch_size
+        _positive_or_none("alpha_every_n_steps", alpha_every_n_steps)
+        _positive_or_none("alpha_top_k", alpha_top_k)
+        if alpha_layers is not None and (
+            isinstance(alpha_layers, str) or not all(isinstance(p, str) for p in alpha_layers)
+        ):
+            raise ValueError("alpha_layers must be a list of parameter names or fnmatch patterns")
+        self.alpha_every_n_steps = alpha_every_n_steps
+        self.alpha_top_k = alpha_top_k
+        self.alpha_layers = list(alpha_layers) if alpha_layers is not None else None
+        self.alpha_figure = alpha_figure
+        self.last_alpha: dict[str, AlphaResult] | None = None
+        self._last_alpha_step = -1
         self._probe_weight = 0.0
         self._budget = _OverheadLedger()
 
@@ -385,6 +414,9 @@ class LandscapeMonitor(Callback):
                 self._maybe_probe(trainer, pl_module)
         elif self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0:
             self._maybe_probe(trainer, pl_module)
+        alpha_every = self.alpha_every_n_steps
+        if alpha_every is not None and step > 0 and step % alpha_every == 0:
+            self._maybe_alpha(trainer, pl_module)
         if self.prog_bar and self.history:
             pl_module.log(
                 "landscape/lambda_max",
@@ -406,6 +438,8 @@ class LandscapeMonitor(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled and self.probe_on_train_end:
             self._maybe_probe(trainer, pl_module)
+        if self.enabled and self.alpha_every_n_steps is not None:
+            self._maybe_alpha(trainer, pl_module)
         self._probe_batches = None
 
     @override
@@ -444,6 +478,49 @@ class LandscapeMonitor(Callback):
         if report is not None:
             self.history.append(report)
             self._log(trainer, report)
+
+    def _maybe_alpha(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self._last_alpha_step or not self._probe_batches:
+            return
+        self._last_alpha_step = step
+        try:
+            with silenced(pl_module):
+                results = curvature_exponents(
+                    pl_module,
+                    self._loss,
+                    self._probe_batches[0],
+                    top_k=self.alpha_top_k,
+                    layers=self.alpha_layers,
+                    route=self._resolved_route or self.route,
+                )
+        except (torch.OutOfMemoryError, _LINALG_ERROR) as err:
+            rank_zero_warn(f"LandscapeMonitor: the α measurement at step {step} failed ({err}).")
+            return
+        self.last_alpha = results
+        if trainer.is_global_zero:
+            self._log_alpha(trainer, results, step)
+
+    def _log_alpha(self, trainer: pl.Trainer, results: dict[str, AlphaResult], step: int) -> None:
+        metrics: dict[str, float] = {
+            "landscape/alpha_cost/seconds": sum(r.seconds for r in results.values()),
+            "landscape/alpha_cost/hvps": float(sum(r.num_hvps for r in results.values())),
+        }
+        for name, r in results.items():
+            if math.isfinite(r.alpha):
+                metrics[f"landscape/alpha/{name}"] = r.alpha
+                metrics[f"landscape/alpha_r2/{name}"] = r.r2
+        for kind, value in group_alphas(results).items():
+            if math.isfinite(value):
+                metrics[f"landscape/alpha_group/{kind}"] = value
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            if self.alpha_figure and isinstance(logger, TensorBoardLogger):
+                from ._figures import alpha_figure
+
+                logger.experiment.add_figure(
+                    "landscape/alpha_fit", alpha_figure(results, step), global_step=step
+                )
 
     def _schedule(self, trainer: pl.Trainer) -> None:
         """Under DDP: set the step of the next probe from the ledger, the same on every rank."""
