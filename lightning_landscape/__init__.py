@@ -15,7 +15,15 @@ from .callbacks import LandscapeMonitor
 from .context import curvature_context, fork_rng
 from .distributed import DistributedOperator, ProbeFailure
 from .functional import hessian_eigenvalues, hessian_trace
-from .metrics import AlphaResult, curvature_exponents, fit_power_law, group_alphas
+from .metrics import (
+    AlphaResult,
+    StabilizationResult,
+    curvature_exponents,
+    fit_power_law,
+    full_space_delta2,
+    group_alphas,
+    stabilization,
+)
 from .operators import CurvatureOperator, HessianOperator, MatrixOperator, split_batch
 from .results import EigenResult, ProbeReport, TraceResult
 from .solvers import hutchpp_trace, lanczos
@@ -33,12 +41,14 @@ __all__ = [
     "MatrixOperator",
     "ProbeFailure",
     "ProbeReport",
+    "StabilizationResult",
     "TraceResult",
     "__version__",
     "curvature_context",
     "curvature_exponents",
     "fit_power_law",
     "fork_rng",
+    "full_space_delta2",
     "group_alphas",
     "hessian_eigenvalues",
     "hessian_trace",
@@ -46,4 +56,5 @@ __all__ = [
     "lanczos",
     "split_batch",
     "stability_threshold",
+    "stabilization",
 ]
