@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..context import curvature_context
 from ..operators import HessianOperator, HVPRoute, LossFn, batch_size, select_parameters
-from ..operators.data import _slice_batch, check_scalar_loss
+from ..operators.data import _slice_batch, check_scalar_loss, restored_parameters
 from ..solvers import lanczos
 
 Estimator = Literal["gm", "qmc", "mc"]
@@ -86,9 +86,8 @@ def _check_common(batch: Any, k: int, sigma: float) -> None:
     n = batch_size(batch)
     if k + 1 > n:
         raise ValueError(f"batch holds {n} samples; need at least k + 1 = {k + 1}")
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
-        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
-    if not (math.isfinite(sigma) and sigma > 0):
+    is_number = isinstance(sigma, (int, float)) and not isinstance(sigma, bool)
+    if not (is_number and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
 
 
@@ -119,30 +118,24 @@ def _loss_gap_mc(
     small: Any,
     large: Any,
     params: Sequence[Tensor],
-    directions: Tensor,
+    directions: Iterable[Tensor],
 ) -> Tensor:
-    """``(L_{k+1}(w + δ_s) − L_k(w + δ_s))²`` for each column ``δ_s`` of ``directions`` (N, S).
+    """``(L_{k+1}(w + δ_s) − L_k(w + δ_s))²`` for each flat direction ``δ_s`` in ``directions``.
 
     The probed parameters are moved in place under ``no_grad`` and restored bit-for-bit (also on
-    error).
+    error); ``directions`` may be a lazy iterable, so only one direction need exist at a time.
     """
-    saved = [p.detach().clone() for p in params]
     numels = [p.numel() for p in params]
-    out = torch.empty(directions.shape[1], dtype=torch.float64)
-    try:
-        with torch.no_grad():
-            for s in range(directions.shape[1]):
-                pieces = torch.split(directions[:, s], numels)
-                for p, w0, d in zip(params, saved, pieces, strict=True):
-                    p.copy_(w0 + d.view_as(p))
-                big = check_scalar_loss(loss_fn(model, large)).to(torch.float64)
-                sml = check_scalar_loss(loss_fn(model, small)).to(torch.float64)
-                out[s] = float(big - sml) ** 2
-    finally:
-        with torch.no_grad():
-            for p, w0 in zip(params, saved, strict=True):
-                p.copy_(w0)
-    return out
+    out: list[float] = []
+    with restored_parameters(params) as saved, torch.no_grad():
+        for delta in directions:
+            pieces = torch.split(delta, numels)
+            for p, w0, d in zip(params, saved, pieces, strict=True):
+                p.copy_(w0 + d.view_as(p))
+            big = check_scalar_loss(loss_fn(model, large)).to(torch.float64)
+            sml = check_scalar_loss(loss_fn(model, small)).to(torch.float64)
+            out.append(float(big - sml) ** 2)
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def stabilization(
@@ -239,7 +232,7 @@ def stabilization(
             # same draws as "qmc" with the same seed (common random numbers)
             z = sigma * torch.randn(num_samples, D, generator=gen, dtype=torch.float64)
             directions = U @ z.T.to(device=U.device, dtype=U.dtype)
-            sq = _loss_gap_mc(model, loss_fn, small, large, op_k.params, directions)
+            sq = _loss_gap_mc(model, loss_fn, small, large, op_k.params, directions.T)
             value, stderr = _mean_stderr(sq)
     return StabilizationResult(
         value=value,
@@ -300,10 +293,13 @@ def full_space_delta2(
     size = sum(p.numel() for p in probed)
     small, large = _first(batch, k), _first(batch, k + 1)
     gen = torch.Generator().manual_seed(seed)
-    out = torch.empty(num_samples, dtype=torch.float64)
+    like = probed[0]
+
+    def draws() -> Iterator[Tensor]:  # one direction at a time: memory O(N), not O(N·S)
+        for _ in range(num_samples):
+            delta = sigma * torch.randn(size, generator=gen, dtype=torch.float64)
+            yield delta.to(device=like.device, dtype=like.dtype)
+
     with curvature_context(model, eval_mode=eval_mode):
-        for s in range(num_samples):  # one direction at a time: memory O(N), not O(N·S)
-            delta = sigma * torch.randn(size, 1, generator=gen, dtype=torch.float64)
-            delta = delta.to(device=probed[0].device, dtype=probed[0].dtype)
-            out[s] = _loss_gap_mc(model, loss_fn, small, large, probed, delta)[0]
+        out = _loss_gap_mc(model, loss_fn, small, large, probed, draws())
     return _mean_stderr(out)

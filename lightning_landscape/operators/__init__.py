@@ -7,7 +7,14 @@ operator: the loss Hessian of a model (:class:`HessianOperator`) or an explicit 
 """
 
 from .base import CurvatureOperator, MatrixOperator, default_max_basis
-from .data import LossFn, batch_size, check_scalar_loss, select_parameters, split_batch
+from .data import (
+    LossFn,
+    batch_size,
+    check_scalar_loss,
+    restored_parameters,
+    select_parameters,
+    split_batch,
+)
 from .hessian import _ROUTES, HessianOperator, HVPRoute
 
 __all__ = [
@@ -20,6 +27,7 @@ __all__ = [
     "batch_size",
     "check_scalar_loss",
     "default_max_basis",
+    "restored_parameters",
     "select_parameters",
     "split_batch",
 ]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -237,3 +239,22 @@ def check_scalar_loss(loss: Any) -> Tensor:
     if not loss.is_floating_point():
         raise ValueError(f"loss_fn returned a {loss.dtype} tensor; a floating loss is required.")
     return loss.reshape(())
+
+
+@contextlib.contextmanager
+def restored_parameters(params: Sequence[Tensor]) -> Iterator[list[Tensor]]:
+    """Let a block move ``params`` in place; put their values back bit-for-bit on exit.
+
+    Args:
+        params: the parameters that will be modified in place.
+
+    Yields:
+        Copies of the original values (to displace from: ``p.copy_(orig).add_(d)``).
+    """
+    saved = [p.detach().clone() for p in params]
+    try:
+        yield saved
+    finally:
+        with torch.no_grad():
+            for p, orig in zip(params, saved, strict=True):
+                p.copy_(orig)

@@ -19,6 +19,7 @@ from .data import (
     _normal_tensors,
     batch_size,
     check_scalar_loss,
+    restored_parameters,
     select_parameters,
 )
 
@@ -291,30 +292,24 @@ class HessianOperator(CurvatureOperator):
         return total
 
     def _fd_matmat(self, block: Tensor) -> Tensor:
-        saved = [p.detach().clone() for p in self.params]
-        theta = float(torch.sqrt(sum((t.double() ** 2).sum() for t in saved)))  # type: ignore[arg-type]
         out = torch.empty_like(block)
-        try:
-            with self._differentiable():
-                for j in range(block.shape[1]):
-                    v = block[:, j]
-                    norm = float(v.norm())
-                    if norm == 0.0:
-                        out[:, j] = 0.0
-                        continue
-                    step = self.fd_eps * max(theta, 1.0) / norm
-                    pieces = self.split(v)
-                    grads = []
-                    for sign in (1.0, -1.0):
-                        with torch.no_grad():
-                            for p, orig, piece in zip(self.params, saved, pieces, strict=True):
-                                p.copy_(orig).add_(piece, alpha=sign * step)
-                        grads.append(self._gradient())
-                    out[:, j] = (grads[0] - grads[1]) / (2.0 * step)
-        finally:
-            with torch.no_grad():
-                for p, orig in zip(self.params, saved, strict=True):
-                    p.copy_(orig)
+        with restored_parameters(self.params) as saved, self._differentiable():
+            theta = float(torch.sqrt(sum((t.double() ** 2).sum() for t in saved)))  # type: ignore[arg-type]
+            for j in range(block.shape[1]):
+                v = block[:, j]
+                norm = float(v.norm())
+                if norm == 0.0:
+                    out[:, j] = 0.0
+                    continue
+                step = self.fd_eps * max(theta, 1.0) / norm
+                pieces = self.split(v)
+                grads = []
+                for sign in (1.0, -1.0):
+                    with torch.no_grad():
+                        for p, orig, piece in zip(self.params, saved, pieces, strict=True):
+                            p.copy_(orig).add_(piece, alpha=sign * step)
+                    grads.append(self._gradient())
+                out[:, j] = (grads[0] - grads[1]) / (2.0 * step)
         return out
 
     def _flat_or_zero(self, hv: Sequence[Tensor | None], batched: int | None = None) -> Tensor:
