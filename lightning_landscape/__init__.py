@@ -11,7 +11,7 @@ Layers, from the bottom up:
 * :mod:`~lightning_landscape.callbacks`: the :class:`LandscapeMonitor` Lightning callback.
 """
 
-from .callbacks import LandscapeMonitor
+from .callbacks import LandscapeHook, LandscapeMonitor
 from .context import curvature_context, fork_rng
 from .distributed import DistributedOperator, ProbeFailure
 from .functional import hessian_eigenvalues, hessian_trace
@@ -37,6 +37,7 @@ __all__ = [
     "DistributedOperator",
     "EigenResult",
     "HessianOperator",
+    "LandscapeHook",
     "LandscapeMonitor",
     "MatrixOperator",
     "ProbeFailure",

@@ -45,6 +45,7 @@ from ..results import EigenResult, ProbeReport, TraceResult
 from ..solvers import hutchpp_trace, lanczos
 from ..thresholds import stability_threshold
 from ._budget import _OverheadLedger
+from ._hooks import call_hook, check_hooks, hook_states, load_hook_states
 from ._probe import collect_probe_batches, silenced, training_step_loss
 
 ProbeLossFn = Callable[[pl.LightningModule, Any], Tensor]
@@ -184,6 +185,12 @@ class LandscapeMonitor(Callback):
         alpha_layers: names or ``fnmatch`` patterns of the weights for α (default: every
             Linear/Conv weight and attention input projection).
         alpha_figure: log the α figure to TensorBoard loggers.
+        hooks: objects with ``on_landscape(trainer, pl_module, report)`` (see
+            :class:`~lightning_landscape.callbacks.LandscapeHook`), or plain callables with that
+            signature, called on every rank after each successful probe with its
+            :class:`~lightning_landscape.ProbeReport`, e.g.
+            :class:`~lightning_landscape.StabilityLRGuard`. Their ``state_dict`` is saved with
+            the monitor's, so a resumed run takes the same actions.
 
     Raises:
         ValueError: on invalid arguments (non-positive cadences, ``top_k < 1``, ``tol <= 0``,
@@ -231,6 +238,7 @@ class LandscapeMonitor(Callback):
         alpha_top_k: int = 20,
         alpha_layers: list[str] | None = None,
         alpha_figure: bool = True,
+        hooks: list[Any] | None = None,
     ) -> None:
         _positive_or_none("every_n_steps", every_n_steps)
         _positive_or_none("every_n_epochs", every_n_epochs)
@@ -296,6 +304,7 @@ class LandscapeMonitor(Callback):
         self.alpha_top_k = alpha_top_k
         self.alpha_layers = list(alpha_layers) if alpha_layers is not None else None
         self.alpha_figure = alpha_figure
+        self.hooks = check_hooks(hooks)
         self.last_alpha: dict[str, AlphaResult] | None = None
         self._last_alpha_step = -1
         self._probe_weight = 0.0
@@ -453,6 +462,7 @@ class LandscapeMonitor(Callback):
             "warm_top": self._warm_top.cpu() if keep and self._warm_top is not None else None,
             "warm_min": self._warm_min.cpu() if keep and self._warm_min is not None else None,
             "history": [vars(r) for r in self.history],
+            "hooks": hook_states(self.hooks),
         }
 
     @override
@@ -464,6 +474,8 @@ class LandscapeMonitor(Callback):
         self._warm_top = state_dict.get("warm_top")
         self._warm_min = state_dict.get("warm_min")
         self.history = [ProbeReport(**r) for r in state_dict.get("history", [])]
+        if "hooks" in state_dict:
+            load_hook_states(self.hooks, state_dict["hooks"])
 
     # ------------------------------------------------------------------ probing
     def _maybe_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -478,6 +490,8 @@ class LandscapeMonitor(Callback):
         if report is not None:
             self.history.append(report)
             self._log(trainer, report)
+            for hook in self.hooks:
+                call_hook(hook, trainer, pl_module, report)
 
     def _maybe_alpha(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
