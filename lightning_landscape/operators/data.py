@@ -189,6 +189,22 @@ def _slice_batch(obj: Any, start: int, stop: int) -> Any:
     return obj
 
 
+def _take_batch(obj: Any, index: Tensor) -> Any:
+    """Samples ``index`` (a 1-D long tensor) of every tensor with a sample dimension."""
+    if isinstance(obj, Tensor):
+        return obj.index_select(0, index.to(obj.device)) if obj.ndim > 0 else obj
+    if isinstance(obj, dict):
+        out = copy.copy(obj)
+        for key, value in obj.items():
+            out[key] = _take_batch(value, index)
+        return out
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(_take_batch(v, index) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_take_batch(v, index) for v in obj)
+    return obj
+
+
 def _iter_tensors(obj: Any) -> Iterator[Tensor]:
     if isinstance(obj, Tensor):
         yield obj
