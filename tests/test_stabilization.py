@@ -200,3 +200,15 @@ def test_warm_start() -> None:
     warm = stabilization(model, loss_fn, batch, 6, D=3, start=cold.eigenvectors)
     assert torch.allclose(warm.eigenvalues, cold.eigenvalues, rtol=1e-5)
     assert warm.value == pytest.approx(cold.value, rel=1e-4)
+
+
+def test_nan_loss_raises_and_leaves_the_model_as_it_was() -> None:
+    model, loss_fn, batch = make_model("mlp")
+    before = _snapshot(model)
+
+    def nan_loss(m: nn.Module, b: Any) -> Tensor:
+        return loss_fn(m, b) * float("nan")
+
+    with pytest.raises(FloatingPointError, match="NaN/inf"):
+        stabilization(model, nan_loss, batch, 4, D=2)
+    assert all(torch.equal(a, b) for a, b in zip(before, _snapshot(model), strict=True))

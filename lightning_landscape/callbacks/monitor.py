@@ -31,7 +31,13 @@ from ..distributed import (
     max_over_ranks,
     weighted_mean,
 )
-from ..metrics import AlphaResult, curvature_exponents, group_alphas
+from ..metrics import (
+    AlphaResult,
+    StabilizationResult,
+    SweepResult,
+    curvature_exponents,
+    group_alphas,
+)
 from ..operators import (
     _ROUTES,
     CurvatureOperator,
@@ -41,9 +47,11 @@ from ..operators import (
     select_parameters,
     split_batch,
 )
+from ..operators.data import _slice_batch
 from ..results import EigenResult, ProbeReport, TraceResult
 from ..solvers import hutchpp_trace, lanczos
 from ..thresholds import stability_threshold
+from . import _delta2
 from ._budget import _OverheadLedger
 from ._hooks import call_hook, check_hooks, hook_states, load_hook_states
 from ._probe import collect_probe_batches, silenced, training_step_loss
@@ -152,7 +160,9 @@ class LandscapeMonitor(Callback):
         warm_start: start each solve from the previous probe's eigenvectors.
         save_warm_start: keep the warm-start vectors in checkpoints (``top_k + 1`` vectors of
             ``num_params`` floats) so a resumed run continues exactly.
-        probe_on_train_start: probe once when training starts.
+        probe_on_train_start: probe once when training starts (not when resuming from a
+            checkpoint: the resumed run then probes at exactly the steps of an uninterrupted
+            one, so hooks act identically).
         probe_on_train_end: probe once when training ends.
         prog_bar: show the latest λ_max in the progress bar.
         log_histogram: log the eigenvalue histogram to TensorBoard loggers.
@@ -185,6 +195,36 @@ class LandscapeMonitor(Callback):
         alpha_layers: names or ``fnmatch`` patterns of the weights for α (default: every
             Linear/Conv weight and attention input projection).
         alpha_figure: log the α figure to TensorBoard loggers.
+        delta2_every_n_steps: also measure the curvature-aligned stabilization criterion
+            Δ₂^(D) (:func:`~lightning_landscape.stabilization`: how much the loss landscape
+            changes, in the top-D Hessian eigenspace, when one more sample is added) every this
+            many steps and at the end of training (``None``: off). With the default data (single
+            process, no ``probe_dataloader``) the monitor takes one sample beyond the
+            ``num_probe_samples`` of the eigenvalue probe, so ``L_k`` with the default
+            ``delta2_k = num_probe_samples`` is exactly the probe loss, and when an eigenvalue
+            probe ran at the same step its eigenvectors start the D-dimensional eigensolve.
+            Otherwise (DDP, where each rank measures its own shard and rank 0's value is logged,
+            or a ``probe_dataloader``) it uses the first probe batch with ``k`` = its size − 1
+            and any same-step eigenvectors serve as an approximate warm start. Logs
+            ``landscape/delta2_D``, its parts ``landscape/delta2/{a, c_norm, trace_B,
+            frobenius_B, k, converged}``, the four Gaussian-moment terms
+            ``landscape/delta2/term_{mean, cross, linear, quadratic}`` and
+            ``landscape/delta2_cost/{seconds, hvps}``.
+        delta2_D: subspace dimension D.
+        delta2_sigma: per-coordinate standard deviation σ of the Gaussian, in parameter units
+            (the quadratic model is trusted for small σ; see the docs).
+        delta2_k: samples of the smaller loss ``L_k`` (default: all probe samples but the extra
+            one, see above).
+        delta2_estimator: ``"gm"`` (closed form, default), ``"qmc"`` or ``"mc"``.
+        delta2_num_samples: Monte Carlo draws for ``"qmc"``/``"mc"``.
+        delta2_sweep: also run the k-sweep (:func:`~lightning_landscape.stabilization_sweep`)
+            on a log-spaced grid of ``k`` up to ``delta2_k`` and log its log-log slope
+            ``landscape/delta2/slope`` (theory: −2) and ``landscape/delta2/slope_stderr``, plus
+            a TensorBoard figure ``landscape/delta2_sweep`` of Δ₂^(D) against k. Costs
+            ``delta2_sweep_points × delta2_sweep_repeats`` Δ₂ measurements.
+        delta2_sweep_points: grid points of the sweep.
+        delta2_sweep_repeats: sample orders averaged at each grid point.
+        delta2_figure: log the sweep figure to TensorBoard loggers.
         hooks: objects with ``on_landscape(trainer, pl_module, report)`` (see
             :class:`~lightning_landscape.callbacks.LandscapeHook`), or plain callables with that
             signature, called on every rank after each successful probe with its
@@ -238,6 +278,16 @@ class LandscapeMonitor(Callback):
         alpha_top_k: int = 20,
         alpha_layers: list[str] | None = None,
         alpha_figure: bool = True,
+        delta2_every_n_steps: int | None = None,
+        delta2_D: int = 10,
+        delta2_sigma: float = 1e-3,
+        delta2_k: int | None = None,
+        delta2_estimator: str = "gm",
+        delta2_num_samples: int = 64,
+        delta2_sweep: bool = False,
+        delta2_sweep_points: int = 6,
+        delta2_sweep_repeats: int = 4,
+        delta2_figure: bool = True,
         hooks: list[Any] | None = None,
     ) -> None:
         _positive_or_none("every_n_steps", every_n_steps)
@@ -304,6 +354,25 @@ class LandscapeMonitor(Callback):
         self.alpha_top_k = alpha_top_k
         self.alpha_layers = list(alpha_layers) if alpha_layers is not None else None
         self.alpha_figure = alpha_figure
+        _positive_or_none("delta2_every_n_steps", delta2_every_n_steps)
+        self.delta2_every_n_steps = delta2_every_n_steps
+        self._delta2 = _delta2.Delta2Settings(
+            every_n_steps=delta2_every_n_steps or 1,
+            D=delta2_D,
+            sigma=delta2_sigma,
+            k=delta2_k,
+            estimator=delta2_estimator,
+            num_samples=delta2_num_samples,
+            sweep=delta2_sweep,
+            sweep_points=delta2_sweep_points,
+            sweep_repeats=delta2_sweep_repeats,
+            figure=delta2_figure,
+        )
+        self.last_delta2: StabilizationResult | None = None
+        self.last_delta2_sweep: SweepResult | None = None
+        self._last_delta2_step = -1
+        self._delta2_batch: Any = None
+        self._delta2_warm: Tensor | None = None
         self.hooks = check_hooks(hooks)
         self.last_alpha: dict[str, AlphaResult] | None = None
         self._last_alpha_step = -1
@@ -359,6 +428,11 @@ class LandscapeMonitor(Callback):
                 f"top_k={self.top_k} exceeds the {self._num_params} probed parameters; "
                 f"use top_k <= {self._num_params}."
             )
+        if self.delta2_every_n_steps is not None and self._delta2.D > self._num_params:
+            raise ValueError(
+                f"delta2_D={self._delta2.D} exceeds the {self._num_params} probed parameters; "
+                f"use delta2_D <= {self._num_params}."
+            )
         if self.loss_fn is None and not pl_module.automatic_optimization:
             raise ValueError(
                 "With manual optimization, training_step does not return the loss: pass "
@@ -383,15 +457,27 @@ class LandscapeMonitor(Callback):
                 "landscape/stability_ratio is not logged (adaptive optimizers are stable "
                 "w.r.t. the preconditioned Hessian, not the raw λ_max)."
             )
+        # Δ₂^(D) on one process takes one sample beyond the eigenvalue probe's, so that L_k is
+        # exactly the probe loss (and the probe's eigenvectors are those of H^(k)).
+        extra = self.delta2_every_n_steps is not None
+        own_data = self.probe_dataloader is None and trainer.world_size == 1
         self._probe_batches = collect_probe_batches(
-            trainer, pl_module, self.num_probe_samples, self.probe_dataloader
+            trainer,
+            pl_module,
+            self.num_probe_samples + (1 if extra and own_data else 0),
+            self.probe_dataloader,
         )
+        if extra:
+            self._delta2_batch = self._probe_batches[0]
+            self._delta2.resolve_k(self._delta2_batch)  # too few samples: say so now
+            if own_data and batch_size(self._delta2_batch) > self.num_probe_samples:
+                self._probe_batches = [_slice_batch(self._delta2_batch, 0, self.num_probe_samples)]
         if self.probe_micro_batch_size is not None:
             size = self.probe_micro_batch_size
             self._probe_batches = [m for b in self._probe_batches for m in split_batch(b, size)]
         self._probe_weight = float(sum(batch_size(b) for b in self._probe_batches))
         self._budget.start(trainer.global_step)
-        if self.probe_on_train_start:
+        if self.probe_on_train_start and trainer.ckpt_path is None:
             self._maybe_probe(trainer, pl_module)
 
     @override
@@ -426,6 +512,9 @@ class LandscapeMonitor(Callback):
         alpha_every = self.alpha_every_n_steps
         if alpha_every is not None and step > 0 and step % alpha_every == 0:
             self._maybe_alpha(trainer, pl_module)
+        delta2_every = self.delta2_every_n_steps
+        if delta2_every is not None and step > 0 and step % delta2_every == 0:
+            self._maybe_delta2(trainer, pl_module)
         if self.prog_bar and self.history:
             pl_module.log(
                 "landscape/lambda_max",
@@ -449,7 +538,10 @@ class LandscapeMonitor(Callback):
             self._maybe_probe(trainer, pl_module)
         if self.enabled and self.alpha_every_n_steps is not None:
             self._maybe_alpha(trainer, pl_module)
+        if self.enabled and self.delta2_every_n_steps is not None:
+            self._maybe_delta2(trainer, pl_module)
         self._probe_batches = None
+        self._delta2_batch = None
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -514,6 +606,46 @@ class LandscapeMonitor(Callback):
         self.last_alpha = results
         if trainer.is_global_zero:
             self._log_alpha(trainer, results, step)
+
+    def _maybe_delta2(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self._last_delta2_step or self._delta2_batch is None:
+            return
+        self._last_delta2_step = step
+        # Reuse the eigenvalue probe's eigenvectors of this very step as the start.
+        same_step = step == self._last_probe_step and self._warm_top is not None
+        start = self._warm_top if same_step else self._delta2_warm
+        try:
+            with silenced(pl_module):
+                result, sweep = _delta2.measure(
+                    self._delta2,
+                    pl_module,
+                    self._loss,
+                    self._delta2_batch,
+                    params=self.params,
+                    route=self._resolved_route or self.route,
+                    start=self._warm(start, pl_module.device),
+                    seed=self.seed + step,
+                )
+        except (torch.OutOfMemoryError, _LINALG_ERROR, FloatingPointError) as err:
+            rank_zero_warn(f"LandscapeMonitor: Δ₂^(D) at step {step} failed ({err}); skipped.")
+            return
+        if not all(math.isfinite(v) for v in (result.value, *result.terms().values())):
+            rank_zero_warn(f"LandscapeMonitor: Δ₂^(D) at step {step} is NaN/inf; skipped.")
+            return
+        self.last_delta2, self.last_delta2_sweep = result, sweep
+        self._delta2_warm = result.eigenvectors
+        if not trainer.is_global_zero:
+            return
+        values = _delta2.metrics(result, sweep)
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=step)
+            if sweep is not None and self._delta2.figure and isinstance(logger, TensorBoardLogger):
+                from ._figures import delta2_sweep_figure
+
+                logger.experiment.add_figure(
+                    "landscape/delta2_sweep", delta2_sweep_figure(sweep, step), global_step=step
+                )
 
     def _log_alpha(self, trainer: pl.Trainer, results: dict[str, AlphaResult], step: int) -> None:
         metrics: dict[str, float] = {

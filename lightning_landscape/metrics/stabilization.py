@@ -70,6 +70,16 @@ class StabilizationResult:
     D: int
     sigma: float
 
+    def terms(self) -> dict[str, float]:
+        """The four terms of the Gaussian-moment closed form (they sum to the ``"gm"`` value).
+
+        Returns:
+            ``{"mean": a², "cross": a σ² tr B, "linear": σ² ‖c‖², "quadratic":
+            (σ⁴/4)(2 tr B² + (tr B)²)}`` for this result's ``a``, ``c``, ``B`` and ``sigma``
+            (whatever its estimator).
+        """
+        return _moment_terms(self.a, self.c, self.B, self.sigma)
+
 
 def _first(batch: Any, m: int) -> Any:
     """The first ``m`` samples (dimension 0 of every tensor) of a batch."""
@@ -104,12 +114,22 @@ def _mean_stderr(values: Tensor) -> tuple[float, float]:
     return float(values.mean()), float(values.std(unbiased=True)) / math.sqrt(values.numel())
 
 
-def _gaussian_moment(a: float, c: Tensor, B: Tensor, sigma: float) -> float:
-    """``E(a + cᵀz + ½zᵀBz)²`` for ``z ~ N(0, σ²I)`` (Isserlis), ``B`` symmetric."""
+def _moment_terms(a: float, c: Tensor, B: Tensor, sigma: float) -> dict[str, float]:
     tr = float(torch.trace(B))
     tr2 = float((B * B).sum())
     s2 = sigma**2
-    return a * a + a * s2 * tr + s2 * float(c @ c) + 0.25 * s2 * s2 * (2.0 * tr2 + tr * tr)
+    return {
+        "mean": a * a,
+        "cross": a * s2 * tr,
+        "linear": s2 * float(c @ c),
+        "quadratic": 0.25 * s2 * s2 * (2.0 * tr2 + tr * tr),
+    }
+
+
+def _gaussian_moment(a: float, c: Tensor, B: Tensor, sigma: float) -> float:
+    """``E(a + cᵀz + ½zᵀBz)²`` for ``z ~ N(0, σ²I)`` (Isserlis), ``B`` symmetric."""
+    t = _moment_terms(a, c, B, sigma)
+    return t["mean"] + t["cross"] + t["linear"] + t["quadratic"]
 
 
 def _loss_gap_mc(
@@ -189,6 +209,7 @@ def stabilization(
         ValueError: for ``k < 1``, a batch with fewer than ``k + 1`` samples, ``D`` outside
             ``[1, N]``, a non-positive or non-finite ``sigma``, an unknown estimator, or
             ``num_samples < 2`` with a Monte Carlo estimator.
+        FloatingPointError: if ``L_k`` or its Hessian is NaN/inf at ``w``.
     """
     t0 = time.perf_counter()
     _check_common(batch, k, sigma)
@@ -207,7 +228,11 @@ def stabilization(
         op_k1 = HessianOperator(model, loss_fn, [large], params=params, route=route)
         try:
             eig = lanczos(op_k, D, which="largest", tol=tol, start=start, seed=seed)
-            assert eig.eigenvectors is not None
+            if not (eig.is_finite and math.isfinite(op_k.loss_value)) or eig.eigenvectors is None:
+                raise FloatingPointError(
+                    f"the loss or its Hessian on the first k={k} samples is NaN/inf at these "
+                    "weights; Δ₂^(D) is undefined there"
+                )
             U = eig.eigenvectors
             h_k = (U.T @ op_k.matmat(U)).to(device="cpu", dtype=torch.float64)
             h_k1 = (U.T @ op_k1.matmat(U)).to(device="cpu", dtype=torch.float64)
