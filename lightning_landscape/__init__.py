@@ -11,18 +11,20 @@ Layers, from the bottom up:
 * :mod:`~lightning_landscape.callbacks`: the :class:`LandscapeMonitor` Lightning callback.
 """
 
-from .callbacks import LandscapeHook, LandscapeMonitor
+from .callbacks import LandscapeHook, LandscapeMonitor, SharpnessAdaptiveRho, StabilityLRGuard
 from .context import curvature_context, fork_rng
 from .distributed import DistributedOperator, ProbeFailure
 from .functional import hessian_eigenvalues, hessian_trace
 from .metrics import (
     AlphaResult,
     StabilizationResult,
+    SweepResult,
     curvature_exponents,
     fit_power_law,
     full_space_delta2,
     group_alphas,
     stabilization,
+    stabilization_sweep,
 )
 from .operators import CurvatureOperator, HessianOperator, MatrixOperator, split_batch
 from .results import EigenResult, ProbeReport, TraceResult
@@ -42,7 +44,10 @@ __all__ = [
     "MatrixOperator",
     "ProbeFailure",
     "ProbeReport",
+    "SharpnessAdaptiveRho",
+    "StabilityLRGuard",
     "StabilizationResult",
+    "SweepResult",
     "TraceResult",
     "__version__",
     "curvature_context",
@@ -58,4 +63,5 @@ __all__ = [
     "split_batch",
     "stability_threshold",
     "stabilization",
+    "stabilization_sweep",
 ]
