@@ -27,6 +27,7 @@ from .metrics import (
     stabilization_sweep,
 )
 from .operators import CurvatureOperator, HessianOperator, MatrixOperator, split_batch
+from .optim import SAM
 from .results import EigenResult, ProbeReport, TraceResult
 from .solvers import hutchpp_trace, lanczos
 from .thresholds import stability_threshold
@@ -34,6 +35,7 @@ from .thresholds import stability_threshold
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "SAM",
     "AlphaResult",
     "CurvatureOperator",
     "DistributedOperator",
