@@ -167,7 +167,17 @@ def run_demo(
     print(f"data: {source}; {len(train)} train / {len(val)} validation samples")
     model = DigitsCNN()
     monitor = LandscapeMonitor(
-        every_n_steps=every_n_steps, top_k=top_k, num_probe_samples=256, prog_bar=True
+        every_n_steps=every_n_steps,
+        top_k=top_k,
+        num_probe_samples=256,
+        prog_bar=True,
+        alpha_every_n_steps=2 * every_n_steps,
+        alpha_top_k=12,
+        delta2_every_n_steps=4 * every_n_steps,
+        delta2_D=5,
+        delta2_sweep=True,
+        delta2_sweep_points=5,
+        delta2_sweep_repeats=3,
     )
     logger = TensorBoardLogger(log_dir, name="demo")
     trainer = pl.Trainer(

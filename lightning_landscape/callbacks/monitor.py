@@ -55,6 +55,7 @@ from . import _delta2
 from ._budget import _OverheadLedger
 from ._hooks import call_hook, check_hooks, hook_states, load_hook_states
 from ._probe import collect_probe_batches, silenced, training_step_loss
+from ._tensorboard import register_layout
 
 ProbeLossFn = Callable[[pl.LightningModule, Any], Tensor]
 _LINALG_ERROR: type[Exception] = getattr(torch.linalg, "LinAlgError", RuntimeError)
@@ -166,6 +167,9 @@ class LandscapeMonitor(Callback):
         probe_on_train_end: probe once when training ends.
         prog_bar: show the latest λ_max in the progress bar.
         log_histogram: log the eigenvalue histogram to TensorBoard loggers.
+        tensorboard_layout: register the grouped ``landscape/`` charts (λ_max with the stability
+            threshold, spectrum, α by layer type, Δ₂^(D), cost) in TensorBoard's *Custom
+            Scalars* tab, once per run, on every TensorBoard logger.
         enabled: ``False`` turns the callback into a no-op (handy from YAML configs).
         seed: seed of the private generators of the solvers (global RNG streams are never used).
         collective_timeout: under DDP, seconds a rank waits for the others in a probe's
@@ -269,6 +273,7 @@ class LandscapeMonitor(Callback):
         probe_on_train_end: bool = True,
         prog_bar: bool = False,
         log_histogram: bool = True,
+        tensorboard_layout: bool = True,
         enabled: bool = True,
         seed: int = 0,
         collective_timeout: float | None = None,
@@ -334,6 +339,7 @@ class LandscapeMonitor(Callback):
         self.probe_on_train_end = probe_on_train_end
         self.prog_bar = prog_bar
         self.log_histogram = log_histogram
+        self.tensorboard_layout = tensorboard_layout
         self.enabled = enabled
         self.seed = seed
         if collective_timeout is not None and not collective_timeout > 0:
@@ -477,6 +483,8 @@ class LandscapeMonitor(Callback):
             self._probe_batches = [m for b in self._probe_batches for m in split_batch(b, size)]
         self._probe_weight = float(sum(batch_size(b) for b in self._probe_batches))
         self._budget.start(trainer.global_step)
+        if self.tensorboard_layout:
+            register_layout(trainer)
         if self.probe_on_train_start and trainer.ckpt_path is None:
             self._maybe_probe(trainer, pl_module)
 
