@@ -17,19 +17,24 @@ from .distributed import DistributedOperator, ProbeFailure
 from .functional import hessian_eigenvalues, hessian_trace
 from .metrics import (
     AlphaResult,
+    ConnectivityResult,
+    SliceResult,
     StabilizationResult,
     SweepResult,
     curvature_exponents,
     fit_power_law,
     full_space_delta2,
     group_alphas,
+    linear_interpolation,
+    loss_slice,
+    mode_connectivity,
     stabilization,
     stabilization_sweep,
 )
 from .operators import CurvatureOperator, HessianOperator, MatrixOperator, split_batch
 from .optim import SAM
-from .results import EigenResult, ProbeReport, TraceResult
-from .solvers import hutchpp_trace, lanczos
+from .results import DensityResult, EigenResult, ProbeReport, TraceResult
+from .solvers import hutchpp_trace, lanczos, spectral_density
 from .thresholds import stability_threshold
 
 __version__ = "0.1.0.dev0"
@@ -37,7 +42,9 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "SAM",
     "AlphaResult",
+    "ConnectivityResult",
     "CurvatureOperator",
+    "DensityResult",
     "DistributedOperator",
     "EigenResult",
     "HessianOperator",
@@ -47,6 +54,7 @@ __all__ = [
     "ProbeFailure",
     "ProbeReport",
     "SharpnessAdaptiveRho",
+    "SliceResult",
     "StabilityLRGuard",
     "StabilizationResult",
     "SweepResult",
@@ -62,6 +70,10 @@ __all__ = [
     "hessian_trace",
     "hutchpp_trace",
     "lanczos",
+    "linear_interpolation",
+    "loss_slice",
+    "mode_connectivity",
+    "spectral_density",
     "split_batch",
     "stability_threshold",
     "stabilization",

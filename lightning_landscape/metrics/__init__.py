@@ -1,14 +1,18 @@
-"""Curvature metrics built on the operators: α, Δ₂^(D) and its k-sweep."""
+"""Curvature metrics: α, Δ₂^(D) and its k-sweep, loss slices, linear mode connectivity."""
 
 from ._fit import PowerLawFit, fit_power_law
 from .alpha import LAYER_TYPES, AlphaResult, curvature_exponents, group_alphas, layer_type
+from .connectivity import ConnectivityResult, linear_interpolation, mode_connectivity
+from .landscape import SliceResult, loss_slice
 from .stabilization import StabilizationResult, full_space_delta2, stabilization
 from .sweep import SweepResult, fit_loglog, log_spaced_ks, stabilization_sweep
 
 __all__ = [
     "LAYER_TYPES",
     "AlphaResult",
+    "ConnectivityResult",
     "PowerLawFit",
+    "SliceResult",
     "StabilizationResult",
     "SweepResult",
     "curvature_exponents",
@@ -17,7 +21,10 @@ __all__ = [
     "full_space_delta2",
     "group_alphas",
     "layer_type",
+    "linear_interpolation",
     "log_spaced_ks",
+    "loss_slice",
+    "mode_connectivity",
     "stabilization",
     "stabilization_sweep",
 ]
