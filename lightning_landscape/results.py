@@ -101,6 +101,8 @@ class ProbeReport:
         max_residual: largest relative Ritz residual among the reported eigenvalues.
         num_hvps: Hessian-vector products spent by the whole probe.
         seconds: wall-clock time of the whole probe.
+        negative_mass: fraction of the spectrum below zero from the probe's spectral density
+            (stochastic Lanczos quadrature), or ``None`` when no density was computed.
     """
 
     step: int
@@ -116,6 +118,7 @@ class ProbeReport:
     max_residual: float
     num_hvps: int
     seconds: float
+    negative_mass: float | None = None
 
     @property
     def lambda_max(self) -> float:

@@ -33,10 +33,9 @@ from ..distributed import (
 )
 from ..metrics import (
     AlphaResult,
+    SliceResult,
     StabilizationResult,
     SweepResult,
-    curvature_exponents,
-    group_alphas,
 )
 from ..operators import (
     _ROUTES,
@@ -48,11 +47,12 @@ from ..operators import (
     split_batch,
 )
 from ..operators.data import _slice_batch
-from ..results import EigenResult, ProbeReport, TraceResult
-from ..solvers import hutchpp_trace, lanczos
+from ..results import DensityResult, EigenResult, ProbeReport, TraceResult
+from ..solvers import hutchpp_trace, lanczos, spectral_density
 from ..thresholds import stability_threshold
 from . import _delta2
 from ._budget import _OverheadLedger
+from ._extras import _SideMeasurements
 from ._hooks import call_hook, check_hooks, hook_states, load_hook_states
 from ._probe import collect_probe_batches, silenced, training_step_loss
 from ._tensorboard import register_layout
@@ -105,7 +105,7 @@ def _positive_or_none(name: str, value: int | None) -> None:
         raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
 
 
-class LandscapeMonitor(Callback):
+class LandscapeMonitor(_SideMeasurements, Callback):
     r"""Probe the loss Hessian on a cadence during training and log it under ``landscape/``.
 
     Each probe builds a :class:`~lightning_landscape.operators.HessianOperator` on fixed probe
@@ -229,6 +229,29 @@ class LandscapeMonitor(Callback):
         delta2_sweep_points: grid points of the sweep.
         delta2_sweep_repeats: sample orders averaged at each grid point.
         delta2_figure: log the sweep figure to TensorBoard loggers.
+        density_every_n_probes: also estimate the spectral density by stochastic Lanczos
+            quadrature (:func:`~lightning_landscape.spectral_density`, ``density_runs ×
+            density_steps`` products) at every n-th eigenvalue probe (the first included), on
+            the same operator (under DDP the global Hessian). Logs
+            ``landscape/negative_mass`` (fraction of eigenvalues below zero: the saddle report
+            with ``landscape/lambda_min``) and, with a TensorBoard logger, the figure
+            ``landscape/density`` (log-scale density, negative part shaded).
+        density_runs: SLQ runs (random start vectors).
+        density_steps: Lanczos steps per SLQ run.
+        density_figure: log the density figure to TensorBoard loggers.
+        trajectory_figure: at the end of every epoch with new probes, log a TensorBoard figure
+            ``landscape/eigenvalue_trajectories`` of the top-k eigenvalues, λ_min and the
+            stability threshold over training.
+        slice_every_n_epochs: every n-th epoch end (and at the end of training), log a
+            TensorBoard image ``landscape/loss_slice`` of the loss on a plane (or line) through
+            the weights (:func:`~lightning_landscape.loss_slice`, ``slice_steps ** slice_dims``
+            loss evaluations on the first probe batch; on global rank zero only).
+        slice_directions: ``"eigen"`` (top Hessian eigenvectors, unit length) or ``"random"``
+            (filter-normalised, Li et al. 2018).
+        slice_dims: 1 or 2.
+        slice_steps: grid points per axis.
+        slice_span: coordinates run over ``[−span, span]`` (parameter units along unit
+            eigenvectors; multiples of the filter norms for random directions).
         hooks: objects with ``on_landscape(trainer, pl_module, report)`` (see
             :class:`~lightning_landscape.callbacks.LandscapeHook`), or plain callables with that
             signature, called on every rank after each successful probe with its
@@ -293,6 +316,16 @@ class LandscapeMonitor(Callback):
         delta2_sweep_points: int = 6,
         delta2_sweep_repeats: int = 4,
         delta2_figure: bool = True,
+        density_every_n_probes: int | None = None,
+        density_runs: int = 4,
+        density_steps: int = 40,
+        density_figure: bool = True,
+        trajectory_figure: bool = True,
+        slice_every_n_epochs: int | None = None,
+        slice_directions: str = "eigen",
+        slice_dims: int = 2,
+        slice_steps: int = 15,
+        slice_span: float = 1.0,
         hooks: list[Any] | None = None,
     ) -> None:
         _positive_or_none("every_n_steps", every_n_steps)
@@ -379,6 +412,32 @@ class LandscapeMonitor(Callback):
         self._last_delta2_step = -1
         self._delta2_batch: Any = None
         self._delta2_warm: Tensor | None = None
+        _positive_or_none("density_every_n_probes", density_every_n_probes)
+        _positive_or_none("density_runs", density_runs)
+        _positive_or_none("density_steps", density_steps)
+        _positive_or_none("slice_every_n_epochs", slice_every_n_epochs)
+        if slice_directions not in ("eigen", "random"):
+            raise ValueError(f"slice_directions must be 'eigen' or 'random': {slice_directions!r}")
+        if slice_dims not in (1, 2):
+            raise ValueError(f"slice_dims must be 1 or 2, got {slice_dims!r}")
+        if isinstance(slice_steps, bool) or not isinstance(slice_steps, int) or slice_steps < 2:
+            raise ValueError(f"slice_steps must be an integer >= 2, got {slice_steps!r}")
+        if not (isinstance(slice_span, (int, float)) and 0 < slice_span < math.inf):
+            raise ValueError(f"slice_span must be a finite number > 0, got {slice_span!r}")
+        self.density_every_n_probes = density_every_n_probes
+        self.density_runs = density_runs
+        self.density_steps = density_steps
+        self.density_figure = density_figure
+        self.trajectory_figure = trajectory_figure
+        self.slice_every_n_epochs = slice_every_n_epochs
+        self.slice_directions = slice_directions
+        self.slice_dims = slice_dims
+        self.slice_steps = slice_steps
+        self.slice_span = float(slice_span)
+        self.last_density: DensityResult | None = None
+        self.last_slice: SliceResult | None = None
+        self._figured_probes = 0
+        self._last_slice_step = -1
         self.hooks = check_hooks(hooks)
         self.last_alpha: dict[str, AlphaResult] | None = None
         self._last_alpha_step = -1
@@ -535,10 +594,14 @@ class LandscapeMonitor(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled or self.every_n_epochs is None:
+        if not self.enabled:
             return
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        epoch = trainer.current_epoch + 1
+        if self.every_n_epochs is not None and epoch % self.every_n_epochs == 0:
             self._maybe_probe(trainer, pl_module)
+        if self.slice_every_n_epochs is not None and epoch % self.slice_every_n_epochs == 0:
+            self._maybe_slice(trainer, pl_module)
+        self._log_trajectories(trainer)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -548,6 +611,10 @@ class LandscapeMonitor(Callback):
             self._maybe_alpha(trainer, pl_module)
         if self.enabled and self.delta2_every_n_steps is not None:
             self._maybe_delta2(trainer, pl_module)
+        if self.enabled and self.slice_every_n_epochs is not None:
+            self._maybe_slice(trainer, pl_module)
+        if self.enabled:
+            self._log_trajectories(trainer)
         self._probe_batches = None
         self._delta2_batch = None
 
@@ -592,89 +659,6 @@ class LandscapeMonitor(Callback):
             self._log(trainer, report)
             for hook in self.hooks:
                 call_hook(hook, trainer, pl_module, report)
-
-    def _maybe_alpha(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        step = trainer.global_step
-        if step == self._last_alpha_step or not self._probe_batches:
-            return
-        self._last_alpha_step = step
-        try:
-            with silenced(pl_module):
-                results = curvature_exponents(
-                    pl_module,
-                    self._loss,
-                    self._probe_batches[0],
-                    top_k=self.alpha_top_k,
-                    layers=self.alpha_layers,
-                    route=self._resolved_route or self.route,
-                )
-        except (torch.OutOfMemoryError, _LINALG_ERROR) as err:
-            rank_zero_warn(f"LandscapeMonitor: the α measurement at step {step} failed ({err}).")
-            return
-        self.last_alpha = results
-        if trainer.is_global_zero:
-            self._log_alpha(trainer, results, step)
-
-    def _maybe_delta2(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        step = trainer.global_step
-        if step == self._last_delta2_step or self._delta2_batch is None:
-            return
-        self._last_delta2_step = step
-        # Reuse the eigenvalue probe's eigenvectors of this very step as the start.
-        same_step = step == self._last_probe_step and self._warm_top is not None
-        start = self._warm_top if same_step else self._delta2_warm
-        try:
-            with silenced(pl_module):
-                result, sweep = _delta2.measure(
-                    self._delta2,
-                    pl_module,
-                    self._loss,
-                    self._delta2_batch,
-                    params=self.params,
-                    route=self._resolved_route or self.route,
-                    start=self._warm(start, pl_module.device),
-                    seed=self.seed + step,
-                )
-        except (torch.OutOfMemoryError, _LINALG_ERROR, FloatingPointError) as err:
-            rank_zero_warn(f"LandscapeMonitor: Δ₂^(D) at step {step} failed ({err}); skipped.")
-            return
-        if not all(math.isfinite(v) for v in (result.value, *result.terms().values())):
-            rank_zero_warn(f"LandscapeMonitor: Δ₂^(D) at step {step} is NaN/inf; skipped.")
-            return
-        self.last_delta2, self.last_delta2_sweep = result, sweep
-        self._delta2_warm = result.eigenvectors
-        if not trainer.is_global_zero:
-            return
-        values = _delta2.metrics(result, sweep)
-        for logger in trainer.loggers:
-            logger.log_metrics(values, step=step)
-            if sweep is not None and self._delta2.figure and isinstance(logger, TensorBoardLogger):
-                from ._figures import delta2_sweep_figure
-
-                logger.experiment.add_figure(
-                    "landscape/delta2_sweep", delta2_sweep_figure(sweep, step), global_step=step
-                )
-
-    def _log_alpha(self, trainer: pl.Trainer, results: dict[str, AlphaResult], step: int) -> None:
-        metrics: dict[str, float] = {
-            "landscape/alpha_cost/seconds": sum(r.seconds for r in results.values()),
-            "landscape/alpha_cost/hvps": float(sum(r.num_hvps for r in results.values())),
-        }
-        for name, r in results.items():
-            if math.isfinite(r.alpha):
-                metrics[f"landscape/alpha/{name}"] = r.alpha
-                metrics[f"landscape/alpha_r2/{name}"] = r.r2
-        for kind, value in group_alphas(results).items():
-            if math.isfinite(value):
-                metrics[f"landscape/alpha_group/{kind}"] = value
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-            if self.alpha_figure and isinstance(logger, TensorBoardLogger):
-                from ._figures import alpha_figure
-
-                logger.experiment.add_figure(
-                    "landscape/alpha_fit", alpha_figure(results, step), global_step=step
-                )
 
     def _schedule(self, trainer: pl.Trainer) -> None:
         """Under DDP: set the step of the next probe from the ledger, the same on every rank."""
@@ -767,6 +751,12 @@ class LandscapeMonitor(Callback):
                 op = DistributedOperator(local, self._probe_weight, timeout=timeout)
             try:
                 top, bottom, trace = self._solve(op, seed)
+                density = None
+                every = self.density_every_n_probes
+                if every is not None and (self.num_probes - 1) % every == 0:
+                    density = spectral_density(
+                        op, num_runs=self.density_runs, lanczos_steps=self.density_steps, seed=seed
+                    )
             except (torch.OutOfMemoryError, ProbeFailure, _LINALG_ERROR) as err:
                 self._fail(trainer, step, _describe(err))
                 return None
@@ -778,6 +768,8 @@ class LandscapeMonitor(Callback):
         finite = all(r.is_finite for r in results) and math.isfinite(probe_loss)
         if trace is not None:
             finite = finite and math.isfinite(trace.trace)
+        if density is not None:
+            finite = finite and density.is_finite
         if not finite:
             self._fail(trainer, step, "produced NaN/inf curvature")
             return None
@@ -807,7 +799,14 @@ class LandscapeMonitor(Callback):
             max_residual=max_residual,
             num_hvps=local.num_matvecs,
             seconds=time.perf_counter() - t0,
+            negative_mass=self._record_density(density),
         )
+
+    def _record_density(self, density: DensityResult | None) -> float | None:
+        if density is None:
+            return None
+        self.last_density = density
+        return density.negative_mass()
 
     def _solve(
         self, op: CurvatureOperator, seed: int
@@ -865,6 +864,8 @@ class LandscapeMonitor(Callback):
             metrics[f"landscape/eigenvalues/{i}"] = value
         if report.lambda_min is not None:
             metrics["landscape/lambda_min"] = report.lambda_min
+        if report.negative_mass is not None:
+            metrics["landscape/negative_mass"] = report.negative_mass
         if report.trace is not None:
             metrics["landscape/trace"] = report.trace
             if report.trace_stderr is not None and math.isfinite(report.trace_stderr):
@@ -880,3 +881,14 @@ class LandscapeMonitor(Callback):
                     torch.tensor(report.eigenvalues),
                     global_step=report.step,
                 )
+            density = self.last_density
+            if (
+                report.negative_mass is not None
+                and density is not None
+                and self.density_figure
+                and isinstance(logger, TensorBoardLogger)
+            ):
+                from ._density_figure import density_figure
+
+                fig = density_figure(density, report.step)
+                logger.experiment.add_figure("landscape/density", fig, global_step=report.step)
