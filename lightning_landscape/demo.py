@@ -178,6 +178,8 @@ def run_demo(
         delta2_sweep=True,
         delta2_sweep_points=5,
         delta2_sweep_repeats=3,
+        density_every_n_probes=4,
+        slice_every_n_epochs=10,
     )
     logger = TensorBoardLogger(log_dir, name="demo")
     trainer = pl.Trainer(

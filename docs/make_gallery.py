@@ -1,0 +1,125 @@
+"""Regenerate the README gallery (docs/images/*.png) from one monitored training run.
+
+Trains the demo's digits CNN (scikit-learn's bundled ``load_digits``, no download) with every
+picture of :class:`~lightning_landscape.LandscapeMonitor` switched on, then writes the figures the
+monitor logs to TensorBoard as PNG files, plus the loss barrier between the weights after epoch 5
+and at the end:
+
+    python docs/make_gallery.py                 # ~1-2 min on 2 CPU cores
+    python docs/make_gallery.py --out /tmp/gallery --epochs 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+import lightning_landscape as ll
+from lightning_landscape.callbacks._density_figure import (
+    density_figure,
+    eigenvalue_trajectories_figure,
+)
+from lightning_landscape.callbacks._figures import alpha_figure, delta2_sweep_figure
+from lightning_landscape.callbacks._slice_figure import connectivity_figure, slice_figure
+from lightning_landscape.demo import DigitsCNN, load_digits_tensors
+
+
+class _Snapshot(Callback):
+    """Keeps a copy of the weights at the end of one epoch."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.state: dict[str, Any] | None = None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 == self.epoch:
+            self.state = copy.deepcopy(pl_module.state_dict())
+
+
+def main() -> None:
+    """Train, then write the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(Path(__file__).parent / "images"))
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    pl.seed_everything(args.seed, verbose=False)
+    train, val, _ = load_digits_tensors(args.seed)
+    model = DigitsCNN(width=8)
+    monitor = ll.LandscapeMonitor(
+        every_n_steps=20,
+        top_k=4,
+        num_probe_samples=256,
+        density_every_n_probes=5,
+        density_runs=6,
+        alpha_every_n_steps=10_000,  # at the end of training
+        alpha_top_k=12,
+        delta2_every_n_steps=10_000,
+        delta2_D=5,
+        delta2_sweep=True,
+        delta2_sweep_points=6,
+        delta2_sweep_repeats=4,
+        slice_every_n_epochs=args.epochs,
+        slice_steps=21,
+        slice_span=1.0,
+    )
+    snapshot = _Snapshot(min(5, args.epochs))
+    trainer = pl.Trainer(
+        max_epochs=args.epochs,
+        logger=False,
+        callbacks=[monitor, snapshot],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+    )
+    gen = torch.Generator().manual_seed(args.seed)
+    trainer.fit(model, DataLoader(train, batch_size=64, shuffle=True, generator=gen))
+    step = trainer.global_step
+    h = monitor.history
+    figures = {
+        "eigenvalue_trajectories": eigenvalue_trajectories_figure(
+            [r.step for r in h],
+            [r.eigenvalues for r in h],
+            [r.stability_threshold for r in h],
+            [r.lambda_min for r in h],
+        ),
+    }
+    if monitor.last_density is not None:
+        figures["density"] = density_figure(monitor.last_density, step)
+    if monitor.last_alpha is not None:
+        figures["alpha_fit"] = alpha_figure(monitor.last_alpha, step)
+    if monitor.last_delta2_sweep is not None:
+        figures["delta2_sweep"] = delta2_sweep_figure(monitor.last_delta2_sweep, step)
+    if monitor.last_slice is not None:
+        figures["loss_slice"] = slice_figure(monitor.last_slice, step)
+    if snapshot.state is not None:
+        x, y = val.tensors
+
+        def loss_fn(m: torch.nn.Module, batch: Any) -> torch.Tensor:
+            return F.cross_entropy(m(batch[0]), batch[1])
+
+        barrier = ll.mode_connectivity(
+            model, snapshot.state, model.state_dict(), loss_fn, (x, y), steps=21
+        )
+        figures["connectivity"] = connectivity_figure(barrier)
+        print(f"barrier epoch {snapshot.epoch} -> {args.epochs}: {barrier.barrier:.4f}")
+    for name, fig in figures.items():
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=90)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
