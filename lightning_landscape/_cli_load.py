@@ -84,7 +84,7 @@ def _section(cfg: Mapping[str, Any], key: str, config: Path) -> Any:
 
 
 def _read_yaml(path: Path) -> Any:
-    import yaml
+    import yaml  # type: ignore[import-untyped,unused-ignore]
 
     try:
         return yaml.safe_load(path.read_text())
@@ -143,9 +143,7 @@ def build_model_and_data(
         sys.path.insert(0, cwd)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(pl.LightningModule, "model", required=True, fail_untyped=False)
-    parser.add_subclass_arguments(
-        pl.LightningDataModule, "data", required=True, fail_untyped=False
-    )
+    parser.add_subclass_arguments(pl.LightningDataModule, "data", required=True, fail_untyped=False)
     try:
         ns = parser.parse_object({"model": cfg["model"], "data": cfg["data"]})
         instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
@@ -179,9 +177,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return dict(ckpt)
 
 
-def check_state(
-    model: torch.nn.Module, state: Mapping[str, Any], where: str, hint: str
-) -> None:
+def check_state(model: torch.nn.Module, state: Mapping[str, Any], where: str, hint: str) -> None:
     """Raise unless ``state`` has exactly the model's keys and shapes.
 
     Args:
@@ -339,8 +335,9 @@ def prepare(
     device = resolve_device(device_name)
     from lightning.fabric.utilities.seed import seed_everything
 
-    seed_everything(cfg["seed_everything"] if cfg["seed_everything"] is not None else seed,
-                    verbose=False)
+    seed_everything(
+        cfg["seed_everything"] if cfg["seed_everything"] is not None else seed, verbose=False
+    )
     model, dm = build_model_and_data(cfg)
     load_weights(model, ckpts[0], paths[0])
     model.to(device)

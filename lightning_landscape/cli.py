@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 
@@ -15,6 +16,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The process exit code.
     """
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # analyze/compare parse their own arguments (positionals and options in any order).
+    if args_list and args_list[0] in ("analyze", "compare"):
+        from .analyze import analyze_main, compare_main
+
+        command = analyze_main if args_list[0] == "analyze" else compare_main
+        return command(args_list[1:])
     parser = argparse.ArgumentParser(
         prog="lightning-landscape",
         description="Loss-landscape geometry for PyTorch Lightning.",
@@ -25,10 +33,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="train a small CNN on bundled digits with the monitor on (see `demo --help`)",
         add_help=False,
     )
-    args, rest = parser.parse_known_args(argv)
+    sub.add_parser(
+        "analyze",
+        help="Hessian spectrum, trace, density, α, Δ₂ and a loss slice of one checkpoint "
+        "(see `analyze --help`)",
+        add_help=False,
+    )
+    sub.add_parser(
+        "compare",
+        help="two checkpoints: spectra side by side and the mode-connectivity barrier "
+        "(see `compare --help`)",
+        add_help=False,
+    )
+    args, rest = parser.parse_known_args(args_list)
     if args.command == "demo":
         from .demo import main as demo_main
 
         return demo_main(rest)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse exits first
     return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
