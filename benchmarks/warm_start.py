@@ -1,0 +1,293 @@
+#!/usr/bin/env python
+"""Warm-start cost inside training: HVPs per `LandscapeMonitor` probe, warm vs cold.
+
+Trains the two models of ``bench_cpu.py`` (ResNet-style CNN on ``load_digits``, small GPT on the
+synthetic modular task) inside a Lightning ``Trainer`` with
+``LandscapeMonitor(every_n_steps=N, top_k=K, tol=1e-4, lambda_min=False, trace=False,
+warm_start=...)`` for K = 1 and K = 20, warm-started and (the control) cold. With neither
+λ_min nor the trace, a probe's ``num_hvps`` is exactly its eigensolve. The first probe is always
+cold, so the statistics exclude it. Targets (issue 5): median HVPs for λ_max <= 5, for top-20
+<= 30 with the warm start.
+
+``--variants`` adds a second table from one extra warm-started run per model and K (so the main
+table's counts stay clean): at each probe the same operator and the same previous Ritz vectors
+also go to other ``lanczos`` settings (random start, no noise, block starts, looser tol), and the
+residual of the previous top vector on the new Hessian is measured. The main solve's vectors
+still carry over, and training is unchanged.
+
+    python benchmarks/warm_start.py                       # 300 steps, probe every 20
+    python benchmarks/warm_start.py --quick               # < 60 s smoke run
+    python benchmarks/warm_start.py --variants --out benchmarks/results_warm_start.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_cpu's models and data
+from bench_cpu import (
+    ROOT,
+    SmallResNet,
+    TinyGPT,
+    cnn_loss,
+    cpu_model,
+    fib_mod_batch,
+    gpt_loss,
+    library_fingerprint,
+)
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+import lightning_landscape as ll
+from lightning_landscape.solvers import lanczos
+
+TOL = 1e-4
+TARGET = {1: 5, 20: 30}
+
+
+class Module(pl.LightningModule):
+    def __init__(self, net: nn.Module, loss_fn: Any, lr: float) -> None:
+        super().__init__()
+        self.net, self.loss_fn, self.lr = net, loss_fn, lr
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss: Tensor = self.loss_fn(self.net, batch)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def setup(name: str, steps: int, quick: bool) -> tuple[Module, DataLoader, DataLoader, float]:
+    """(module, train loader, probe loader, grad clip): bench_cpu's models, data and probes."""
+    torch.manual_seed(0)
+    if name == "resnet":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        x = (x - x.mean()) / x.std()
+        y = torch.tensor(digits.target, dtype=torch.long)
+        train = TensorDataset(x[:-128], y[:-128])
+        probe = TensorDataset(x[-128:], y[-128:])  # bench_cpu's held-out probe batch
+        loader = DataLoader(
+            train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(1)
+        )
+        net: nn.Module = SmallResNet(width=12 if quick else 16)
+        return Module(net, cnn_loss, 0.05), loader, DataLoader(probe, batch_size=128), 0.0
+    vocab, t = 61, 32
+    net = TinyGPT(vocab, t, 48 if quick else 64, 4, 2)
+    xs, ys = fib_mod_batch(32 * steps, t, vocab, torch.Generator().manual_seed(2))
+    probe = TensorDataset(*fib_mod_batch(8, t, vocab, torch.Generator().manual_seed(3)))
+    loader = DataLoader(TensorDataset(xs, ys), batch_size=32)  # a fresh batch every step
+    return Module(net, gpt_loss, 0.1), loader, DataLoader(probe, batch_size=8), 1.0
+
+
+class VariantMonitor(ll.LandscapeMonitor):
+    """Also solves each probe's operator with other start strategies (results only recorded)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.rows: list[dict[str, Any]] = []
+
+    def _solve(self, op: Any, seed: int) -> Any:
+        start = self._warm(self._warm_top, op.device)  # the previous probe's Ritz vectors
+        out = super()._solve(op, seed)
+        if start is None:
+            return out
+        k = self.top_k
+        row: dict[str, Any] = {"default": out[0].num_hvps, "default_conv": out[0].all_converged}
+        v = start[:, 0] / start[:, 0].norm()  # residual of the old top vector on the new H
+        hv = op.matmat(v[:, None])[:, 0]
+        theta = float(v @ hv)
+        row["start_resid_top1"] = float((hv - theta * v).norm()) / abs(theta)
+        variants: dict[str, dict[str, Any]] = {
+            "cold": {"start": None},
+            "noise0": {"start_noise": 0.0},
+            "tol1e-3": {"tol": 1e-3},
+            "tol1e-2": {"tol": 1e-2},
+        }
+        if k > 1:
+            variants["block_k"] = {"block_size": k, "max_basis": 3 * k}
+            variants["top1_only"] = {"start": start[:, :1]}
+            variants["block_4"] = {"block_size": 4, "max_basis": 2 * k + 12}
+        for name, kw in variants.items():
+            kw = {"tol": TOL, "start": start, "seed": seed, **kw}
+            res = lanczos(op, k, **kw)
+            row[name], row[name + "_conv"] = res.num_hvps, res.all_converged
+            ref = out[0].eigenvalues  # the tol 1e-4 values: how far off is this variant?
+            row[name + "_err"] = float(((res.eigenvalues - ref).abs() / ref.abs()).max())
+        self.rows.append(row)
+        return out
+
+
+def run(
+    name: str, k: int, warm: bool, args: argparse.Namespace, variants: bool = False
+) -> dict[str, Any]:
+    pl.seed_everything(0, verbose=False)
+    module, loader, probe, clip = setup(name, args.steps, args.quick)
+    cls = VariantMonitor if variants else ll.LandscapeMonitor
+    monitor = cls(
+        every_n_steps=args.every,
+        top_k=k,
+        tol=TOL,
+        lambda_min=False,
+        trace=False,
+        warm_start=warm,
+        probe_dataloader=probe,
+        probe_on_train_end=False,
+        log_histogram=False,
+        tensorboard_layout=False,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=args.steps,
+        max_epochs=-1,
+        gradient_clip_val=clip or None,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[monitor],
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module, loader)
+    hist = monitor.history
+    rest = hist[1:]
+    hv = sorted(r.num_hvps for r in rest)
+    row: dict[str, Any] = {
+        "model": name,
+        "k": k,
+        "warm_start": warm,
+        "params": sum(p.numel() for p in module.parameters()),
+        "probes": len(hist),
+        "first_hvps": hist[0].num_hvps if hist else None,
+        "median_hvps": statistics.median(hv) if hv else None,
+        "p90_hvps": hv[min(len(hv) - 1, int(0.9 * len(hv)))] if hv else None,
+        "max_hvps": hv[-1] if hv else None,
+        "all_converged": all(r.converged for r in hist),
+        "median_seconds": statistics.median(r.seconds for r in rest) if rest else None,
+        "hvps": [r.num_hvps for r in hist],
+        "steps": [r.step for r in hist],
+        "lambda_max": [r.lambda_max for r in hist],
+        "probe_loss": [r.probe_loss for r in hist],
+        "fit_seconds": time.perf_counter() - t0,
+    }
+    if isinstance(monitor, VariantMonitor):
+        row["variants"] = monitor.rows
+    print(
+        f"  {name} k={k} warm={warm}{' (variants)' if variants else ''}: hvps {row['hvps']}  "
+        f"lambda_max {row['lambda_max'][0]:.4g} -> {row['lambda_max'][-1]:.4g}",
+        flush=True,
+    )
+    return row
+
+
+def variant_summary(row: dict[str, Any]) -> dict[str, Any]:
+    vs = row.get("variants") or []
+    out: dict[str, Any] = {}
+    for key in [c for c in (vs[0] if vs else {}) if not c.endswith(("_conv", "_err"))]:
+        vals = [v[key] for v in vs]
+        conv = all(v.get(key + "_conv", True) for v in vs)
+        err = max((v.get(key + "_err", 0.0) for v in vs), default=0.0)
+        out[key] = (statistics.median(vals), max(vals), conv, err)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300)")
+    ap.add_argument("--every", type=int, default=None, help="probe cadence (default 20)")
+    ap.add_argument("--models", default="resnet,gpt", help="comma list from: resnet, gpt")
+    ap.add_argument("--ks", default="1,20", help="comma list of top_k")
+    ap.add_argument("--no-cold", action="store_true", help="skip the warm_start=False control")
+    ap.add_argument("--variants", action="store_true", help="also try other start strategies")
+    ap.add_argument("--out", default=None, help="write rows + metadata to this JSON path")
+    ap.add_argument("--quick", action="store_true", help="small smoke run (< 60 s)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: tiny training steps "
+        "slow down ~8x when 2 threads compete with another process for 2 cores)",
+    )
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.steps = args.steps or (60 if args.quick else 300)
+    args.every = args.every or (15 if args.quick else 20)
+    ks = [int(k) for k in args.ks.split(",")]
+    if args.quick:
+        ks = [min(k, 5) for k in ks]
+    meta = {
+        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "lightning_landscape_src_sha256_16": library_fingerprint(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "steps": args.steps,
+        "every_n_steps": args.every,
+        "tol": TOL,
+    }
+    rows, vrows = [], []
+    for name in args.models.split(","):
+        for k in ks:
+            for warm in (True,) if args.no_cold else (True, False):
+                rows.append(run(name, k, warm, args))
+            if args.variants:  # a separate run: its extra solves would inflate the probe counts
+                vrows.append(run(name, k, True, args, variants=True))
+    meta["loadavg_end"] = os.getloadavg()
+
+    print(
+        f"\n{'model':<7} {'k':>3} {'start':<5} {'probes':>6} {'cold':>5} {'median':>6} "
+        f"{'p90':>4} {'max':>4} {'conv':>4} {'med s':>6} {'target':>6}"
+    )
+    for r in rows:
+        tgt = TARGET.get(r["k"])
+        met = (
+            "-"
+            if tgt is None or not r["warm_start"]
+            else ("met" if r["median_hvps"] <= tgt else "MISS")
+        )
+        print(
+            f"{r['model']:<7} {r['k']:>3} {'warm' if r['warm_start'] else 'cold':<5} "
+            f"{r['probes']:>6} {r['first_hvps']:>5} {r['median_hvps']:>6} {r['p90_hvps']:>4} "
+            f"{r['max_hvps']:>4} {'yes' if r['all_converged'] else 'NO':>4} "
+            f"{r['median_seconds']:>6.3f} {met:>6}"
+        )
+    if args.variants:
+        print("\nwarm-start variants on the same operators and start vectors: median / max HVPs")
+        for r in vrows:
+            for key, (med, mx, conv, err) in variant_summary(r).items():
+                unit = "" if key.startswith("start_resid") else " HVPs"
+                fmt = f"{med:.2e} / {mx:.2e}" if unit == "" else f"{med:g} / {mx:g}"
+                print(
+                    f"  {r['model']:<7} k={r['k']:<3} {key:<16} {fmt}{unit}"
+                    + (f"  max rel diff vs default {err:.1e}" if unit else "")
+                    + ("" if conv else "  (not all converged)")
+                )
+    print(f"load average: start {meta['loadavg_start']}, end {meta['loadavg_end']}")
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps({"meta": meta, "rows": rows, "variants": vrows}, indent=1) + "\n"
+        )
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
