@@ -5,7 +5,7 @@ picture of :class:`~lightning_landscape.LandscapeMonitor` switched on, then writ
 monitor logs to TensorBoard as PNG files, plus the loss barrier between the weights after epoch 5
 and at the end:
 
-    python docs/make_gallery.py                 # ~1-2 min on 2 CPU cores
+    python docs/make_gallery.py                 # ~45 s on 2 CPU cores
     python docs/make_gallery.py --out /tmp/gallery --epochs 6
 """
 
