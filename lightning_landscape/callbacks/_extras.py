@@ -7,6 +7,7 @@ sitting); it uses the monitor's settings and probe data and logs on global rank 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -64,13 +65,9 @@ class _SideMeasurements:
     last_slice: SliceResult | None
     _last_slice_step: int
 
-    def _loss(self, pl_module: torch.nn.Module, batch: Any) -> Tensor:
-        """The probe loss (defined by the monitor)."""
-        raise NotImplementedError
-
-    def _warm(self, vectors: Tensor | None, device: torch.device) -> Tensor | None:
-        """Warm-start vectors on ``device`` (defined by the monitor)."""
-        raise NotImplementedError
+    # Methods of the monitor: the probe loss, and warm-start vectors moved to a device.
+    _loss: Callable[[torch.nn.Module, Any], Tensor]
+    _warm: Callable[[Tensor | None, torch.device], Tensor | None]
 
     def _maybe_alpha(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
