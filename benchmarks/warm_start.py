@@ -144,6 +144,7 @@ def run(
         every_n_steps=args.every,
         top_k=k,
         tol=TOL,
+        criterion=args.criterion,
         lambda_min=False,
         trace=False,
         warm_start=warm,
@@ -218,6 +219,12 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write rows + metadata to this JSON path")
     ap.add_argument("--quick", action="store_true", help="small smoke run (< 60 s)")
     ap.add_argument(
+        "--criterion",
+        choices=("residual", "eigenvalue"),
+        default="residual",
+        help="lanczos stopping rule of the monitor's solves (default residual)",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -243,6 +250,7 @@ def main() -> None:
         "steps": args.steps,
         "every_n_steps": args.every,
         "tol": TOL,
+        "criterion": args.criterion,
     }
     rows, vrows = [], []
     for name in args.models.split(","):

@@ -19,6 +19,7 @@ from .distributed import DistributedOperator, distributed_world
 from .operators import CurvatureOperator, HessianOperator, HVPRoute, LossFn, batch_size
 from .results import EigenResult, TraceResult, Which
 from .solvers import hutchpp_trace, lanczos
+from .solvers.lanczos import Criterion
 
 
 @contextlib.contextmanager
@@ -56,6 +57,7 @@ def hessian_eigenvalues(
     k: int = 1,
     *,
     tol: float = 1e-3,
+    criterion: Criterion = "residual",
     which: Which = "largest",
     params: Sequence[str] | Sequence[Tensor] | None = None,
     max_basis: int | None = None,
@@ -80,7 +82,10 @@ def hessian_eigenvalues(
         loss_fn: ``loss_fn(model, batch) -> scalar Tensor`` (the mean loss of the batch).
         batch: the probe batch, already on the model's device.
         k: number of eigenvalues.
-        tol: relative Ritz-residual tolerance for every returned eigenpair.
+        tol: relative tolerance for every returned eigenpair (Ritz residual by default).
+        criterion: ``"residual"`` (default) or ``"eigenvalue"``: stop on the estimated
+            eigenvalue error ``‖r‖² / gap`` instead (cheaper when only the eigenvalues matter;
+            see :func:`~lightning_landscape.solvers.lanczos` for its guarantee).
         which: ``"largest"`` for the k algebraically largest (descending; ``[0]`` is the
             sharpness λ_max) or ``"smallest"`` for the k most negative (ascending; ``[0]`` is
             λ_min).
@@ -103,8 +108,8 @@ def hessian_eigenvalues(
 
     Raises:
         ValueError: for k < 1 or larger than the number of parameters, tol <= 0, an unknown
-            ``which``/``route``, unknown parameter names, no trainable parameters, or a loss
-            that is not a scalar.
+            ``which``/``criterion``/``route``, unknown parameter names, no trainable
+            parameters, or a loss that is not a scalar.
         TypeError: if ``loss_fn`` does not return a tensor.
 
     Example:
@@ -123,6 +128,7 @@ def hessian_eigenvalues(
             k,
             which=which,
             tol=tol,
+            criterion=criterion,
             max_basis=max_basis,
             max_hvps=max_hvps,
             start=start,

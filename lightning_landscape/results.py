@@ -30,12 +30,20 @@ class EigenResult:
             ``‖A v_i − λ_i v_i‖ / max(|λ_i|, ε‖A‖)``, where ``‖A‖`` is estimated by the largest
             Ritz value magnitude seen and ``ε = 1e-6``. The eigenvalue error is bounded by
             roughly ``residual² · |λ| / gap``.
-        converged: 1-D bool tensor, ``residuals[i] <= tol``.
+        converged: 1-D bool tensor: ``residuals[i] <= tol`` under the ``"residual"`` criterion;
+            under ``"eigenvalue"``, ``error_bounds[i] <= tol`` with ``residuals[i] <= √tol``,
+            or ``residuals[i] <= tol``.
         which: ``"largest"`` or ``"smallest"``.
-        tol: the relative residual tolerance that was asked for.
+        tol: the relative tolerance that was asked for.
         num_hvps: operator applications (Hessian-vector products) spent.
         num_restarts: thick restarts of the Krylov basis.
         seconds: wall-clock time of the solve.
+        criterion: the stopping rule, ``"residual"`` or ``"eigenvalue"`` (see
+            :func:`~lightning_landscape.solvers.lanczos`).
+        error_bounds: 1-D tensor (float64, CPU) of estimated relative eigenvalue-error bounds
+            ``min(‖r_i‖, ‖r_i‖² / gap_i) / max(|λ_i|, ε‖A‖)``, the gap estimated from the other
+            Ritz values (an estimate, not a guarantee); ``None`` from solvers that do not compute
+            it.
     """
 
     eigenvalues: Tensor
@@ -47,10 +55,12 @@ class EigenResult:
     num_hvps: int
     num_restarts: int
     seconds: float
+    criterion: str = "residual"
+    error_bounds: Tensor | None = None
 
     @property
     def all_converged(self) -> bool:
-        """Whether every requested eigenpair met the residual tolerance."""
+        """Whether every requested eigenpair met the tolerance of its ``criterion``."""
         return bool(self.converged.all())
 
     @property

@@ -896,3 +896,22 @@ def test_lightning_cli_yaml(tmp_path: Path, enabled: bool) -> None:
         )
     else:
         assert monitor.history == [] and monitor.num_probes == 0
+
+
+def test_criterion_eigenvalue_is_passed_through() -> None:
+    probes = {}
+    for criterion in ("residual", "eigenvalue"):
+        monitor = LandscapeMonitor(
+            every_n_steps=10, top_k=1, tol=1e-4, criterion=criterion, warm_start=False, **FAST
+        )
+        assert monitor.criterion == criterion
+        _fit(ClassifierModule, [monitor], max_steps=20)
+        probes[criterion] = monitor.history
+    hv_res = sum(r.num_hvps for r in probes["residual"])
+    hv_eig = sum(r.num_hvps for r in probes["eigenvalue"])
+    assert hv_eig < hv_res, (hv_eig, hv_res)  # fewer: the criterion really reached lanczos
+    for a, b in zip(probes["residual"], probes["eigenvalue"], strict=True):
+        assert b.converged and b.num_hvps <= a.num_hvps
+        assert b.lambda_max == pytest.approx(a.lambda_max, rel=1e-4)
+    with pytest.raises(ValueError, match="criterion"):
+        LandscapeMonitor(criterion="eigen")

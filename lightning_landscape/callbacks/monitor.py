@@ -49,6 +49,7 @@ from ..operators import (
 from ..operators.data import _slice_batch
 from ..results import DensityResult, EigenResult, ProbeReport, TraceResult
 from ..solvers import hutchpp_trace, lanczos, spectral_density
+from ..solvers.lanczos import Criterion
 from ..thresholds import stability_threshold
 from . import _delta2
 from ._budget import _OverheadLedger
@@ -144,6 +145,12 @@ class LandscapeMonitor(_SideMeasurements, Callback):
         every_n_epochs: probe at the end of every n-th training epoch (``None``: off).
         top_k: number of largest eigenvalues.
         tol: relative Ritz-residual tolerance of the eigenvalues.
+        criterion: ``"residual"`` (default; ``tol`` bounds the relative Ritz residual) or
+            ``"eigenvalue"`` (``tol`` bounds the estimated relative eigenvalue error
+            ``‖r‖² / gap``, with the residual at most ``√tol``; see
+            :func:`~lightning_landscape.solvers.lanczos`). Cheaper when only the eigenvalues
+            are needed: in ``benchmarks/warm_start.py`` it took a third fewer products per
+            λ_max probe (``benchmarks/RESULTS.md``).
         lambda_min: also compute the smallest eigenvalue.
         trace: also estimate the Hessian trace.
         trace_hvps: Hessian-vector products for the trace (at least 3).
@@ -280,6 +287,7 @@ class LandscapeMonitor(_SideMeasurements, Callback):
         every_n_epochs: int | None = None,
         top_k: int = 5,
         tol: float = 1e-3,
+        criterion: str = "residual",
         lambda_min: bool = True,
         trace: bool = True,
         trace_hvps: int = 30,
@@ -338,6 +346,8 @@ class LandscapeMonitor(_SideMeasurements, Callback):
             raise ValueError("top_k must be a positive integer, got None")
         if not (isinstance(tol, (int, float)) and tol > 0):
             raise ValueError(f"tol must be > 0, got {tol!r}")
+        if criterion not in ("residual", "eigenvalue"):
+            raise ValueError(f"criterion must be 'residual' or 'eigenvalue', got {criterion!r}")
         if isinstance(trace_hvps, bool) or not isinstance(trace_hvps, int) or trace_hvps < 3:
             raise ValueError(f"trace_hvps must be an integer >= 3 (Hutch++), got {trace_hvps!r}")
         if route not in _ROUTES:
@@ -356,6 +366,7 @@ class LandscapeMonitor(_SideMeasurements, Callback):
         self.every_n_epochs = every_n_epochs
         self.top_k = top_k
         self.tol = float(tol)
+        self.criterion: Criterion = "eigenvalue" if criterion == "eigenvalue" else "residual"
         self.lambda_min = lambda_min
         self.trace = trace
         self.trace_hvps = trace_hvps
@@ -815,6 +826,7 @@ class LandscapeMonitor(_SideMeasurements, Callback):
             op,
             self.top_k,
             tol=self.tol,
+            criterion=self.criterion,
             max_basis=self.max_basis,
             max_hvps=self.max_hvps,
             start=self._warm(self._warm_top, op.device),
@@ -827,6 +839,7 @@ class LandscapeMonitor(_SideMeasurements, Callback):
                 1,
                 which="smallest",
                 tol=self.tol,
+                criterion=self.criterion,
                 max_basis=self.max_basis,
                 max_hvps=self.max_hvps,
                 start=self._warm(self._warm_min, op.device),

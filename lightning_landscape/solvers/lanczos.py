@@ -6,13 +6,17 @@ continues from the last residual vector. Every new Lanczos vector is orthogonali
 the whole basis ("twice is enough"), so no ghost copies of converged eigenvalues appear.
 
 Convergence is judged by Ritz residuals, ``‖A y − θ y‖ = ‖C_j s_j‖`` (read off the recurrence at
-no extra cost), relative to ``|θ|``. Host synchronisation happens once per block step, for the
-convergence check and breakdown detection; nothing else leaves the device.
+no extra cost), relative to ``|θ|``; with ``criterion="eigenvalue"``, by the a-posteriori
+eigenvalue-error bound ``‖r‖² / gap`` built from the same residuals. Host synchronisation
+happens once per block step, for the convergence check and breakdown detection; nothing else
+leaves the device.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -21,10 +25,48 @@ from ..operators import CurvatureOperator, default_max_basis
 from ..results import EigenResult, Which
 
 _WHICH = ("largest", "smallest")
+_CRITERIA = ("residual", "eigenvalue")
 _SCALE_FLOOR = 1e-6  # relative residuals are measured against max(|θ|, 1e-6 ‖A‖)
 
+Criterion = Literal["residual", "eigenvalue"]
 
-def _validate(k: int, n: int, which: str, tol: float, max_basis: int | None) -> int:
+
+def _error_bounds(theta: Tensor, raw: Tensor, cols: Tensor, scale: Tensor) -> Tensor:
+    """Relative eigenvalue-error bounds ``min(‖r_i‖, ‖r_i‖² / gap_i) / scale_i`` for ``cols``.
+
+    ``theta`` are all Ritz values of the projected matrix and ``raw`` the absolute residual
+    norms of all of them. ``gap_i = min_{j≠i} (|θ_i − θ_j| − ‖r_j‖)``: the distance to the nearest
+    other Ritz value, shrunk by that neighbour's own residual (an interval that, once the
+    neighbour has settled, contains its eigenvalue). Where this is not positive, or there is no
+    other Ritz value, only the residual bound ``|λ − θ_i| <= ‖r_i‖`` is used.
+    """
+    dist = (theta[cols, None] - theta[None, :]).abs() - raw[None, :]  # (kk, j)
+    dist[torch.arange(len(cols)), cols] = math.inf  # not its own neighbour
+    gap = dist.min(dim=1).values if theta.numel() > 1 else torch.zeros(len(cols), dtype=theta.dtype)
+    r = raw[cols]
+    temple = torch.where(gap > 0, r * r / gap.clamp_min(torch.finfo(theta.dtype).tiny), math.inf)
+    return torch.minimum(r, temple) / scale
+
+
+def _converged(
+    resid: Tensor, bounds: Tensor, tol: float, criterion: str, moved: Tensor | None = None
+) -> Tensor:
+    """The per-pair convergence flags of ``criterion`` (see :func:`lanczos`).
+
+    ``moved``: relative change of each Ritz value since the previous check (``None``: no
+    previous check, which the eigenvalue criterion needs).
+    """
+    by_residual = resid <= tol
+    if criterion == "residual":
+        return by_residual
+    if moved is None:
+        return by_residual
+    return by_residual | ((bounds <= tol) & (resid <= math.sqrt(tol)) & (moved <= tol))
+
+
+def _validate(
+    k: int, n: int, which: str, tol: float, max_basis: int | None, criterion: str = "residual"
+) -> int:
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if k > n:
@@ -35,6 +77,8 @@ def _validate(k: int, n: int, which: str, tol: float, max_basis: int | None) -> 
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol!r}")
+    if criterion not in _CRITERIA:
+        raise ValueError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
     m = default_max_basis(k, n) if max_basis is None else min(int(max_basis), n)
     if m < n and m < k + 1:
         raise ValueError(
@@ -108,7 +152,13 @@ def _orthonormalize(w: Tensor, basis: Tensor, generator: torch.Generator) -> tup
 
 
 def _non_finite(
-    k: int, which: Which, tol: float, num_hvps: int, restarts: int, t_start: float
+    k: int,
+    which: Which,
+    tol: float,
+    num_hvps: int,
+    restarts: int,
+    t_start: float,
+    criterion: str = "residual",
 ) -> EigenResult:
     """The result of a solve whose operator produced NaN/inf: all NaN, nothing converged."""
     nan = torch.full((k,), float("nan"), dtype=torch.float64)
@@ -122,6 +172,8 @@ def _non_finite(
         num_hvps=num_hvps,
         num_restarts=restarts,
         seconds=time.perf_counter() - t_start,
+        criterion=criterion,
+        error_bounds=nan.clone(),
     )
 
 
@@ -132,6 +184,7 @@ def _dense_solve(
     tol: float,
     return_eigenvectors: bool,
     t_start: float,
+    criterion: str = "residual",
 ) -> EigenResult:
     """Small operators: materialise ``A`` with ``n`` products and use ``eigh``."""
     n = op.size
@@ -140,24 +193,30 @@ def _dense_solve(
     dense = torch.cat(cols, dim=1).to(torch.float64)
     dense = 0.5 * (dense + dense.T)
     if not bool(torch.isfinite(dense).all()):
-        return _non_finite(k, which, tol, n, 0, t_start)
+        return _non_finite(k, which, tol, n, 0, t_start, criterion)
     values, vectors = torch.linalg.eigh(dense)
     idx = torch.arange(n - 1, n - 1 - k, -1) if which == "largest" else torch.arange(k)
     idx = idx.to(values.device)
     vals, vecs = values[idx], vectors[:, idx]
     anorm = max(float(values.abs().max()), torch.finfo(torch.float64).tiny)
-    resid = (dense @ vecs - vecs * vals).norm(dim=0) / vals.abs().clamp_min(_SCALE_FLOOR * anorm)
-    resid = resid.cpu()
+    scale = vals.abs().clamp_min(_SCALE_FLOOR * anorm)
+    raw = (dense @ vecs - vecs * vals).norm(dim=0)
+    resid = (raw / scale).cpu()
+    full_raw = torch.zeros(n, dtype=torch.float64, device=values.device)
+    full_raw[idx] = raw
+    bounds = _error_bounds(values.cpu(), full_raw.cpu(), idx.cpu(), scale.cpu())
     return EigenResult(
         eigenvalues=vals.cpu(),
         eigenvectors=vecs.to(op.dtype) if return_eigenvectors else None,
         residuals=resid,
-        converged=resid <= tol,
+        converged=_converged(resid, bounds, tol, criterion, torch.zeros_like(resid)),
         which=which,
         tol=float(tol),
         num_hvps=n,
         num_restarts=0,
         seconds=time.perf_counter() - t_start,
+        criterion=criterion,
+        error_bounds=bounds,
     )
 
 
@@ -167,6 +226,7 @@ def lanczos(
     *,
     which: Which = "largest",
     tol: float = 1e-3,
+    criterion: Criterion = "residual",
     block_size: int | None = None,
     max_basis: int | None = None,
     max_hvps: int | None = None,
@@ -195,7 +255,36 @@ def lanczos(
         k: number of eigenpairs.
         which: ``"largest"`` (algebraically largest, descending) or ``"smallest"``
             (algebraically smallest, ascending). Never magnitude ordering.
-        tol: relative Ritz-residual tolerance ``‖Av − λv‖ / |λ| <= tol`` for every pair.
+        tol: relative tolerance for every pair, in the sense set by ``criterion``.
+        criterion: when a wanted Ritz pair ``(θ_i, v_i)`` counts as converged, with
+            ``r_i = A v_i − θ_i v_i`` and ``s_i = max(|θ_i|, 1e-6 ‖A‖)``:
+
+            * ``"residual"`` (default): ``‖r_i‖ <= tol · s_i``. This bounds the eigenvector
+              error too, and, by Weyl, some eigenvalue lies within ``tol · s_i`` of ``θ_i``.
+            * ``"eigenvalue"``: the a-posteriori eigenvalue error bound
+              ``min(‖r_i‖, ‖r_i‖² / gap_i) <= tol · s_i`` (Kato–Temple / Kahan–Parlett–Jiang
+              ``|λ − θ_i| <= ‖r_i‖² / gap``) together with the safeguard
+              ``‖r_i‖ <= √tol · s_i``; or the residual test above. Use it when only the
+              eigenvalues matter: the eigenvalue error is quadratic in the residual, so it
+              stops earlier (never later: the residual test is part of it). The eigenvectors
+              then have residuals up to ``√tol`` only.
+
+            ``gap_i`` is an *estimate*: the true gap is from ``θ_i`` to the nearest eigenvalue
+            of ``A`` other than the one ``θ_i`` approximates, and Ritz values approach the
+            spectrum from inside (for the top pair ``θ_2 <= λ_2``), so the distance to the
+            nearest other Ritz value can overstate it, which understates the error. Hence:
+            ``gap_i = min_{j≠i}(|θ_i − θ_j| − ‖r_j‖)`` (each neighbour's distance shrunk by its
+            own residual: trusted only once the neighbour has settled; if not positive, the
+            bound is ``‖r_i‖``); ``θ_i`` must also have moved by at most ``tol · s_i`` since
+            the previous check (typically one extra product); and the safeguard
+            ``‖r_i‖ <= √tol · s_i`` caps the error at ``√tol · s_i`` (Weyl) whatever the gap
+            estimate says. Guarantee: the error is within ``tol · s_i`` when the gap estimate
+            is right, and within ``√tol · s_i`` always. It can exceed ``tol · s_i`` when an
+            eigenvalue within about ``√tol · s_i`` of ``θ_i`` has not been resolved yet (a
+            near-degenerate pair with relative spacing between ``tol`` and ``√tol``); use
+            ``"residual"`` where that matters. Neither criterion detects an eigenvalue that has
+            not entered the Krylov space at all (see above). ``result.error_bounds`` holds the
+            relative bounds ``min(‖r_i‖, ‖r_i‖² / gap_i) / s_i``.
         block_size: vectors per step (default 1). Use at least the multiplicity of exactly
             repeated eigenvalues you need resolved; larger blocks converge in fewer steps but
             usually more products, so give them a larger ``max_basis``.
@@ -219,8 +308,8 @@ def lanczos(
         ``result.is_finite``) rather than raising.
 
     Raises:
-        ValueError: on invalid ``k``, ``which``, ``tol``, ``block_size``, ``max_basis``,
-            ``max_hvps`` or ``start``.
+        ValueError: on invalid ``k``, ``which``, ``tol``, ``criterion``, ``block_size``,
+            ``max_basis``, ``max_hvps`` or ``start``.
 
     Example:
         >>> import torch
@@ -233,7 +322,7 @@ def lanczos(
     """
     t_start = time.perf_counter()
     n, dtype, device = op.size, op.dtype, op.device
-    m = _validate(k, n, which, tol, max_basis)
+    m = _validate(k, n, which, tol, max_basis, criterion)
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     b = 1 if block_size is None else max(1, min(block_size, n - m, m - k))
@@ -246,7 +335,7 @@ def lanczos(
     if start is not None and (start.ndim not in (1, 2) or start.shape[0] != n):
         raise ValueError(f"start vectors must have {n} rows, got shape {tuple(start.shape)}")
     if m >= n and budget >= n:
-        return _dense_solve(op, k, which, tol, return_eigenvectors, t_start)
+        return _dense_solve(op, k, which, tol, return_eigenvectors, t_start, criterion)
     if generator is None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
@@ -263,6 +352,9 @@ def lanczos(
     theta = s_vecs = None
     result_cols = torch.arange(0)
     resid = torch.zeros(0, dtype=torch.float64)
+    bounds = torch.zeros(0, dtype=torch.float64)
+    moved: Tensor | None = None
+    previous: Tensor | None = None  # the wanted Ritz values at the previous check
     while True:
         # ---- one block Lanczos step: columns j .. j+b-1
         w = op.matmat(basis[j : j + b].T)  # (n, b)
@@ -292,16 +384,23 @@ def lanczos(
         # ---- Rayleigh-Ritz on the current basis (the host sync is here)
         projected = proj[:j, :j].cpu()
         if not bool(torch.isfinite(projected).all()):
-            return _non_finite(k, which, tol, num_hvps, restarts, t_start)
+            return _non_finite(k, which, tol, num_hvps, restarts, t_start, criterion)
         theta, s_vecs = torch.linalg.eigh(projected)
         order = torch.argsort(sign * theta, descending=True)
         anorm = float(theta.abs().max())
         scale_floor = _SCALE_FLOOR * max(anorm, torch.finfo(torch.float64).tiny)
         kk = min(k, j)
         result_cols = order[:kk]
-        raw = (coupling @ s_vecs[j - b : j, result_cols]).norm(dim=0)
-        resid = raw / torch.clamp(theta[result_cols].abs(), min=scale_floor)
-        done = kk == k and bool((resid <= tol).all())
+        raw = (coupling @ s_vecs[j - b : j]).norm(dim=0)  # every Ritz pair's ‖r‖
+        scale = torch.clamp(theta[result_cols].abs(), min=scale_floor)
+        resid = raw[result_cols] / scale
+        bounds = _error_bounds(theta, raw, result_cols, scale)
+        current = theta[result_cols]
+        moved = None
+        if previous is not None and previous.shape == current.shape:
+            moved = (current - previous).abs() / scale
+        previous = current
+        done = kk == k and bool(_converged(resid, bounds, tol, criterion, moved).all())
         exhausted = j >= n
         if done or out_of_budget or exhausted:
             break
@@ -334,10 +433,12 @@ def lanczos(
         eigenvalues=values,
         eigenvectors=vectors,
         residuals=resid,
-        converged=resid <= tol,
+        converged=_converged(resid, bounds, tol, criterion, moved),
         which=which,
         tol=float(tol),
         num_hvps=num_hvps,
         num_restarts=restarts,
         seconds=time.perf_counter() - t_start,
+        criterion=criterion,
+        error_bounds=bounds,
     )
