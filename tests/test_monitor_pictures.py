@@ -144,3 +144,37 @@ def test_history_round_trips_with_negative_mass() -> None:
 def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         LandscapeMonitor(**kwargs)
+
+
+def _layout_titles(logger: TensorBoardLogger) -> dict[str, list[str]]:
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0}).Reload()
+    (event,) = events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(event.tensor_proto.string_val[0])
+    return {c.title: [chart.title for chart in c.chart] for c in layout.category}
+
+
+def test_layout_lists_only_what_is_measured(tmp_path: Any) -> None:
+    plain = TensorBoardLogger(tmp_path, name="plain")
+    _fit(LandscapeMonitor(every_n_steps=4, top_k=1, trace=False), plain, max_epochs=1)
+    titles = _layout_titles(plain)
+    assert list(titles) == ["landscape: sharpness", "landscape: spectrum", "landscape: cost"]
+    assert not any("control" in t for t in titles["landscape: sharpness"])
+
+    full = TensorBoardLogger(tmp_path, name="full")
+    monitor = LandscapeMonitor(
+        every_n_steps=4,
+        top_k=1,
+        trace=False,
+        alpha_every_n_steps=100,
+        alpha_top_k=3,
+        delta2_every_n_steps=100,
+        delta2_D=2,
+        hooks=[lambda trainer, module, report: None],
+    )
+    _fit(monitor, full, max_epochs=1)
+    titles = _layout_titles(full)
+    assert len(titles) == 5 and "landscape: stabilization Δ₂^(D)" in titles
+    assert any("control" in t for t in titles["landscape: sharpness"])

@@ -10,12 +10,17 @@ from lightning.pytorch.loggers import TensorBoardLogger
 Layout = dict[str, dict[str, list[Any]]]
 
 
-def landscape_layout() -> Layout:
+def landscape_layout(*, control: bool = True, alpha: bool = True, delta2: bool = True) -> Layout:
     """The grouped charts of TensorBoard's *Custom Scalars* tab.
 
     Each chart is a ``Multiline`` of scalar tags (regular expressions), so lines that belong
     together share axes: λ_max with the optimizer's stability threshold, the whole top-k
     spectrum, α by layer type, Δ₂^(D) with its four terms, and the probes' cost.
+
+    Args:
+        control: include the chart of the hooks' actions (LR scale, SAM ρ).
+        alpha: include the α category.
+        delta2: include the Δ₂^(D) category.
 
     Returns:
         ``{category: {chart: ["Multiline", [tag regexes]]}}`` as
@@ -26,7 +31,7 @@ def landscape_layout() -> Layout:
         ['landscape: cost', 'landscape: sharpness', 'landscape: spectrum',
          'landscape: stabilization Δ₂^(D)', 'landscape: α (curvature exponent)']
     """
-    return {
+    layout: Layout = {
         "landscape: sharpness": {
             "λ_max and stability threshold (2+2β)/η": [
                 "Multiline",
@@ -73,16 +78,24 @@ def landscape_layout() -> Layout:
             ],
         },
     }
+    if not control:
+        del layout["landscape: sharpness"]["curvature control (LR scale, SAM ρ)"]
+    if not alpha:
+        del layout["landscape: α (curvature exponent)"]
+    if not delta2:
+        del layout["landscape: stabilization Δ₂^(D)"]
+    return layout
 
 
-def register_layout(trainer: pl.Trainer) -> int:
-    """Write :func:`landscape_layout` once to every TensorBoard logger of the run (rank zero).
+def register_layout(trainer: pl.Trainer, layout: Layout | None = None) -> int:
+    """Write a layout once to every TensorBoard logger of the run (rank zero).
 
     A ``SummaryWriter`` accepts one layout per writer, so a logger that already received one
     (e.g. from a second monitor or a resumed ``fit`` in the same process) is skipped.
 
     Args:
         trainer: the trainer whose loggers receive the layout.
+        layout: the layout (default: :func:`landscape_layout` with every chart).
 
     Returns:
         The number of loggers the layout was written to.
@@ -96,7 +109,7 @@ def register_layout(trainer: pl.Trainer) -> int:
         writer = logger.experiment
         if getattr(writer, "_landscape_layout", False):
             continue
-        writer.add_custom_scalars(landscape_layout())
+        writer.add_custom_scalars(landscape_layout() if layout is None else layout)
         writer._landscape_layout = True
         count += 1
     return count

@@ -56,7 +56,7 @@ from ._budget import _OverheadLedger
 from ._extras import _SideMeasurements
 from ._hooks import call_hook, check_hooks, hook_states, load_hook_states
 from ._probe import collect_probe_batches, silenced, training_step_loss
-from ._tensorboard import register_layout
+from ._tensorboard import landscape_layout, register_layout
 
 ProbeLossFn = Callable[[pl.LightningModule, Any], Tensor]
 _LINALG_ERROR: type[Exception] = getattr(torch.linalg, "LinAlgError", RuntimeError)
@@ -554,7 +554,12 @@ class LandscapeMonitor(_SideMeasurements, Callback):
         self._probe_weight = float(sum(batch_size(b) for b in self._probe_batches))
         self._budget.start(trainer.global_step)
         if self.tensorboard_layout:
-            register_layout(trainer)
+            layout = landscape_layout(
+                control=bool(self.hooks),
+                alpha=self.alpha_every_n_steps is not None,
+                delta2=self.delta2_every_n_steps is not None,
+            )
+            register_layout(trainer, layout)
         if self.probe_on_train_start and trainer.ckpt_path is None:
             self._maybe_probe(trainer, pl_module)
 
