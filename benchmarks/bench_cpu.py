@@ -231,17 +231,21 @@ def fib_mod_batch(n: int, t: int, p: int, g: torch.Generator) -> tuple[Tensor, T
     return s[:, :-1].contiguous(), s[:, 1:].contiguous()
 
 
-def make_gpt(quick: bool, steps: int) -> Problem:
-    vocab, t, d, heads, layers, b = 61, 32, (48 if quick else 64), 4, 2, 8
-    torch.manual_seed(0)
-    model = TinyGPT(vocab, t, d, heads, layers)
-    g = torch.Generator().manual_seed(2)
-    probe = fib_mod_batch(b, t, vocab, torch.Generator().manual_seed(3))
+def train_fib_gpt(
+    model: nn.Module,
+    steps: int,
+    batch: int,
+    t: int,
+    vocab: int,
+    g: torch.Generator,
+    device: str | torch.device = "cpu",
+) -> list[float]:
+    """SGD (lr 0.1, momentum 0.9, clip 1.0) on fresh fib-mod batches; leaves the model in eval()."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model.train()
     losses = []
     for _ in range(steps):
-        x, y = fib_mod_batch(32, t, vocab, g)
+        x, y = (s.to(device) for s in fib_mod_batch(batch, t, vocab, g))
         opt.zero_grad(set_to_none=True)
         loss = gpt_loss(model, (x, y))
         loss.backward()
@@ -249,6 +253,16 @@ def make_gpt(quick: bool, steps: int) -> Problem:
         opt.step()
         losses.append(float(loss.detach()))
     model.eval()
+    return losses
+
+
+def make_gpt(quick: bool, steps: int) -> Problem:
+    vocab, t, d, heads, layers, b = 61, 32, (48 if quick else 64), 4, 2, 8
+    torch.manual_seed(0)
+    model = TinyGPT(vocab, t, d, heads, layers)
+    g = torch.Generator().manual_seed(2)
+    probe = fib_mod_batch(b, t, vocab, torch.Generator().manual_seed(3))
+    losses = train_fib_gpt(model, steps, 32, t, vocab, g)
     adapter = FlatLogits(model).eval()
     return Problem(
         name="gpt-fibmod",

@@ -47,6 +47,7 @@ from bench_cpu import (  # noqa: E402
     library_fingerprint,
     make_cnn,
     make_gpt,
+    train_fib_gpt,
 )
 
 import lightning_landscape as ll  # noqa: E402
@@ -67,18 +68,7 @@ def make_gpt11m(steps: int, device: str) -> tuple[dict[str, Any], nn.Module, Any
     torch.manual_seed(0)
     model = TinyGPT(vocab, t, d, heads, layers).to(device)
     g = torch.Generator().manual_seed(2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        x, y = (s.to(device) for s in fib_mod_batch(b, t, vocab, g))
-        opt.zero_grad(set_to_none=True)
-        loss = gpt_loss(model, (x, y))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
-    model.eval()
+    losses = train_fib_gpt(model, steps, b, t, vocab, g, device)
     probe = tuple(
         s.to(device) for s in fib_mod_batch(b, t, vocab, torch.Generator().manual_seed(3))
     )
