@@ -21,9 +21,8 @@ from ..operators import HVPRoute, LossFn, batch_size
 
 @dataclass(frozen=True)
 class Delta2Settings:
-    """The monitor's ``delta2_*`` arguments, validated."""
+    """The monitor's ``delta2_*`` arguments (its cadence aside), validated."""
 
-    every_n_steps: int
     D: int
     sigma: float
     k: int | None
@@ -35,7 +34,7 @@ class Delta2Settings:
     figure: bool
 
     def __post_init__(self) -> None:
-        for name in ("every_n_steps", "D", "sweep_points", "sweep_repeats", "num_samples"):
+        for name in ("D", "sweep_points", "sweep_repeats", "num_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"delta2_{name} must be a positive integer, got {value!r}")
@@ -105,7 +104,7 @@ def measure(
             model,
             loss_fn,
             batch,
-            ks=_sweep_grid(k, settings.sweep_points),
+            ks=log_spaced_ks(min(2, k), k, settings.sweep_points),
             repeats=settings.sweep_repeats,
             D=settings.D,
             sigma=settings.sigma,
@@ -117,10 +116,6 @@ def measure(
             seed=seed,
         )
     return result, sweep
-
-
-def _sweep_grid(k: int, points: int) -> tuple[int, ...]:
-    return log_spaced_ks(min(2, k), k, points)
 
 
 def metrics(result: StabilizationResult, sweep: SweepResult | None) -> dict[str, float]:

@@ -407,7 +407,6 @@ class LandscapeMonitor(_SideMeasurements, Callback):
         _positive_or_none("delta2_every_n_steps", delta2_every_n_steps)
         self.delta2_every_n_steps = delta2_every_n_steps
         self._delta2 = _delta2.Delta2Settings(
-            every_n_steps=delta2_every_n_steps or 1,
             D=delta2_D,
             sigma=delta2_sigma,
             k=delta2_k,
