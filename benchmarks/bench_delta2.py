@@ -52,7 +52,7 @@ from bench_cpu import (  # noqa: E402
 
 import lightning_landscape as ll  # noqa: E402
 from lightning_landscape import curvature_context, full_space_delta2, stabilization  # noqa: E402
-from lightning_landscape.metrics.stabilization import (  # noqa: E402
+from lightning_landscape.metrics.delta2 import (  # noqa: E402
     _first,
     _gaussian_moment,
     _loss_gap_mc,

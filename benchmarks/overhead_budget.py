@@ -1,6 +1,6 @@
 """Does `LandscapeMonitor(max_overhead=...)` keep monitoring within its wall-time budget?
 
-Trains the demo's digits CNN (lightning_landscape.demo) for a fixed wall time per budget with the
+Trains the demo's digits CNN (lightning_landscape.cli.demo) for a fixed wall time per budget with the
 monitor reading λ_max (top-1 eigenvalue on 128 probe samples, warm-started) and reports, per
 budget: the probes taken, how often λ_max was read (mean steps between probes), the monitor's
 own overhead figure, and the overhead measured from outside (probe seconds / `trainer.fit` wall
@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_landscape import LandscapeMonitor
-from lightning_landscape.demo import DigitsCNN, load_digits_tensors
+from lightning_landscape.cli.demo import DigitsCNN, load_digits_tensors
 
 
 def run(budget: float, seconds: float, floor: int | None) -> dict[str, object]:

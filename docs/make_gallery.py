@@ -23,13 +23,13 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 import lightning_landscape as ll
-from lightning_landscape.callbacks._density_figure import (
+from lightning_landscape.report.figures import (
     density_figure,
     eigenvalue_trajectories_figure,
 )
-from lightning_landscape.callbacks._figures import alpha_figure, delta2_sweep_figure
-from lightning_landscape.callbacks._slice_figure import connectivity_figure, slice_figure
-from lightning_landscape.demo import DigitsCNN, load_digits_tensors
+from lightning_landscape.report.figures import alpha_figure, delta2_sweep_figure
+from lightning_landscape.report.figures import connectivity_figure, slice_figure
+from lightning_landscape.cli.demo import DigitsCNN, load_digits_tensors
 
 
 class _Snapshot(Callback):

@@ -2,7 +2,7 @@
 
     python examples/alpha_digits.py
 
-Trains `lightning_landscape.demo.DigitsCNN(width=16)` for 15 epochs on scikit-learn's bundled
+Trains `lightning_landscape.cli.demo.DigitsCNN(width=16)` for 15 epochs on scikit-learn's bundled
 digits (seed 0), then fits h_k = c·σ_k^α per layer on the first 1,024 training images and prints
 α, Theil–Sen α, R², points kept, σ decades and the reliability verdict, and the mean α per type.
 """
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import lightning_landscape as ll
-from lightning_landscape.demo import DigitsCNN, load_digits_tensors
+from lightning_landscape.cli.demo import DigitsCNN, load_digits_tensors
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
     python examples/alpha_tensorboard.py     # writes landscape_logs/alpha_{cnn,transformer}
     tensorboard --logdir landscape_logs      # landscape/alpha_group/*, figure alpha_fit
 
-1. The demo's digits CNN (`lightning_landscape.demo.DigitsCNN`, width 16) on scikit-learn's bundled
+1. The demo's digits CNN (`lightning_landscape.cli.demo.DigitsCNN`, width 16) on scikit-learn's bundled
    8×8 digits, SGD with momentum, 15 epochs.
 2. A 2-layer causal transformer (d = 64, 4 heads, `nn.TransformerEncoderLayer`) on a synthetic task
    that needs no download: predict (x_t + x_{t-1}) mod 16 at every position of random token
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_landscape as ll
-from lightning_landscape.demo import DigitsCNN, load_digits_tensors
+from lightning_landscape.cli.demo import DigitsCNN, load_digits_tensors
 
 VOCAB, SEQ = 16, 12
 

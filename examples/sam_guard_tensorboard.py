@@ -31,7 +31,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from lightning_landscape import SAM, LandscapeMonitor, SharpnessAdaptiveRho, StabilityLRGuard
-from lightning_landscape.demo import DigitsCNN, load_digits_tensors
+from lightning_landscape.cli.demo import DigitsCNN, load_digits_tensors
 
 
 class SAMDigitsCNN(DigitsCNN):

@@ -3,17 +3,26 @@
 Layers, from the bottom up:
 
 * :mod:`~lightning_landscape.operators`: curvature operators (Hessian-vector products over a
-  parameter subset on fixed probe data);
-* :mod:`~lightning_landscape.solvers`: pure solvers (thick-restart Lanczos, Hutch++) on any
-  operator;
-* :mod:`~lightning_landscape.functional`: one-call metrics (:func:`hessian_eigenvalues`,
-  :func:`hessian_trace`);
-* :mod:`~lightning_landscape.callbacks`: the :class:`LandscapeMonitor` Lightning callback.
+  parameter subset on fixed probe data, and their mean over data-parallel ranks);
+* :mod:`~lightning_landscape.solvers`: pure solvers (thick-restart Lanczos, Hutch++, stochastic
+  Lanczos quadrature) on any operator;
+* :mod:`~lightning_landscape.metrics` and :mod:`~lightning_landscape.functional`: measurements
+  built on those (sharpness, trace, α, Δ₂^(D), loss slices, mode connectivity);
+* :mod:`~lightning_landscape.probes`: one object per measurement (settings, cadence, state, tags,
+  figures), shared by the monitor and the command line;
+* :mod:`~lightning_landscape.report`: tag names, the TensorBoard layout and the figures;
+* :mod:`~lightning_landscape.callbacks`: the :class:`LandscapeMonitor` Lightning callback and the
+  hooks that act on its reports; :mod:`~lightning_landscape.cli`: ``lightning-landscape``.
 """
 
-from .callbacks import LandscapeHook, LandscapeMonitor, SharpnessAdaptiveRho, StabilityLRGuard
+from .callbacks import (
+    LandscapeHook,
+    LandscapeMonitor,
+    ProbeReport,
+    SharpnessAdaptiveRho,
+    StabilityLRGuard,
+)
 from .context import curvature_context, fork_rng
-from .distributed import DistributedOperator, ProbeFailure
 from .functional import hessian_eigenvalues, hessian_trace
 from .metrics import (
     AlphaResult,
@@ -31,11 +40,32 @@ from .metrics import (
     stabilization,
     stabilization_sweep,
 )
-from .operators import CurvatureOperator, HessianOperator, MatrixOperator, split_batch
-from .optim import SAM
-from .results import DensityResult, EigenResult, ProbeReport, TraceResult
-from .solvers import hutchpp_trace, lanczos, spectral_density
-from .thresholds import stability_threshold
+from .operators import (
+    CurvatureOperator,
+    DistributedOperator,
+    HessianOperator,
+    MatrixOperator,
+    ProbeFailure,
+    split_batch,
+)
+from .optim import SAM, stability_threshold
+from .probes import (
+    CurvatureExponent,
+    LossSlice,
+    Probe,
+    Sharpness,
+    SpectralDensity,
+    Stabilization,
+    Trace,
+)
+from .solvers import (
+    DensityResult,
+    EigenResult,
+    TraceResult,
+    hutchpp_trace,
+    lanczos,
+    spectral_density,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -43,6 +73,7 @@ __all__ = [
     "SAM",
     "AlphaResult",
     "ConnectivityResult",
+    "CurvatureExponent",
     "CurvatureOperator",
     "DensityResult",
     "DistributedOperator",
@@ -50,14 +81,20 @@ __all__ = [
     "HessianOperator",
     "LandscapeHook",
     "LandscapeMonitor",
+    "LossSlice",
     "MatrixOperator",
+    "Probe",
     "ProbeFailure",
     "ProbeReport",
+    "Sharpness",
     "SharpnessAdaptiveRho",
     "SliceResult",
+    "SpectralDensity",
     "StabilityLRGuard",
+    "Stabilization",
     "StabilizationResult",
     "SweepResult",
+    "Trace",
     "TraceResult",
     "__version__",
     "curvature_context",

@@ -15,11 +15,18 @@ from typing import Any
 from torch import Tensor, nn
 
 from .context import curvature_context
-from .distributed import DistributedOperator, distributed_world
-from .operators import CurvatureOperator, HessianOperator, HVPRoute, LossFn, batch_size
-from .results import EigenResult, TraceResult, Which
+from .operators import (
+    CurvatureOperator,
+    DistributedOperator,
+    HessianOperator,
+    HVPRoute,
+    LossFn,
+    batch_size,
+)
+from .operators.distributed import distributed_world
 from .solvers import hutchpp_trace, lanczos
 from .solvers.lanczos import Criterion
+from .solvers.results import EigenResult, TraceResult, Which
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import lightning_landscape as ll
-from lightning_landscape.distributed import (
+from lightning_landscape.operators.distributed import (
     DistributedOperator,
     ProbeFailure,
     agree_on_failure,

@@ -6,7 +6,8 @@ parameters) so a ``Trainer`` run of ~20-60 steps on CPU takes well under a secon
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_landscape import LandscapeMonitor, Probe, Sharpness, Trace
 
 IN_FEATURES = 8
 NUM_CLASSES = 3
@@ -223,3 +226,45 @@ def trainer_kwargs(**overrides: Any) -> dict[str, Any]:
     }
     kwargs.update(overrides)
     return kwargs
+
+
+# --------------------------------------------------------------------------------------------------
+# Monitors
+# --------------------------------------------------------------------------------------------------
+
+_MONITOR_ARGS = set(inspect.signature(LandscapeMonitor).parameters) - {"probes", "top_k"}
+_CADENCE_ARGS = ("every_n_epochs", "on_train_start", "on_train_end")
+
+
+def sharpness_monitor(
+    every_n_steps: int | None = 5,
+    top_k: int = 2,
+    *,
+    lambda_min: bool = False,
+    trace_hvps: int | None = None,
+    extra: Sequence[Probe] = (),
+    route: str = "double_backward",
+    num_probe_samples: int = 64,
+    **settings: Any,
+) -> LandscapeMonitor:
+    """A cheap monitor for tests: a ``Sharpness`` probe (λ_min off by default), a ``Trace`` with
+    ``trace_hvps`` products when given (on Sharpness's cadence), and the ``extra`` probes.
+
+    The double-backward route is the fast one for these tiny models on CPU (the functorch route
+    pays a tracing cost on every probe). ``settings`` go to the monitor when they are its
+    arguments and to ``Sharpness`` otherwise.
+    """
+    monitor_kwargs = {k: settings.pop(k) for k in list(settings) if k in _MONITOR_ARGS}
+    cadence = {k: settings[k] for k in _CADENCE_ARGS if k in settings}
+    probes: list[Probe] = [
+        Sharpness(top_k, every_n_steps=every_n_steps, lambda_min=lambda_min, **settings)
+    ]
+    if trace_hvps is not None:
+        probes.append(Trace(trace_hvps, every_n_steps=every_n_steps, **cadence))
+    probes += list(extra)
+    return LandscapeMonitor(
+        probes=probes,
+        route=route,  # type: ignore[arg-type]
+        num_probe_samples=num_probe_samples,
+        **monitor_kwargs,
+    )

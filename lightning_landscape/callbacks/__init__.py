@@ -1,7 +1,13 @@
 """Lightning callbacks: scheduling, fault isolation, logging and checkpointing of probes."""
 
-from ._hooks import LandscapeHook
 from .control import SharpnessAdaptiveRho, StabilityLRGuard
+from .hooks import LandscapeHook, ProbeReport
 from .monitor import LandscapeMonitor
 
-__all__ = ["LandscapeHook", "LandscapeMonitor", "SharpnessAdaptiveRho", "StabilityLRGuard"]
+__all__ = [
+    "LandscapeHook",
+    "LandscapeMonitor",
+    "ProbeReport",
+    "SharpnessAdaptiveRho",
+    "StabilityLRGuard",
+]

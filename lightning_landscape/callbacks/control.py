@@ -20,23 +20,17 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from ..results import ProbeReport
-from ..thresholds import stability_threshold
+from .._validate import integer, real
+from ..optim.thresholds import stability_threshold
+from ..report import tags
+from .hooks import ProbeReport
 
 SchedulerKind = Literal["chainable", "closed_form"]
 _SCHEDULER_KINDS = ("chainable", "closed_form")
 
 
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
 def _index(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return value
+    return integer(name, value, minimum=0)
 
 
 def _optimizer(trainer: pl.Trainer, index: int, who: str) -> torch.optim.Optimizer:
@@ -150,13 +144,13 @@ class StabilityLRGuard:
         scheduler: SchedulerKind = "chainable",
         log: bool = True,
     ) -> None:
-        self.target = _number("target", target)
+        self.target = real("target", target)
         if not 0 < self.target <= 1:
             raise ValueError(f"target must be in (0, 1] (a fraction of the edge), got {target}")
-        self.min_scale = _number("min_scale", min_scale)
+        self.min_scale = real("min_scale", min_scale)
         if not 0 < self.min_scale <= 1:
             raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
-        self.recovery = _number("recovery", recovery)
+        self.recovery = real("recovery", recovery)
         if self.recovery < 1:
             raise ValueError(f"recovery must be >= 1 (1: never recover), got {recovery}")
         if param_groups is not None:
@@ -197,9 +191,9 @@ class StabilityLRGuard:
         optimizer = _optimizer(trainer, self.optimizer_index, "StabilityLRGuard")
         self.apply(optimizer, report.lambda_max)
         if self.log:
-            metrics = {"landscape/control/lr_scale": self.scale}
+            metrics = {tags.CONTROL_LR_SCALE: self.scale}
             if self.last_ratio is not None:
-                metrics["landscape/control/stability_ratio_effective"] = self.last_ratio
+                metrics[tags.CONTROL_RATIO] = self.last_ratio
             _log(trainer, metrics, report.step)
 
     def apply(self, optimizer: torch.optim.Optimizer, lambda_max: float) -> float:
@@ -359,9 +353,9 @@ class SharpnessAdaptiveRho:
         optimizer_index: int = 0,
         log: bool = True,
     ) -> None:
-        self.rho_min = _number("rho_min", rho_min)
-        self.rho_max = _number("rho_max", rho_max)
-        self.base_rho = _number("base_rho", base_rho)
+        self.rho_min = real("rho_min", rho_min)
+        self.rho_max = real("rho_max", rho_max)
+        self.base_rho = real("base_rho", base_rho)
         if self.rho_min < 0:
             raise ValueError(f"rho_min must be >= 0, got {rho_min}")
         if not self.rho_max > 0:
@@ -370,7 +364,7 @@ class SharpnessAdaptiveRho:
             raise ValueError(f"rho_min={rho_min} must not exceed rho_max={rho_max}")
         if not self.rho_min <= self.base_rho <= self.rho_max:
             raise ValueError(f"base_rho={base_rho} must lie in [rho_min, rho_max]")
-        if reference is not None and not _number("reference", reference) > 0:
+        if reference is not None and not real("reference", reference) > 0:
             raise ValueError(f"reference must be a positive sharpness, got {reference}")
         self.reference = None if reference is None else float(reference)
         self.optimizer_index = _index("optimizer_index", optimizer_index)
@@ -395,7 +389,7 @@ class SharpnessAdaptiveRho:
         optimizer = _optimizer(trainer, self.optimizer_index, "SharpnessAdaptiveRho")
         rho = self.apply(optimizer, report.lambda_max)
         if self.log and rho is not None:
-            _log(trainer, {"landscape/control/rho": rho}, report.step)
+            _log(trainer, {tags.CONTROL_RHO: rho}, report.step)
 
     def apply(self, optimizer: torch.optim.Optimizer, lambda_max: float) -> float | None:
         """Compute ρ from ``lambda_max`` and write it into every param group.

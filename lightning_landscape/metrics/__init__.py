@@ -3,9 +3,9 @@
 from ._fit import PowerLawFit, fit_power_law
 from .alpha import LAYER_TYPES, AlphaResult, curvature_exponents, group_alphas, layer_type
 from .connectivity import ConnectivityResult, linear_interpolation, mode_connectivity
-from .landscape import SliceResult, loss_slice
-from .stabilization import StabilizationResult, full_space_delta2, stabilization
-from .sweep import SweepResult, fit_loglog, log_spaced_ks, stabilization_sweep
+from .delta2 import StabilizationResult, full_space_delta2, stabilization
+from .delta2_sweep import SweepResult, fit_loglog, log_spaced_ks, stabilization_sweep
+from .slice import SliceResult, loss_slice
 
 __all__ = [
     "LAYER_TYPES",

@@ -141,7 +141,21 @@ def _default_weights(model: nn.Module) -> list[str]:
     return [n for n in params if n in names and params[n].requires_grad and params[n].ndim >= 2]
 
 
-def _resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
+def resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
+    """The weights α is measured on: ``layers`` resolved against the model.
+
+    Args:
+        model: the module.
+        layers: names or ``fnmatch`` patterns of weights (or of their modules), or ``None`` for
+            every trainable Linear / Conv weight and attention input projection.
+
+    Returns:
+        Parameter names in ``model.named_parameters()`` order.
+
+    Raises:
+        ValueError: if a pattern matches no weight with at least 2 dimensions, or the default
+            selection is empty.
+    """
     if layers is None:
         chosen = _default_weights(model)
         if not chosen:
@@ -283,7 +297,7 @@ def curvature_exponents(
     bad = {t for t in overrides.values() if t not in LAYER_TYPES}
     if bad:
         raise ValueError(f"Unknown layer types {sorted(bad)}; expected one of {LAYER_TYPES}")
-    names = _resolve_layers(model, layers)
+    names = resolve_layers(model, layers)
     params = dict(model.named_parameters())
     results: dict[str, AlphaResult] = {}
     with curvature_context(model, eval_mode=eval_mode):

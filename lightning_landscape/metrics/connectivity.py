@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._validate import integer
 from ..context import curvature_context
-from ..operators import LossFn, select_parameters
-from ..operators.data import check_scalar_loss
+from ..operators import LossFn, check_scalar_loss, select_parameters
 
 
 @dataclass(frozen=True)
@@ -166,8 +166,7 @@ def mode_connectivity(
         (tensor([0., 1., 0.], dtype=torch.float64), 1.0, 0.5)
     """
     t0 = time.perf_counter()
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ValueError(f"steps must be an integer >= 2 (points on [0, 1]), got {steps!r}")
+    integer("steps", steps, minimum=2)
     ref = model.state_dict(keep_vars=True)
     a, b = _check_state("state_a", state_a, ref), _check_state("state_b", state_b, ref)
     if params is None:

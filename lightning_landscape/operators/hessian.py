@@ -13,24 +13,18 @@ import torch
 from torch import Tensor, nn
 
 from .base import CurvatureOperator
-from .data import (
-    LossFn,
-    _LossModule,
-    _normal_tensors,
-    batch_size,
-    check_scalar_loss,
-    restored_parameters,
-    select_parameters,
-)
+from .batches import batch_size, normal_tensors
+from .loss import LossFn, LossModule, check_scalar_loss
+from .params import restored_parameters, select_parameters
 
 HVPRoute = Literal["auto", "functorch", "double_backward", "finite_difference"]
-_ROUTES = ("auto", "functorch", "double_backward", "finite_difference")
+ROUTES: tuple[HVPRoute, ...] = ("auto", "functorch", "double_backward", "finite_difference")
 
 
 class HessianOperator(CurvatureOperator):
     """Hessian of ``loss_fn(model, batch)`` w.r.t. a parameter subset, on fixed probe data.
 
-    The operator is exact (no finite differences). Two routes compute Hessian-vector products:
+    Three routes compute Hessian-vector products, two of them exact:
 
     * ``"double_backward"`` (Pearlmutter): the gradient graph of a batch (forward, then backward
       with ``create_graph``) is differentiated once more per product; blocks use
@@ -121,13 +115,13 @@ class HessianOperator(CurvatureOperator):
         calibrate: bool | None = None,
         retain_graph: bool | None = None,
     ) -> None:
-        if route not in _ROUTES:
-            raise ValueError(f"route must be one of {_ROUTES}, got {route!r}")
+        if route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
         if retain_graph is not None and not isinstance(retain_graph, bool):
             raise TypeError(f"retain_graph must be True, False or None, got {retain_graph!r}")
         if max_block < 1:
             raise ValueError(f"max_block must be >= 1, got {max_block}")
-        batches = [_normal_tensors(b) for b in batches]
+        batches = [normal_tensors(b) for b in batches]
         if not batches:
             raise ValueError("HessianOperator needs at least one probe batch.")
         named = select_parameters(model, params)
@@ -160,7 +154,7 @@ class HessianOperator(CurvatureOperator):
         self.calibrate = calibrate
         self.retain_graph = len(batches) == 1 if retain_graph is None else retain_graph
         self.route_seconds: dict[str, float] = {}
-        self._wrapper = _LossModule(model, loss_fn)
+        self._wrapper = LossModule(model, loss_fn)
         self._graphs: list[tuple[list[int], tuple[Tensor, ...]]] | None = None
         self._func_hvps: list[Callable[..., tuple[Tensor, ...]]] | None = None
         self.loss_value = self._evaluate_loss()

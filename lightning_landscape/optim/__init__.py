@@ -1,8 +1,11 @@
-"""Curvature-aware optimizers: :class:`SAM` (sharpness-aware minimization) and its adaptive form.
+"""Optimizers and what the library reads from them.
 
-:class:`SAM` wraps any :class:`torch.optim.Optimizer` class; with ``adaptive=True`` it is ASAM.
+:class:`SAM` (sharpness-aware minimization; with ``adaptive=True`` ASAM) wraps any
+:class:`torch.optim.Optimizer` class; :func:`stability_threshold` is the edge of stability an
+optimizer's settings imply for the raw Hessian.
 """
 
 from .sam import SAM
+from .thresholds import stability_threshold
 
-__all__ = ["SAM"]
+__all__ = ["SAM", "stability_threshold"]

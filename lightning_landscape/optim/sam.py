@@ -11,7 +11,6 @@ reference implementation https://github.com/davda54/sam.
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -22,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.optim.optimizer import ParamsT
+
+from .._validate import flag, real
 
 NoSyncFactory = Callable[[], AbstractContextManager[Any]]
 
@@ -188,8 +189,7 @@ class SAM(torch.optim.Optimizer):
     ) -> None:
         _check_rho(rho)
         _check_adaptive(adaptive)
-        if not (isinstance(norm_eps, (int, float)) and math.isfinite(norm_eps) and norm_eps > 0):
-            raise ValueError(f"norm_eps must be a finite number > 0, got {norm_eps!r}")
+        real("norm_eps", norm_eps, low=0)
         if isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(
                 "base_optimizer must be an optimizer class (or factory), not an instance: write "
@@ -477,15 +477,11 @@ class SAM(torch.optim.Optimizer):
 
 
 def _check_rho(rho: Any) -> None:
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)):
-        raise ValueError(f"rho must be a number >= 0, got {rho!r}")
-    if not (math.isfinite(rho) and rho >= 0):
-        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+    real("rho", rho, low=0, low_open=False)
 
 
 def _check_adaptive(adaptive: Any) -> None:
-    if not isinstance(adaptive, bool):
-        raise ValueError(f"adaptive must be True or False, got {adaptive!r}")
+    flag("adaptive", adaptive)
 
 
 def _world_size() -> int:

@@ -1,7 +1,17 @@
 """Pure solver functions that take any :class:`~lightning_landscape.operators.CurvatureOperator`."""
 
 from .density import spectral_density
-from .lanczos import lanczos
+from .lanczos import Criterion, lanczos
+from .results import DensityResult, EigenResult, TraceResult, Which
 from .trace import hutchpp_trace
 
-__all__ = ["hutchpp_trace", "lanczos", "spectral_density"]
+__all__ = [
+    "Criterion",
+    "DensityResult",
+    "EigenResult",
+    "TraceResult",
+    "Which",
+    "hutchpp_trace",
+    "lanczos",
+    "spectral_density",
+]

@@ -19,16 +19,11 @@ import time
 import torch
 from torch import Tensor
 
+from .._validate import integer
 from ..operators import CurvatureOperator
-from ..results import DensityResult
+from .results import DensityResult
 
 _BREAKDOWN_REL = 100.0  # β <= min(100 ε, 1e-3) · ‖T‖ ends a run: an invariant subspace was found
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def _lanczos_runs(
@@ -147,9 +142,9 @@ def spectral_density(
         0.25
     """
     t_start = time.perf_counter()
-    num_runs = _positive_int("num_runs", num_runs)
-    lanczos_steps = _positive_int("lanczos_steps", lanczos_steps)
-    parallel_runs = _positive_int("parallel_runs", parallel_runs)
+    num_runs = integer("num_runs", num_runs)
+    lanczos_steps = integer("lanczos_steps", lanczos_steps)
+    parallel_runs = integer("parallel_runs", parallel_runs)
     n, dtype, device = op.size, op.dtype, op.device
     m = min(lanczos_steps, n)
     if generator is None:

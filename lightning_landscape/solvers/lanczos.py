@@ -21,8 +21,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .._validate import integer, optional_integer, real
 from ..operators import CurvatureOperator, default_max_basis
-from ..results import EigenResult, Which
+from .results import EigenResult, Which
 
 _WHICH = ("largest", "smallest")
 _CRITERIA = ("residual", "eigenvalue")
@@ -67,16 +68,14 @@ def _converged(
 def _validate(
     k: int, n: int, which: str, tol: float, max_basis: int | None, criterion: str = "residual"
 ) -> int:
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    integer("k", k)
     if k > n:
         raise ValueError(
             f"k={k} eigenpairs requested but the operator has only {n} dimensions; use k <= {n}."
         )
     if which not in _WHICH:
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol!r}")
+    real("tol", tol, low=0)
     if criterion not in _CRITERIA:
         raise ValueError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
     m = default_max_basis(k, n) if max_basis is None else min(int(max_basis), n)
@@ -323,8 +322,7 @@ def lanczos(
     t_start = time.perf_counter()
     n, dtype, device = op.size, op.dtype, op.device
     m = _validate(k, n, which, tol, max_basis, criterion)
-    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    optional_integer("block_size", block_size)
     b = 1 if block_size is None else max(1, min(block_size, n - m, m - k))
     budget = max(20 * m, 200) if max_hvps is None else int(max_hvps)
     if budget < k + b - 1:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..operators import CurvatureOperator
-from ..results import TraceResult
+from .results import TraceResult
 
 
 def _rademacher(n: int, b: int, like: Tensor, generator: torch.Generator) -> Tensor:

@@ -1,0 +1,428 @@
+"""What every probe is: settings, a cadence, state, and the tags, charts and figures it reports.
+
+A *probe* is one measurement (sharpness, trace, α, ...). It is configured once (its constructor
+validates its settings), measures on a :class:`ProbeContext` (the model, the loss, the fixed probe
+data and a Hessian operator shared by the probes of one round), keeps what the next measurement
+needs (warm-start vectors, the last result) in its ``state_dict``, and says what to log:
+scalars by tag, histograms, figures and its charts of TensorBoard's custom-scalars layout.
+
+The same probe objects run inside training (:class:`~lightning_landscape.LandscapeMonitor`
+schedules them by their :class:`Cadence`) and on checkpoints (``lightning-landscape analyze``
+runs them once), so both report the same numbers under the same tags.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+
+from .._validate import flag, optional_integer
+from ..operators import (
+    CurvatureOperator,
+    DistributedOperator,
+    HessianOperator,
+    HVPRoute,
+    LossFn,
+    ProbeFailure,
+    select_parameters,
+)
+from ..operators.distributed import count_failures, weighted_mean
+from ..report import tags
+from ..report.layout import Layout
+
+Scope = Literal["global", "local", "rank_zero"]
+"""Where a probe runs under data parallelism.
+
+* ``"global"``: on every rank, on the Hessian of the union of the ranks' probe data (products
+  all-reduced), so every rank gets the same result;
+* ``"local"``: on every rank, on its own shard (rank 0's result is logged);
+* ``"rank_zero"``: on global rank zero only.
+"""
+
+Row = list[str]
+"""One row of the ``analyze`` table: quantity, value, notes."""
+
+
+def fmt(value: float | None, digits: int = 6) -> str:
+    """A number for a table cell (``-`` for missing, ``nan`` kept visible).
+
+    Example:
+        >>> fmt(3.14159265, 3), fmt(None)
+        ('3.14', '-')
+    """
+    if value is None:
+        return "-"
+    return f"{value:.{digits}g}"
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """When the monitor runs a probe.
+
+    Attributes:
+        every_n_steps: when ``trainer.global_step`` is a positive multiple of this (``None``:
+            not by steps). Under the monitor's ``max_overhead`` budget it is the longest gap
+            instead (see :class:`~lightning_landscape.LandscapeMonitor`).
+        every_n_epochs: at the end of every n-th training epoch (``None``: not by epochs).
+        on_train_start: once when training starts (not when resuming from a checkpoint).
+        on_train_end: once when training ends.
+
+    Raises:
+        ValueError: on a non-positive interval or a non-bool switch.
+    """
+
+    every_n_steps: int | None = None
+    every_n_epochs: int | None = None
+    on_train_start: bool = False
+    on_train_end: bool = True
+
+    def __post_init__(self) -> None:
+        optional_integer("every_n_steps", self.every_n_steps)
+        optional_integer("every_n_epochs", self.every_n_epochs)
+        flag("on_train_start", self.on_train_start)
+        flag("on_train_end", self.on_train_end)
+
+    def due_at_step(self, step: int) -> bool:
+        """Whether the step cadence asks for a measurement at optimizer step ``step``."""
+        n = self.every_n_steps
+        return n is not None and step > 0 and step % n == 0
+
+    def due_at_epoch_end(self, epochs_done: int) -> bool:
+        """Whether the epoch cadence asks for one after ``epochs_done`` finished epochs."""
+        n = self.every_n_epochs
+        return n is not None and epochs_done % n == 0
+
+
+class ProbeContext:
+    """What the probes of one round measure on.
+
+    The Hessian operator over the probed parameters on the probe batches is built the first time
+    a probe asks for it (:meth:`operator`) and shared by every probe of the round; under data
+    parallelism it is the sample-weighted mean over ranks, and a failure while building it on
+    any rank is agreed on before the first product.
+
+    Args:
+        model: the module (a LightningModule inside training).
+        loss_fn: ``loss_fn(model, batch) -> scalar Tensor``.
+        batches: the probe batches (several: the Hessian of the sample-weighted mean loss).
+        sample_batch: the first probe batch before micro-batching, with any extra samples a
+            probe asked for (:attr:`Probe.extra_samples`); default ``batches[0]``.
+        params: names or patterns of the probed parameters (default: all trainable).
+        route: Hessian-vector-product route of the operator.
+        seed: seed of this round's solvers.
+        step: the global step (``0`` outside training).
+        epoch: the epoch.
+        optimizers: the trainer's optimizers (for stability thresholds), if any.
+        weight: this rank's number of probe samples (for the mean over ranks).
+        world_size: processes in the default process group.
+        timeout: bound on every collective.
+        warn: where soft problems go (the monitor: ``rank_zero_warn``).
+
+    Attributes:
+        results: the results of the probes already run in this round, by probe name.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Sequence[Any],
+        *,
+        sample_batch: Any = None,
+        params: Sequence[str] | None = None,
+        route: HVPRoute = "auto",
+        seed: int = 0,
+        step: int = 0,
+        epoch: int = 0,
+        optimizers: Sequence[torch.optim.Optimizer] = (),
+        weight: float | None = None,
+        world_size: int = 1,
+        timeout: datetime.timedelta | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
+        if not batches:
+            raise ValueError("A probe context needs at least one probe batch.")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.batches = list(batches)
+        self.sample_batch = self.batches[0] if sample_batch is None else sample_batch
+        self.params = None if params is None else list(params)
+        self.route: HVPRoute = route
+        self.seed = seed
+        self.step = step
+        self.epoch = epoch
+        self.optimizers = list(optimizers)
+        self.weight = weight
+        self.world_size = world_size
+        self.timeout = timeout
+        self._warn = warn
+        self.results: dict[str, Any] = {}
+        self._local: HessianOperator | None = None
+        self._op: CurvatureOperator | None = None
+        self._failure: ProbeFailure | None = None
+        self._loss: float | None = None
+
+    @property
+    def first_batch(self) -> Any:
+        """The first probe batch (what single-batch measurements such as α use)."""
+        return self.batches[0]
+
+    @property
+    def num_params(self) -> int:
+        """Number of probed parameters (scalars)."""
+        return sum(p.numel() for _, p in select_parameters(self.model, self.params))
+
+    @property
+    def resolved_route(self) -> HVPRoute | None:
+        """The route the shared operator settled on (``None`` before it was built)."""
+        return None if self._local is None else self._local.route
+
+    def warn(self, message: str) -> None:
+        """Report a soft problem (once per rank, or on rank zero inside the monitor)."""
+        if self._warn is not None:
+            self._warn(message)
+
+    def operator(self) -> CurvatureOperator:
+        """The Hessian operator shared by the probes of this round (built on first use).
+
+        Returns:
+            The local :class:`~lightning_landscape.HessianOperator`, or on several processes a
+            :class:`~lightning_landscape.DistributedOperator` over the ranks.
+
+        Raises:
+            ProbeFailure: on every rank alike, if building it failed on some rank (out of
+                memory, a NaN/inf probe loss, an error in the loss on some ranks only).
+            Exception: the error itself, on one process or when every rank hit it (a bug in the
+                loss or bad input, not a glitch).
+        """
+        if self._failure is not None:
+            raise self._failure
+        if self._op is not None:
+            return self._op
+        local: HessianOperator | None = None
+        why: str | None = None
+        error: Exception | None = None
+        try:
+            local = HessianOperator(
+                self.model, self.loss_fn, self.batches, params=self.params, route=self.route
+            )
+            if not math.isfinite(local.loss_value):
+                why = "has a NaN/inf loss on the probe data"
+        except torch.OutOfMemoryError:
+            why = "ran out of memory (lower num_probe_samples or set probe_micro_batch_size)"
+        except Exception as err:
+            if self.world_size == 1:
+                raise
+            error, why = err, f"failed ({type(err).__name__}: {err})"
+        # Before any Hessian-vector product, every rank learns how many ranks failed.
+        failures = count_failures(why is not None, timeout=self.timeout)
+        if failures:
+            if local is not None:
+                local.release()
+            if error is not None and failures == self.world_size:
+                raise error  # the same failure everywhere: a real error, raised on all ranks
+            self._failure = ProbeFailure(why or "failed on another rank")
+            raise self._failure
+        assert local is not None
+        self._local = local
+        if self.world_size > 1:
+            weight = float(self.weight if self.weight is not None else 0.0)
+            self._op = DistributedOperator(local, weight, timeout=self.timeout)
+        else:
+            self._op = local
+        return self._op
+
+    def probe_loss(self) -> float:
+        """The loss on the probe data (the mean over every rank's samples).
+
+        Raises:
+            ProbeFailure: as :meth:`operator`.
+        """
+        if self._loss is None:
+            self.operator()
+            assert self._local is not None
+            weight = float(self.weight if self.weight is not None else 1.0)
+            self._loss = weighted_mean(self._local.loss_value, weight, timeout=self.timeout)
+        return self._loss
+
+    def release(self) -> None:
+        """Free the shared operator's retained graphs (call once the round is over)."""
+        if self._local is not None:
+            self._local.release()
+
+
+class Probe(abc.ABC):
+    """One measurement: settings, cadence, state, and what it reports.
+
+    Subclasses set :attr:`name` and implement :meth:`run` and :meth:`scalars`; everything else
+    has a default. See ``docs/architecture.md`` for a worked example.
+
+    Args:
+        every_n_steps: see :class:`Cadence`.
+        every_n_epochs: see :class:`Cadence`.
+        on_train_start: see :class:`Cadence`.
+        on_train_end: see :class:`Cadence`.
+
+    Attributes:
+        name: the probe's name: its key in results, state and ``analyze --probes``.
+        scope: where it runs under data parallelism (see :data:`Scope`).
+        cost_group: the tag group of its cost (``landscape/<group>/seconds``, ``.../hvps``):
+            probes that share the Hessian operator report one total under ``"cost"``.
+        order: probes due at the same step run in ascending order (so that a probe can reuse
+            an earlier one's result from :attr:`ProbeContext.results`).
+        cadence: when the monitor runs it.
+        last_result: the result of the last successful measurement (``None`` before).
+        last_step: the global step of the last attempt (``-1`` before).
+    """
+
+    name: ClassVar[str]
+    scope: ClassVar[Scope] = "global"
+    cost_group: ClassVar[str] = tags.COST
+    order: ClassVar[int] = 50
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        on_train_start: bool = False,
+        on_train_end: bool = True,
+    ) -> None:
+        self.cadence = Cadence(every_n_steps, every_n_epochs, on_train_start, on_train_end)
+        self.last_result: Any = None
+        self.last_step = -1
+
+    def __repr__(self) -> str:
+        c = self.cadence
+        return (
+            f"{type(self).__name__}(every_n_steps={c.every_n_steps}, "
+            f"every_n_epochs={c.every_n_epochs})"
+        )
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def extra_samples(self) -> int:
+        """Samples this probe needs beyond the probe set in :attr:`ProbeContext.sample_batch`."""
+        return 0
+
+    def check(self, model: nn.Module, num_params: int) -> None:  # noqa: B027 - optional hook
+        """Check the settings against the model before training starts.
+
+        Args:
+            model: the module to probe.
+            num_params: the number of probed parameters.
+
+        Raises:
+            ValueError: naming the setting and the fix.
+        """
+
+    def check_data(self, sample_batch: Any) -> None:  # noqa: B027 - optional hook
+        """Check the settings against the probe data once it is collected.
+
+        Args:
+            sample_batch: the first probe batch, with any :attr:`extra_samples`.
+
+        Raises:
+            ValueError: naming the setting and the fix.
+        """
+
+    # ------------------------------------------------------------------ measuring
+    @abc.abstractmethod
+    def run(self, ctx: ProbeContext) -> Any:
+        """Measure once.
+
+        Args:
+            ctx: the round's context.
+
+        Returns:
+            The result (a frozen dataclass, or a mapping of them).
+
+        Raises:
+            ProbeFailure: a data-dependent failure: the measurement is skipped with a warning.
+        """
+
+    def is_finite(self, result: Any) -> bool:
+        """Whether the result holds only finite numbers (a non-finite one is skipped)."""
+        return True
+
+    def record(self, result: Any, step: int) -> None:
+        """Keep what the next measurement needs (called after each successful one).
+
+        Args:
+            result: the result of :meth:`run`.
+            step: the global step.
+        """
+        self.last_result = result
+
+    @staticmethod
+    def cost_hvps(result: Any) -> int:
+        """Hessian-vector products the measurement spent."""
+        return int(getattr(result, "num_hvps", 0))
+
+    # ------------------------------------------------------------------ reporting
+    @abc.abstractmethod
+    def scalars(self, result: Any) -> dict[str, float]:
+        """The scalars to log, by tag (see :mod:`lightning_landscape.report.tags`)."""
+
+    def histograms(self, result: Any) -> dict[str, Tensor]:
+        """Histograms to log to TensorBoard, by tag."""
+        return {}
+
+    def figures(self, result: Any, step: int) -> dict[str, Figure]:
+        """Figures of one result, by tag (asked for only where a logger or a file takes them)."""
+        return {}
+
+    def epoch_figures(self) -> dict[str, Figure]:
+        """Figures of the whole run so far, logged at epoch ends (e.g. trajectories)."""
+        return {}
+
+    def charts(self) -> Layout:
+        """This probe's charts of the custom-scalars layout."""
+        return {}
+
+    def rows(self, result: Any) -> list[Row]:
+        """Rows of the ``analyze`` table (quantity, value, notes)."""
+        return [
+            [tag.removeprefix("landscape/"), fmt(v), ""] for tag, v in self.scalars(result).items()
+        ]
+
+    def summary(self, result: Any) -> dict[str, Any]:
+        """The JSON-able part of ``analyze``'s ``summary.json`` for one result."""
+        return dict(self.scalars(result))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue exactly (saved in the monitor's state)."""
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output.
+
+        Args:
+            state_dict: the saved state.
+        """
+        self.last_step = int(state_dict.get("last_step", -1))
+
+
+def warm_vectors(vectors: Tensor | None, op_size: int, device: torch.device) -> Tensor | None:
+    """Saved start vectors if they fit an operator of ``op_size`` (else ``None``), on ``device``.
+
+    Args:
+        vectors: ``(n, b)`` vectors from an earlier solve, or ``None``.
+        op_size: the operator's dimension.
+        device: where the solver runs.
+
+    Returns:
+        The vectors on ``device``, or ``None`` if absent or of another size.
+    """
+    if vectors is None or vectors.shape[0] != op_size:
+        return None
+    return vectors.to(device)

@@ -1,0 +1,332 @@
+"""Sharpness: the top-k Hessian eigenvalues, λ_min, and λ_max against the optimizer's threshold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+
+from .._validate import choice, flag, integer, optional_integer, real
+from ..optim.thresholds import stability_threshold
+from ..report import figures, tags
+from ..report.layout import SHARPNESS, SPECTRUM, Layout, multiline
+from ..solvers import Criterion, EigenResult, lanczos
+from .base import Probe, ProbeContext, Row, fmt, warm_vectors
+
+_CRITERIA: tuple[Criterion, ...] = ("residual", "eigenvalue")
+_LAMBDA_MIN_SEED = 7919  # the λ_min solve draws from another stream than the top-k solve
+
+
+@dataclass(frozen=True)
+class SharpnessResult:
+    """What one sharpness measurement found.
+
+    Attributes:
+        top: the top-k eigenpairs (descending).
+        bottom: the smallest eigenpair, or ``None`` without ``lambda_min``.
+        probe_loss: the loss on the probe data.
+        stability_threshold: the optimizer's threshold on λ_max (``(2 + 2β)/η`` for SGD with
+            momentum β), or ``None`` where the raw Hessian does not set stability (Adam) or
+            there is no optimizer.
+    """
+
+    top: EigenResult
+    bottom: EigenResult | None
+    probe_loss: float
+    stability_threshold: float | None
+
+    @property
+    def eigenvalues(self) -> tuple[float, ...]:
+        """The top-k eigenvalues, descending."""
+        return tuple(float(v) for v in self.top.eigenvalues)
+
+    @property
+    def lambda_max(self) -> float:
+        """The largest eigenvalue (sharpness)."""
+        return self.eigenvalues[0]
+
+    @property
+    def lambda_min(self) -> float | None:
+        """The algebraically smallest eigenvalue, if computed."""
+        return None if self.bottom is None else float(self.bottom.eigenvalues[0])
+
+    @property
+    def stability_ratio(self) -> float | None:
+        """``λ_max / threshold`` (``> 1``: past the edge of stability), if a threshold is known."""
+        t = self.stability_threshold
+        return self.lambda_max / t if t else None
+
+    @property
+    def solves(self) -> tuple[EigenResult, ...]:
+        """The eigensolves (top-k, then λ_min if computed)."""
+        return (self.top,) if self.bottom is None else (self.top, self.bottom)
+
+    @property
+    def converged(self) -> bool:
+        """Whether every eigenvalue met the tolerance."""
+        return all(r.all_converged for r in self.solves)
+
+    @property
+    def max_residual(self) -> float:
+        """The largest relative Ritz residual among the reported eigenvalues."""
+        return max(float(r.residuals.max()) for r in self.solves if r.residuals.numel())
+
+    @property
+    def num_hvps(self) -> int:
+        """Hessian-vector products of both solves."""
+        return sum(r.num_hvps for r in self.solves)
+
+
+class Sharpness(Probe):
+    r"""The top-k Hessian eigenvalues (λ_max first), λ_min, and λ_max over the stability threshold.
+
+    Thick-restart Lanczos (:func:`~lightning_landscape.lanczos`) on the round's Hessian operator,
+    warm-started from the previous measurement's eigenvectors; with ``lambda_min`` a second solve
+    for the algebraically smallest eigenvalue (negative: a saddle direction). For
+    ``torch.optim.SGD`` (or SAM over it) λ_max is compared with the edge of stability
+    ``(2 + 2β)/η``; for adaptive optimizers the raw λ_max does not set stability and no ratio is
+    logged.
+
+    Logs ``landscape/lambda_max``, ``landscape/eigenvalues/<i>``, ``landscape/lambda_min``,
+    ``landscape/stability_ratio`` and ``landscape/stability_threshold`` (SGD),
+    ``landscape/probe_loss``, ``landscape/converged`` and ``landscape/max_residual``; with a
+    TensorBoard logger the histogram ``landscape/eigenvalues`` and, at epoch ends, the figure
+    ``landscape/eigenvalue_trajectories``.
+
+    Args:
+        top_k: number of largest eigenvalues.
+        lambda_min: also compute the smallest eigenvalue.
+        tol: relative tolerance of the eigenvalues (see ``criterion``).
+        criterion: ``"residual"`` (``tol`` bounds the relative Ritz residual) or
+            ``"eigenvalue"`` (``tol`` bounds the estimated relative eigenvalue error, with the
+            residual at most ``√tol``; cheaper when only eigenvalues matter, see
+            :func:`~lightning_landscape.lanczos`).
+        max_basis: bound on the Krylov basis (memory ``(max_basis + 1) × num_params``).
+        max_hvps: Hessian-vector-product budget per eigensolve.
+        warm_start: start each solve from the previous measurement's eigenvectors.
+        save_warm_start: keep those vectors in checkpoints (``top_k + 1`` vectors of
+            ``num_params`` numbers) so a resumed run continues exactly.
+        histogram: log the eigenvalue histogram to TensorBoard.
+        figure: log the eigenvalue-trajectory figure to TensorBoard at epoch ends.
+        every_n_steps: see :class:`~lightning_landscape.probes.Cadence`.
+        every_n_epochs: see :class:`~lightning_landscape.probes.Cadence`.
+        on_train_start: see :class:`~lightning_landscape.probes.Cadence`.
+        on_train_end: see :class:`~lightning_landscape.probes.Cadence`.
+
+    Raises:
+        ValueError: on invalid settings.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_landscape.probes import ProbeContext, Sharpness
+        >>> model = nn.Linear(3, 1, bias=False)
+        >>> x = torch.diag(torch.tensor([1.0, 2.0, 3.0]))
+        >>> loss_fn = lambda m, b: 0.5 * (m(b) ** 2).sum()  # H = XᵀX = diag(1, 4, 9)
+        >>> result = Sharpness(top_k=2).run(ProbeContext(model, loss_fn, [x]))
+        >>> [round(v, 6) for v in result.eigenvalues], round(result.lambda_min, 6)
+        ([9.0, 4.0], 1.0)
+    """
+
+    name = "sharpness"
+    order = 0
+
+    def __init__(
+        self,
+        top_k: int = 5,
+        *,
+        lambda_min: bool = True,
+        tol: float = 1e-3,
+        criterion: Criterion = "residual",
+        max_basis: int | None = None,
+        max_hvps: int | None = None,
+        warm_start: bool = True,
+        save_warm_start: bool = True,
+        histogram: bool = True,
+        figure: bool = True,
+        every_n_steps: int | None = 100,
+        every_n_epochs: int | None = None,
+        on_train_start: bool = True,
+        on_train_end: bool = True,
+    ) -> None:
+        super().__init__(
+            every_n_steps=every_n_steps,
+            every_n_epochs=every_n_epochs,
+            on_train_start=on_train_start,
+            on_train_end=on_train_end,
+        )
+        self.top_k = integer("top_k", top_k)
+        self.lambda_min = flag("lambda_min", lambda_min)
+        self.tol = real("tol", tol, low=0)
+        self.criterion: Criterion = choice("criterion", criterion, _CRITERIA)
+        self.max_basis = optional_integer("max_basis", max_basis)
+        self.max_hvps = optional_integer("max_hvps", max_hvps)
+        if self.max_hvps is not None and self.max_hvps < top_k:
+            raise ValueError(f"max_hvps must be at least top_k = {top_k}, got {max_hvps}")
+        if self.max_basis is not None and self.max_basis < top_k + 1:
+            raise ValueError(f"max_basis must be at least top_k + 1 = {top_k + 1}, got {max_basis}")
+        self.warm_start = flag("warm_start", warm_start)
+        self.save_warm_start = flag("save_warm_start", save_warm_start)
+        self.histogram = flag("histogram", histogram)
+        self.figure = flag("figure", figure)
+        self.warm_top: Tensor | None = None
+        self.warm_min: Tensor | None = None
+        self.trajectory: list[tuple[int, tuple[float, ...], float | None, float | None]] = []
+        self._figured = 0
+
+    def check(self, model: nn.Module, num_params: int) -> None:
+        """Refuse ``top_k`` above the number of probed parameters."""
+        if self.top_k > num_params:
+            raise ValueError(
+                f"Sharpness: top_k={self.top_k} exceeds the {num_params} probed parameters; "
+                f"use top_k <= {num_params}."
+            )
+
+    # ------------------------------------------------------------------ measuring
+    def run(self, ctx: ProbeContext) -> SharpnessResult:
+        """The top-k solve, the λ_min solve and the threshold of ``ctx.optimizers[0]``."""
+        op = ctx.operator()
+
+        def solve(k: int, which: str, start: Tensor | None, seed: int) -> EigenResult:
+            return lanczos(
+                op,
+                k,
+                which="smallest" if which == "smallest" else "largest",
+                tol=self.tol,
+                criterion=self.criterion,
+                max_basis=self.max_basis,
+                max_hvps=self.max_hvps,
+                start=warm_vectors(start if self.warm_start else None, op.size, op.device),
+                seed=seed,
+            )
+
+        top = solve(self.top_k, "largest", self.warm_top, ctx.seed)
+        bottom = None
+        if self.lambda_min:
+            bottom = solve(1, "smallest", self.warm_min, ctx.seed + _LAMBDA_MIN_SEED)
+        threshold = stability_threshold(ctx.optimizers[0]) if ctx.optimizers else None
+        result = SharpnessResult(top, bottom, ctx.probe_loss(), threshold)
+        if self.is_finite(result) and not result.converged:
+            ctx.warn(
+                f"eigenvalues at step {ctx.step} did not reach tol={self.tol} (max relative "
+                f"residual {result.max_residual:.2e}); logged with landscape/converged=0. Raise "
+                "max_hvps or max_basis, or loosen tol."
+            )
+        return result
+
+    def is_finite(self, result: SharpnessResult) -> bool:
+        """Whether both solves and the probe loss are finite."""
+        loss = torch.isfinite(torch.tensor(result.probe_loss))
+        return bool(loss) and all(r.is_finite for r in result.solves)
+
+    def record(self, result: SharpnessResult, step: int) -> None:
+        """Keep the eigenvectors for the next warm start and the point for the trajectory."""
+        super().record(result, step)
+        self.warm_top = result.top.eigenvectors
+        self.warm_min = None if result.bottom is None else result.bottom.eigenvectors
+        self.trajectory.append(
+            (step, result.eigenvalues, result.stability_threshold, result.lambda_min)
+        )
+
+    # ------------------------------------------------------------------ reporting
+    def scalars(self, result: SharpnessResult) -> dict[str, float]:
+        """λ_max, the spectrum, λ_min, the stability ratio, the probe loss and convergence."""
+        out = {
+            tags.LAMBDA_MAX: result.lambda_max,
+            tags.PROBE_LOSS: result.probe_loss,
+            tags.CONVERGED: float(result.converged),
+            tags.MAX_RESIDUAL: result.max_residual,
+        }
+        out.update({tags.eigenvalue(i): v for i, v in enumerate(result.eigenvalues)})
+        if result.lambda_min is not None:
+            out[tags.LAMBDA_MIN] = result.lambda_min
+        ratio, threshold = result.stability_ratio, result.stability_threshold
+        if ratio is not None and threshold is not None:
+            out[tags.STABILITY_RATIO] = ratio
+            out[tags.STABILITY_THRESHOLD] = threshold
+        return out
+
+    def histograms(self, result: SharpnessResult) -> dict[str, Tensor]:
+        """The top-k eigenvalues as a TensorBoard histogram."""
+        return {tags.EIGENVALUES: torch.tensor(result.eigenvalues)} if self.histogram else {}
+
+    def epoch_figures(self) -> dict[str, Figure]:
+        """The eigenvalue trajectories, when measurements were added since the last figure."""
+        if not self.figure or len(self.trajectory) < 2 or len(self.trajectory) == self._figured:
+            return {}
+        self._figured = len(self.trajectory)
+        steps, eigenvalues, thresholds, lambda_min = zip(*self.trajectory, strict=True)
+        fig = figures.eigenvalue_trajectories_figure(steps, eigenvalues, thresholds, lambda_min)
+        return {tags.TRAJECTORIES_FIGURE: fig}
+
+    def charts(self) -> Layout:
+        """λ_max with its threshold, the stability ratio, the spectrum, λ_min, the probe loss."""
+        return {
+            SHARPNESS: {
+                "λ_max and stability threshold (2+2β)/η": multiline(
+                    tags.exact(tags.LAMBDA_MAX), tags.exact(tags.STABILITY_THRESHOLD)
+                ),
+                "stability ratio η·λ_max/(2+2β)  (1 = edge of stability)": multiline(
+                    tags.exact(tags.STABILITY_RATIO), tags.exact(tags.CONTROL_RATIO)
+                ),
+            },
+            SPECTRUM: {
+                "top-k eigenvalues": multiline(tags.EIGENVALUE_PATTERN),
+                "λ_min (negative: saddle directions)": multiline(tags.exact(tags.LAMBDA_MIN)),
+                "probe loss": multiline(tags.exact(tags.PROBE_LOSS)),
+            },
+        }
+
+    def rows(self, result: SharpnessResult) -> list[Row]:
+        """λ_max with its convergence, the other eigenvalues, λ_min."""
+        conv = "converged" if result.top.all_converged else "NOT converged"
+        values = result.eigenvalues
+        rows = [["λ_max", fmt(values[0]), f"{conv}, max residual {result.max_residual:.1e}"]]
+        rows += [[f"λ_{i + 1}", fmt(v), ""] for i, v in enumerate(values[1:], start=1)]
+        if result.bottom is not None:
+            low = "converged" if result.bottom.all_converged else "NOT converged"
+            rows.append(["λ_min", fmt(result.lambda_min), low])
+        if result.stability_ratio is not None:
+            rows.append(["stability ratio", fmt(result.stability_ratio), "λ_max / (2 + 2β)/η"])
+        return rows
+
+    def summary(self, result: SharpnessResult) -> dict[str, Any]:
+        """Eigenvalues with residuals and convergence, threshold, cost."""
+        out: dict[str, Any] = {
+            "lambda_max": result.lambda_max,
+            "eigenvalues": list(result.eigenvalues),
+            "residuals": result.top.residuals,
+            "converged": result.top.all_converged,
+            "stability_threshold": result.stability_threshold,
+            "stability_ratio": result.stability_ratio,
+            "num_hvps": result.num_hvps,
+            "seconds": sum(r.seconds for r in result.solves),
+        }
+        if result.bottom is not None:
+            out["lambda_min"] = result.lambda_min
+            out["lambda_min_residual"] = float(result.bottom.residuals[0])
+            out["lambda_min_converged"] = result.bottom.all_converged
+        return out
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The step guard, the trajectory and (with ``save_warm_start``) the warm vectors."""
+        keep = self.save_warm_start and self.warm_start
+        state = super().state_dict()
+        state["trajectory"] = list(self.trajectory)
+        state["warm_top"] = self.warm_top.cpu() if keep and self.warm_top is not None else None
+        state["warm_min"] = self.warm_min.cpu() if keep and self.warm_min is not None else None
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output."""
+        super().load_state_dict(state_dict)
+        self.trajectory = [
+            (int(s), tuple(e), t, m) for s, e, t, m in state_dict.get("trajectory", [])
+        ]
+        self._figured = 0
+        self.warm_top = state_dict.get("warm_top")
+        self.warm_min = state_dict.get("warm_min")
