@@ -398,14 +398,15 @@ def scenario_trainer(rank: int, rec: Recorder, outdir: Path) -> None:
         trainer_kwargs,
     )
 
+    def probes(every_n_steps: int = EVERY_N_STEPS) -> list[ll.Probe]:
+        return [
+            ll.Sharpness(TOP_K, tol=TOL, every_n_steps=every_n_steps),
+            ll.Trace(TRACE_HVPS, every_n_steps=every_n_steps),
+        ]
+
     def monitor(**kwargs: Any) -> ll.LandscapeMonitor:
         return ll.LandscapeMonitor(
-            every_n_steps=EVERY_N_STEPS,
-            top_k=TOP_K,
-            tol=TOL,
-            trace_hvps=TRACE_HVPS,
-            num_probe_samples=NUM_PROBE_SAMPLES,
-            **kwargs,
+            probes=probes(), num_probe_samples=NUM_PROBE_SAMPLES, **kwargs
         )
 
     class ProbeSpy(pl.Callback):
@@ -422,7 +423,7 @@ def scenario_trainer(rank: int, rec: Recorder, outdir: Path) -> None:
             self.states[trainer.global_step] = state
 
         def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            self.probe = [[t.tolist() for t in b] for b in self.mon._probe_batches or []]
+            self.probe = [[t.tolist() for t in b] for b in self.mon._batches or []]
             self._keep(trainer, pl_module)
 
         def on_train_batch_end(
@@ -483,11 +484,8 @@ def scenario_trainer(rank: int, rec: Recorder, outdir: Path) -> None:
         lambda: fit(
             "budget",
             ll.LandscapeMonitor(
-                every_n_steps=5,
+                probes=probes(every_n_steps=5),
                 max_overhead=0.5,
-                top_k=TOP_K,
-                tol=TOL,
-                trace_hvps=TRACE_HVPS,
                 num_probe_samples=NUM_PROBE_SAMPLES,
                 collective_timeout=30,
             ),

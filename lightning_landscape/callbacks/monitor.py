@@ -584,6 +584,7 @@ class LandscapeMonitor(Callback):
         self.num_probes += 1
         measured: list[tuple[Probe, Any, float]] = []
         failed = False
+        reported: list[BaseException] = []  # a failed shared operator is reported once
         with (
             curvature_context(pl_module),
             silenced(pl_module),
@@ -595,10 +596,13 @@ class LandscapeMonitor(Callback):
                     if probe.scope == "rank_zero" and not trainer.is_global_zero:
                         continue
                     start = time.perf_counter()
-                    result, why = self._measure(probe, ctx)
+                    result, why, cause = self._measure(probe, ctx)
                     if why is not None:
                         failed = True
-                        self._fail(probe, step, why)
+                        if not any(cause is seen for seen in reported):
+                            self._fail(probe, step, why)
+                        if cause is not None:
+                            reported.append(cause)
                         continue
                     probe.record(result, step)
                     ctx.results[probe.name] = result
@@ -608,17 +612,23 @@ class LandscapeMonitor(Callback):
         self._resolved_route = ctx.resolved_route or self._resolved_route
         return ctx, measured, failed
 
-    def _measure(self, probe: Probe, ctx: ProbeContext) -> tuple[Any, str | None]:
-        """Run one probe; return its result, or why it is skipped (the same on every rank)."""
+    def _measure(
+        self, probe: Probe, ctx: ProbeContext
+    ) -> tuple[Any, str | None, BaseException | None]:
+        """Run one probe: its result, or why it is skipped and the exception that caused it.
+
+        Under DDP the decision is the same on every rank.
+        """
         result: Any = None
         why: str | None = None
+        cause: BaseException | None = None
         error: Exception | None = None
         try:
             result = probe.run(ctx)
             if not probe.is_finite(result):
                 why = "produced NaN/inf values"
         except _SKIPPED as err:
-            why = _describe(err)
+            why, cause = _describe(err), err
         except Exception as err:
             if ctx.world_size == 1:
                 raise  # a bug in the loss or bad input: say so rather than skip
@@ -629,7 +639,7 @@ class LandscapeMonitor(Callback):
                 raise error  # the same failure everywhere: a real error, raised on all ranks
             if failures and why is None:
                 why = "failed on another rank"
-        return result, why
+        return result, why, cause
 
     def _fail(self, probe: Probe, step: int, why: str) -> None:
         self.num_failed += 1

@@ -101,6 +101,27 @@ class Cadence:
         return n is not None and epochs_done % n == 0
 
 
+class _RoundOperator(CurvatureOperator):
+    """The round's shared operator: once a product fails, the round does not use it again.
+
+    The failure (out of memory, or a failure on some rank agreed through the all-reduce) is kept
+    on the context, so every later probe of the round is skipped for the same reason, and the
+    monitor reports it once.
+    """
+
+    def __init__(self, inner: CurvatureOperator, ctx: ProbeContext) -> None:
+        super().__init__(inner.size, inner.dtype, inner.device)
+        self.inner = inner
+        self.ctx = ctx
+
+    def _matmat(self, block: Tensor) -> Tensor:
+        try:
+            return self.inner.matmat(block)
+        except (ProbeFailure, torch.OutOfMemoryError) as err:
+            self.ctx._failure = err
+            raise
+
+
 class ProbeContext:
     """What the probes of one round measure on.
 
@@ -167,7 +188,7 @@ class ProbeContext:
         self.results: dict[str, Any] = {}
         self._local: HessianOperator | None = None
         self._op: CurvatureOperator | None = None
-        self._failure: ProbeFailure | None = None
+        self._failure: BaseException | None = None
         self._loss: float | None = None
 
     @property
@@ -199,7 +220,8 @@ class ProbeContext:
 
         Raises:
             ProbeFailure: on every rank alike, if building it failed on some rank (out of
-                memory, a NaN/inf probe loss, an error in the loss on some ranks only).
+                memory, a NaN/inf probe loss, an error in the loss on some ranks only), or one
+                of its products failed earlier in this round (then the same exception again).
             Exception: the error itself, on one process or when every rank hit it (a bug in the
                 loss or bad input, not a glitch).
         """
@@ -233,11 +255,11 @@ class ProbeContext:
             raise self._failure
         assert local is not None
         self._local = local
+        op: CurvatureOperator = local
         if self.world_size > 1:
             weight = float(self.weight if self.weight is not None else 0.0)
-            self._op = DistributedOperator(local, weight, timeout=self.timeout)
-        else:
-            self._op = local
+            op = DistributedOperator(local, weight, timeout=self.timeout)
+        self._op = _RoundOperator(op, self)
         return self._op
 
     def probe_loss(self) -> float:
