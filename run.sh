@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Single entry point for lightning-landscape. Sets up everything itself on a fresh machine.
 #
-#   ./run.sh demo [args...]     run the demo (python -m lightning_landscape.demo)
+#   ./run.sh demo [args...]     run the demo (python -m lightning_landscape.cli demo)
 #   ./run.sh test [pytest args] lint, then the test suite
 #   ./run.sh lint               ruff check + ruff format --check + mypy
 #   ./run.sh fmt                apply ruff's fixes and formatting (the fix for a failing lint)
@@ -133,7 +133,7 @@ shift
 case "$cmd" in
   demo)
     ensure_env
-    exec "$PY" -m lightning_landscape.demo "$@"
+    exec "$PY" -m lightning_landscape.cli demo "$@"
     ;;
   test)
     ensure_env

@@ -44,7 +44,7 @@ if str(HERE.parent) not in sys.path:  # run from a checkout without an editable 
     sys.path.insert(0, str(HERE.parent))
 
 from lightning_landscape import curvature_exponents  # noqa: E402
-from lightning_landscape.metrics.alpha import _default_weights  # noqa: E402
+from lightning_landscape.metrics.alpha import resolve_layers  # noqa: E402
 from lightning_landscape.operators import HessianOperator  # noqa: E402
 
 
@@ -143,7 +143,7 @@ def main() -> None:
     x = torch.randn(args.batch, 3, 32, 32, generator=gen).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
     batch = (x, y)
-    names = args.layers.split(",") if args.layers else _default_weights(model)
+    names = args.layers.split(",") if args.layers else resolve_layers(model, None)
     if args.max_layers and args.max_layers < len(names):
         step = (len(names) - 1) / max(args.max_layers - 1, 1)
         names = [names[round(i * step)] for i in range(args.max_layers)]

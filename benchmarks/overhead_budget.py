@@ -1,10 +1,10 @@
 """Does `LandscapeMonitor(max_overhead=...)` keep monitoring within its wall-time budget?
 
-Trains the demo's digits CNN (lightning_landscape.cli.demo) for a fixed wall time per budget with the
-monitor reading λ_max (top-1 eigenvalue on 128 probe samples, warm-started) and reports, per
-budget: the probes taken, how often λ_max was read (mean steps between probes), the monitor's
-own overhead figure, and the overhead measured from outside (probe seconds / `trainer.fit` wall
-time).
+Trains the demo's digits CNN (lightning_landscape.cli.demo) for a fixed wall time per budget
+with the monitor reading λ_max (top-1 eigenvalue on 128 probe samples, warm-started) and
+reports, per budget: the probes taken, how often λ_max was read (mean steps between probes), the
+monitor's own overhead figure, and the overhead measured from outside (probe seconds /
+`trainer.fit` wall time).
 
     python benchmarks/overhead_budget.py                 # budgets 0.02 and 0.05; 90 s each
     python benchmarks/overhead_budget.py --budgets 0.05 --seconds 20
@@ -24,7 +24,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_landscape import LandscapeMonitor
+from lightning_landscape import LandscapeMonitor, Sharpness
 from lightning_landscape.cli.demo import DigitsCNN, load_digits_tensors
 
 
@@ -32,13 +32,9 @@ def run(budget: float, seconds: float, floor: int | None) -> dict[str, object]:
     pl.seed_everything(0, verbose=False)
     train, _, _ = load_digits_tensors()
     monitor = LandscapeMonitor(
+        probes=[Sharpness(1, lambda_min=False, every_n_steps=floor, on_train_end=False)],
         max_overhead=budget,
-        every_n_steps=floor,
-        top_k=1,
-        lambda_min=False,
-        trace=False,
         num_probe_samples=128,
-        probe_on_train_end=False,
     )
     trainer = pl.Trainer(
         max_time={"seconds": seconds},

@@ -3,8 +3,8 @@
 
 Trains the two models of ``bench_cpu.py`` (ResNet-style CNN on ``load_digits``, small GPT on the
 synthetic modular task) inside a Lightning ``Trainer`` with
-``LandscapeMonitor(every_n_steps=N, top_k=K, tol=1e-4, lambda_min=False, trace=False,
-warm_start=...)`` for K = 1 and K = 20, warm-started and (the control) cold. With neither
+``LandscapeMonitor(probes=[Sharpness(K, tol=1e-4, lambda_min=False, warm_start=...,
+every_n_steps=N)])`` for K = 1 and K = 20, warm-started and (the control) cold. With neither
 λ_min nor the trace, a probe's ``num_hvps`` is exactly its eigensolve. The first probe is always
 cold, so the statistics exclude it. Targets (issue 5): median HVPs for λ_max <= 5, for top-20
 <= 30 with the warm start.
@@ -52,6 +52,7 @@ from bench_cpu import (
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 import lightning_landscape as ll
+from lightning_landscape.probes.base import warm_vectors
 from lightning_landscape.solvers import lanczos
 
 TOL = 1e-4
@@ -96,20 +97,21 @@ def setup(name: str, steps: int, quick: bool) -> tuple[Module, DataLoader, DataL
     return Module(net, gpt_loss, 0.1), loader, DataLoader(probe, batch_size=8), 1.0
 
 
-class VariantMonitor(ll.LandscapeMonitor):
+class VariantSharpness(ll.Sharpness):
     """Also solves each probe's operator with other start strategies (results only recorded)."""
 
-    def __init__(self, **kw: Any) -> None:
-        super().__init__(**kw)
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
         self.rows: list[dict[str, Any]] = []
 
-    def _solve(self, op: Any, seed: int) -> Any:
-        start = self._warm(self._warm_top, op.device)  # the previous probe's Ritz vectors
-        out = super()._solve(op, seed)
+    def run(self, ctx: ll.probes.ProbeContext) -> ll.probes.SharpnessResult:
+        op = ctx.operator()
+        start = warm_vectors(self.warm_top, op.size, op.device)  # the previous probe's vectors
+        out = super().run(ctx)
         if start is None:
             return out
         k = self.top_k
-        row: dict[str, Any] = {"default": out[0].num_hvps, "default_conv": out[0].all_converged}
+        row: dict[str, Any] = {"default": out.top.num_hvps, "default_conv": out.top.all_converged}
         v = start[:, 0] / start[:, 0].norm()  # residual of the old top vector on the new H
         hv = op.matmat(v[:, None])[:, 0]
         theta = float(v @ hv)
@@ -125,10 +127,10 @@ class VariantMonitor(ll.LandscapeMonitor):
             variants["top1_only"] = {"start": start[:, :1]}
             variants["block_4"] = {"block_size": 4, "max_basis": 2 * k + 12}
         for name, kw in variants.items():
-            kw = {"tol": TOL, "start": start, "seed": seed, **kw}
+            kw = {"tol": TOL, "start": start, "seed": ctx.seed, **kw}
             res = lanczos(op, k, **kw)
             row[name], row[name + "_conv"] = res.num_hvps, res.all_converged
-            ref = out[0].eigenvalues  # the tol 1e-4 values: how far off is this variant?
+            ref = out.top.eigenvalues  # the tol 1e-4 values: how far off is this variant?
             row[name + "_err"] = float(((res.eigenvalues - ref).abs() / ref.abs()).max())
         self.rows.append(row)
         return out
@@ -139,19 +141,19 @@ def run(
 ) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
     module, loader, probe, clip = setup(name, args.steps, args.quick)
-    cls = VariantMonitor if variants else ll.LandscapeMonitor
-    monitor = cls(
-        every_n_steps=args.every,
-        top_k=k,
+    cls = VariantSharpness if variants else ll.Sharpness
+    sharpness = cls(
+        k,
         tol=TOL,
         criterion=args.criterion,
         lambda_min=False,
-        trace=False,
         warm_start=warm,
-        probe_dataloader=probe,
-        probe_on_train_end=False,
-        log_histogram=False,
-        tensorboard_layout=False,
+        histogram=False,
+        every_n_steps=args.every,
+        on_train_end=False,
+    )
+    monitor = ll.LandscapeMonitor(
+        probes=[sharpness], probe_dataloader=probe, tensorboard_layout=False
     )
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -187,8 +189,8 @@ def run(
         "probe_loss": [r.probe_loss for r in hist],
         "fit_seconds": time.perf_counter() - t0,
     }
-    if isinstance(monitor, VariantMonitor):
-        row["variants"] = monitor.rows
+    if isinstance(sharpness, VariantSharpness):
+        row["variants"] = sharpness.rows
     print(
         f"  {name} k={k} warm={warm}{' (variants)' if variants else ''}: hvps {row['hvps']}  "
         f"lambda_max {row['lambda_max'][0]:.4g} -> {row['lambda_max'][-1]:.4g}",

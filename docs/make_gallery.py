@@ -23,13 +23,8 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 import lightning_landscape as ll
-from lightning_landscape.report.figures import (
-    density_figure,
-    eigenvalue_trajectories_figure,
-)
-from lightning_landscape.report.figures import alpha_figure, delta2_sweep_figure
-from lightning_landscape.report.figures import connectivity_figure, slice_figure
 from lightning_landscape.cli.demo import DigitsCNN, load_digits_tensors
+from lightning_landscape.report.figures import connectivity_figure
 
 
 class _Snapshot(Callback):
@@ -58,21 +53,16 @@ def main() -> None:
     train, val, _ = load_digits_tensors(args.seed)
     model = DigitsCNN(width=8)
     monitor = ll.LandscapeMonitor(
-        every_n_steps=20,
-        top_k=4,
+        probes=[
+            ll.Sharpness(4, every_n_steps=20),
+            ll.Trace(every_n_steps=20),
+            ll.SpectralDensity(num_runs=6, every_n_steps=100),
+            # α and Δ₂ at the end of training only
+            ll.CurvatureExponent(12, every_n_steps=None),
+            ll.Stabilization(D=5, sweep=True, sweep_points=6, sweep_repeats=4, every_n_steps=None),
+            ll.LossSlice(steps=21, span=1.0, every_n_epochs=args.epochs),
+        ],
         num_probe_samples=256,
-        density_every_n_probes=5,
-        density_runs=6,
-        alpha_every_n_steps=10_000,  # at the end of training
-        alpha_top_k=12,
-        delta2_every_n_steps=10_000,
-        delta2_D=5,
-        delta2_sweep=True,
-        delta2_sweep_points=6,
-        delta2_sweep_repeats=4,
-        slice_every_n_epochs=args.epochs,
-        slice_steps=21,
-        slice_span=1.0,
     )
     snapshot = _Snapshot(min(5, args.epochs))
     trainer = pl.Trainer(
@@ -87,23 +77,11 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     trainer.fit(model, DataLoader(train, batch_size=64, shuffle=True, generator=gen))
     step = trainer.global_step
-    h = monitor.history
-    figures = {
-        "eigenvalue_trajectories": eigenvalue_trajectories_figure(
-            [r.step for r in h],
-            [r.eigenvalues for r in h],
-            [r.stability_threshold for r in h],
-            [r.lambda_min for r in h],
-        ),
-    }
-    if monitor.last_density is not None:
-        figures["density"] = density_figure(monitor.last_density, step)
-    if monitor.last_alpha is not None:
-        figures["alpha_fit"] = alpha_figure(monitor.last_alpha, step)
-    if monitor.last_delta2_sweep is not None:
-        figures["delta2_sweep"] = delta2_sweep_figure(monitor.last_delta2_sweep, step)
-    if monitor.last_slice is not None:
-        figures["loss_slice"] = slice_figure(monitor.last_slice, step)
+    figures = {}  # the same figures the monitor logs to TensorBoard, by the tag's last part
+    for probe in monitor.probes:
+        if probe.last_result is not None:
+            images = {**probe.figures(probe.last_result, step), **probe.epoch_figures()}
+            figures.update({tag.rpartition("/")[2]: fig for tag, fig in images.items()})
     if snapshot.state is not None:
         x, y = val.tensors
 

@@ -3,8 +3,8 @@
     python examples/alpha_tensorboard.py     # writes landscape_logs/alpha_{cnn,transformer}
     tensorboard --logdir landscape_logs      # landscape/alpha_group/*, figure alpha_fit
 
-1. The demo's digits CNN (`lightning_landscape.cli.demo.DigitsCNN`, width 16) on scikit-learn's bundled
-   8×8 digits, SGD with momentum, 15 epochs.
+1. The demo's digits CNN (`lightning_landscape.cli.demo.DigitsCNN`, width 16) on scikit-learn's
+   bundled 8×8 digits, SGD with momentum, 15 epochs.
 2. A 2-layer causal transformer (d = 64, 4 heads, `nn.TransformerEncoderLayer`) on a synthetic task
    that needs no download: predict (x_t + x_{t-1}) mod 16 at every position of random token
    sequences; AdamW, 1,500 steps.
@@ -61,11 +61,7 @@ def sum_task(n: int, seed: int = 0) -> TensorDataset:
 
 def fit(name: str, model: pl.LightningModule, data: TensorDataset, **trainer_kw) -> None:  # type: ignore[no-untyped-def]
     monitor = ll.LandscapeMonitor(
-        every_n_steps=None,
-        probe_on_train_start=False,
-        probe_on_train_end=False,  # α only: no eigenvalue probes in this example
-        alpha_every_n_steps=300,
-        alpha_top_k=20,
+        probes=[ll.CurvatureExponent(20, every_n_steps=300)],  # α only in this example
         num_probe_samples=512,
     )
     trainer = pl.Trainer(

@@ -30,7 +30,13 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from lightning_landscape import SAM, LandscapeMonitor, SharpnessAdaptiveRho, StabilityLRGuard
+from lightning_landscape import (
+    SAM,
+    LandscapeMonitor,
+    Sharpness,
+    SharpnessAdaptiveRho,
+    StabilityLRGuard,
+)
 from lightning_landscape.cli.demo import DigitsCNN, load_digits_tensors
 
 
@@ -64,10 +70,7 @@ def train(run: str, args: argparse.Namespace) -> dict[str, float]:
     else:
         model = DigitsCNN(lr=args.lr, momentum=0.9)
     monitor = LandscapeMonitor(
-        every_n_steps=args.every_n_steps,
-        top_k=2,
-        lambda_min=False,
-        trace=False,
+        probes=[Sharpness(2, lambda_min=False, every_n_steps=args.every_n_steps)],
         num_probe_samples=256,
         hooks=hooks,
     )

@@ -40,13 +40,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import lightning_landscape as ll
+from lightning_landscape.operators import HessianOperator
 from lightning_landscape.operators.distributed import (
     DistributedOperator,
     ProbeFailure,
     agree_on_failure,
     weighted_mean,
 )
-from lightning_landscape.operators import HessianOperator
 from lightning_landscape.solvers import hutchpp_trace, lanczos
 from tests._models import KINDS, cnn_batch, lm_batch, make_model, mlp_batch
 
@@ -405,9 +405,7 @@ def scenario_trainer(rank: int, rec: Recorder, outdir: Path) -> None:
         ]
 
     def monitor(**kwargs: Any) -> ll.LandscapeMonitor:
-        return ll.LandscapeMonitor(
-            probes=probes(), num_probe_samples=NUM_PROBE_SAMPLES, **kwargs
-        )
+        return ll.LandscapeMonitor(probes=probes(), num_probe_samples=NUM_PROBE_SAMPLES, **kwargs)
 
     class ProbeSpy(pl.Callback):
         """Runs right after the monitor: records this rank's probe data and, at every probe,

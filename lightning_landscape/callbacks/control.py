@@ -20,13 +20,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from .._validate import integer, real
+from .._validate import choice, integer, real
 from ..optim.thresholds import stability_threshold
 from ..report import tags
 from .hooks import ProbeReport
 
 SchedulerKind = Literal["chainable", "closed_form"]
-_SCHEDULER_KINDS = ("chainable", "closed_form")
+_SCHEDULER_KINDS: tuple[SchedulerKind, ...] = ("chainable", "closed_form")
 
 
 def _index(name: str, value: Any) -> int:
@@ -165,9 +165,7 @@ class StabilityLRGuard:
                 )
         self.param_groups = param_groups
         self.optimizer_index = _index("optimizer_index", optimizer_index)
-        if scheduler not in _SCHEDULER_KINDS:
-            raise ValueError(f"scheduler must be one of {_SCHEDULER_KINDS}, got {scheduler!r}")
-        self.scheduler: SchedulerKind = scheduler
+        self.scheduler: SchedulerKind = choice("scheduler", scheduler, _SCHEDULER_KINDS)
         self.log = bool(log)
         self.scale = 1.0
         self.last_ratio: float | None = None  # the effective ratio after the last decision

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._validate import integer
 from ..context import curvature_context
 from ..operators import HessianOperator, HVPRoute, LossFn, check_scalar_loss
 from ._fit import assess_fit, fit_power_law
@@ -291,8 +292,7 @@ def curvature_exponents(
             print(name, r.layer_type, r.alpha, r.r2, r.reliable, r.unreliable_reason)
         group_alphas(results)  # {"conv": 2.03, "head": 1.41, ...}
     """
-    if not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    integer("top_k", top_k)
     overrides = dict(layer_types or {})
     bad = {t for t in overrides.values() if t not in LAYER_TYPES}
     if bad:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .._validate import is_int, real
+from .._validate import choice, is_int, real
 from ..context import curvature_context
 from ..operators import (
     HessianOperator,
@@ -216,8 +216,7 @@ def stabilization(
     """
     t0 = time.perf_counter()
     _check_common(batch, k, sigma)
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    choice("estimator", estimator, ESTIMATORS)
     if estimator != "gm":
         _check_samples(num_samples)
     size = sum(p.numel() for _, p in select_parameters(model, params))

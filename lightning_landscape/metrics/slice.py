@@ -226,8 +226,8 @@ def loss_slice(
         raise ValueError(
             f"directions must be 'random', 'eigen' or a sequence of flat tensors, got {kind!r}"
         )
-    if kind == "random" and normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if kind == "random":
+        choice("normalization", normalization, NORMALIZATIONS)
     probed = [p for _, p in select_parameters(model, params)]
     size = sum(p.numel() for p in probed)
     explicit = _explicit(directions, size, probed[0]) if kind == "explicit" else None

@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import Tensor
 
+from .._validate import is_int
+
 
 def batch_size(batch: Any) -> int:
     """Number of samples in a batch: the leading dimension of its first tensor.
@@ -67,7 +69,7 @@ def split_batch(batch: Any, max_size: int) -> list[Any]:
         >>> pieces[2]["x"], pieces[2]["tag"]
         (tensor([[8., 9.]]), 'train')
     """
-    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
+    if not is_int(max_size) or max_size < 1:
         raise ValueError(
             f"max_size must be an integer >= 1 (the largest number of samples per "
             f"micro-batch), got {max_size!r}; pass e.g. max_size=32."

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -12,6 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .._validate import choice, integer, real
 from .base import CurvatureOperator
 from .batches import batch_size, normal_tensors
 from .loss import LossFn, LossModule, check_scalar_loss
@@ -115,12 +115,10 @@ class HessianOperator(CurvatureOperator):
         calibrate: bool | None = None,
         retain_graph: bool | None = None,
     ) -> None:
-        if route not in ROUTES:
-            raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+        choice("route", route, ROUTES)
         if retain_graph is not None and not isinstance(retain_graph, bool):
             raise TypeError(f"retain_graph must be True, False or None, got {retain_graph!r}")
-        if max_block < 1:
-            raise ValueError(f"max_block must be >= 1, got {max_block}")
+        integer("max_block", max_block)
         batches = [normal_tensors(b) for b in batches]
         if not batches:
             raise ValueError("HessianOperator needs at least one probe batch.")
@@ -147,8 +145,8 @@ class HessianOperator(CurvatureOperator):
         self.shapes = [p.shape for p in self.params]
         self.numels = [p.numel() for p in self.params]
         self.max_block = max_block
-        if fd_eps is not None and not (fd_eps > 0 and math.isfinite(fd_eps)):
-            raise ValueError(f"fd_eps must be a finite number > 0, got {fd_eps}")
+        if fd_eps is not None:
+            real("fd_eps", fd_eps, low=0)
         self.fd_eps = fd_eps if fd_eps is not None else torch.finfo(self.dtype).eps ** (1 / 3)
         self.route: HVPRoute = route
         self.calibrate = calibrate

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .._validate import integer, optional_integer, real
+from .._validate import choice, integer, optional_integer, real
 from ..operators import CurvatureOperator, default_max_basis
 from .results import EigenResult, Which
 
@@ -73,11 +73,9 @@ def _validate(
         raise ValueError(
             f"k={k} eigenpairs requested but the operator has only {n} dimensions; use k <= {n}."
         )
-    if which not in _WHICH:
-        raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
+    choice("which", which, _WHICH)
     real("tol", tol, low=0)
-    if criterion not in _CRITERIA:
-        raise ValueError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
+    choice("criterion", criterion, _CRITERIA)
     m = default_max_basis(k, n) if max_basis is None else min(int(max_basis), n)
     if m < n and m < k + 1:
         raise ValueError(

@@ -5,8 +5,7 @@ import itertools
 import lightning.pytorch as pl
 import pytest
 
-from lightning_landscape import LandscapeMonitor
-from lightning_landscape import CurvatureExponent, Sharpness, Trace
+from lightning_landscape import CurvatureExponent, LandscapeMonitor, Sharpness, Trace
 from lightning_landscape.callbacks import budget as budget_module
 from lightning_landscape.callbacks import monitor as monitor_module
 from tests._lightning import ClassifierModule, MemoryLogger, make_dataloader, trainer_kwargs

@@ -25,6 +25,7 @@ from lightning_landscape import (
     LandscapeMonitor,
     ProbeReport,
     Sharpness,
+    Stabilization,
     Trace,
     hessian_eigenvalues,
 )
@@ -955,3 +956,99 @@ def test_criterion_eigenvalue_is_passed_through() -> None:
         assert b.lambda_max == pytest.approx(a.lambda_max, rel=1e-4)
     with pytest.raises(ValueError, match="criterion"):
         Sharpness(criterion="eigen")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------
+# 13. Every probe's state survives a resume (Δ₂'s warm start included)
+# --------------------------------------------------------------------------------------------------
+
+
+def _all_probes_monitor(save_warm_start: bool = True) -> LandscapeMonitor:
+    return LandscapeMonitor(
+        probes=[
+            Sharpness(2, every_n_steps=3, lambda_min=True, on_train_end=False),
+            Trace(9, every_n_steps=3, on_train_end=False),
+            Stabilization(D=3, every_n_steps=5, save_warm_start=save_warm_start),
+            CurvatureExponent(4, every_n_steps=5),
+        ],
+        route="double_backward",
+        num_probe_samples=48,
+    )
+
+
+class _ProbeStateSpy(Callback):
+    """The probes' state_dicts when training (re)starts, before any probe runs."""
+
+    def __init__(self, monitor: LandscapeMonitor) -> None:
+        self.monitor = monitor
+        self.at_start: dict[str, dict[str, Any]] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.at_start = {p.name: copy.deepcopy(p.state_dict()) for p in self.monitor.probes}
+
+
+def _delta2(monitor: LandscapeMonitor) -> Any:
+    return monitor.probe_named("delta2").last_result.result
+
+
+def test_every_probe_state_survives_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_landscape.probes.delta2 as delta2_mod
+
+    starts: list[Tensor | None] = []
+    real = delta2_mod.stabilization
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        starts.append(kwargs["start"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(delta2_mod, "stabilization", spy)
+
+    def fit(monitor: LandscapeMonitor, ckpt_path: Path | None, dirpath: Path) -> _ProbeStateSpy:
+        checkpoint = ModelCheckpoint(dirpath=dirpath, every_n_train_steps=5, save_top_k=-1)
+        state_spy = _ProbeStateSpy(monitor)
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(
+            **trainer_kwargs(
+                callbacks=[state_spy, monitor, checkpoint], max_steps=10, enable_checkpointing=True
+            )
+        )
+        resume = None if ckpt_path is None else str(ckpt_path)
+        trainer.fit(ClassifierModule(), make_dataloader(), ckpt_path=resume)
+        return state_spy
+
+    first = _all_probes_monitor()
+    fit(first, None, tmp_path / "first")
+    ckpt = tmp_path / "first" / "epoch=0-step=5.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["callbacks"][first.state_key]
+
+    starts.clear()
+    resumed = _all_probes_monitor()
+    restored = fit(resumed, ckpt, tmp_path / "resumed").at_start
+    for name, state in saved["probes"].items():
+        assert restored[name].keys() == state.keys(), name
+        expected = 3 if name in ("sharpness", "trace") else 5
+        assert restored[name]["last_step"] == state["last_step"] == expected, name
+    warm = saved["probes"]["delta2"]["warm"]
+    assert warm is not None and warm.shape == (_num_params(ClassifierModule()), 3)
+    assert torch.equal(restored["delta2"]["warm"], warm)
+    assert torch.equal(restored["sharpness"]["warm_top"], saved["probes"]["sharpness"]["warm_top"])
+    assert restored["sharpness"]["trajectory"] == saved["probes"]["sharpness"]["trajectory"]
+    assert (
+        resumed.probe_named("sharpness").trajectory[:2]
+        == first.probe_named("sharpness").trajectory[:2]
+    )
+    # The resumed run's first Δ₂ solve (step 10) starts from step 5's saved eigenvectors...
+    assert len(starts) == 1 and starts[0] is not None and torch.equal(starts[0], warm)
+
+    # ... and so spends fewer products than the same resume from a checkpoint without them (the
+    # same weights: training is bit-identical with either monitor).
+    fit(_all_probes_monitor(save_warm_start=False), None, tmp_path / "cold_first")
+    starts.clear()
+    cold = _all_probes_monitor(save_warm_start=False)
+    restored_cold = fit(cold, tmp_path / "cold_first" / "epoch=0-step=5.ckpt", tmp_path / "cold")
+    restored_cold = restored_cold.at_start
+    assert restored_cold["delta2"]["warm"] is None and starts == [None]
+    a, b = _delta2(resumed), _delta2(cold)
+    assert a.k == b.k == 48
+    assert a.value == pytest.approx(b.value, rel=1e-4)
+    assert a.num_hvps < b.num_hvps, (a.num_hvps, b.num_hvps)

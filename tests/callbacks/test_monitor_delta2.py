@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_landscape as ll
 import lightning_landscape.probes.delta2 as delta2_mod
 from lightning_landscape import LandscapeMonitor, Sharpness, Stabilization
-
 from tests._lightning import ClassifierModule, MemoryLogger, make_dataloader, trainer_kwargs
 from tests._models import TinyCausalAttention, lm_batch, lm_loss
 

@@ -20,7 +20,6 @@ from lightning_landscape import (
     SpectralDensity,
     Stabilization,
 )
-
 from tests._lightning import ClassifierModule, MemoryLogger, make_dataloader, trainer_kwargs
 
 

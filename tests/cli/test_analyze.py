@@ -258,7 +258,10 @@ def test_errors_in_process(
         (["compare", a, a, "--config", str(no_data)], "no `data:` entry with a `class_path:`"),
         (["analyze", str(no_state), "--config", cfg], "has no `state_dict`"),
         (["analyze", a, "--config", cfg, "--probes", "eigen,hessian"], "unknown probe name"),
-        (["analyze", a, "--config", cfg, "--top-k", "1000"], "top_k=1000 exceeds the 227 probed parameters"),
+        (
+            ["analyze", a, "--config", cfg, "--top-k", "1000"],
+            "top_k=1000 exceeds the 227 probed parameters",
+        ),
         (
             ["analyze", a, "--config", cfg, "--model-class", "tests._lightning.AdamModule"],
             "but --model-class says 'tests._lightning.AdamModule'",

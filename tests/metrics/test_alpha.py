@@ -10,7 +10,6 @@ from torch import nn
 
 import lightning_landscape as ll
 from lightning_landscape.metrics import AlphaResult, fit_power_law, group_alphas, layer_type
-
 from tests._models import dense_hessian, make_model
 
 CASES = [

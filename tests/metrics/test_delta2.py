@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from lightning_landscape import full_space_delta2, stabilization
 from lightning_landscape.metrics import StabilizationResult
-
 from tests._models import make_model
 
 N_FEAT = 6

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from lightning_landscape import stabilization
 from lightning_landscape.metrics import fit_loglog, log_spaced_ks, stabilization_sweep
-
 from tests._models import (
     MLP,
     TinyCausalAttention,

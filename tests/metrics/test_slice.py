@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_landscape.report.figures import connectivity_figure, slice_figure
 from lightning_landscape.metrics import (
     linear_interpolation,
     loss_slice,
     mode_connectivity,
 )
+from lightning_landscape.report.figures import connectivity_figure, slice_figure
 from tests._models import make_model
 
 # --------------------------------------------------------------------------------------------------

@@ -43,13 +43,13 @@ from lightning.pytorch.strategies import (
 )
 
 from lightning_landscape import LandscapeMonitor, hessian_eigenvalues, hessian_trace
+from lightning_landscape.operators import HessianOperator
 from lightning_landscape.operators.distributed import (
     DistributedOperator,
     agree_on_failure,
     distributed_world,
     weighted_mean,
 )
-from lightning_landscape.operators import HessianOperator
 from tests import _dist_worker as W
 from tests._lightning import ClassifierModule, make_dataloader, make_dataset, trainer_kwargs
 from tests._models import KINDS, make_model, mlp_batch

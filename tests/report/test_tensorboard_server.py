@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from lightning_landscape.report.layout import CATEGORIES
 from lightning_landscape.cli.demo import run_demo
+from lightning_landscape.report.layout import CATEGORIES
 
 STARTUP_TIMEOUT = 90.0
 

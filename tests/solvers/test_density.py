@@ -10,13 +10,13 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from lightning_landscape.operators import HessianOperator, MatrixOperator
 from lightning_landscape.report.figures import (
     density_figure,
     eigenvalue_trajectories_figure,
 )
-from lightning_landscape.operators import HessianOperator, MatrixOperator
-from lightning_landscape.solvers.results import DensityResult
 from lightning_landscape.solvers import spectral_density
+from lightning_landscape.solvers.results import DensityResult
 from tests._models import dense_hessian, make_model, random_orthogonal
 
 F64 = torch.float64
