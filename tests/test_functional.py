@@ -288,7 +288,7 @@ def _per_sample_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     [
         ({"k": 0}, ValueError, "k must be a positive integer"),
         ({"k": -1}, ValueError, "k must be a positive integer"),
-        ({"tol": 0.0}, ValueError, "tol must be a finite number > 0"),
+        ({"tol": 0.0}, ValueError, "tol must be a finite number in \\(0, 1\\)"),
         ({"which": "foo"}, ValueError, "which must be one of"),
         ({"k": 156}, ValueError, re.escape("k <= 155")),
         ({"params": ["encoder.*"]}, ValueError, re.escape("'encoder.*'")),

@@ -160,7 +160,7 @@ class Sharpness(Probe):
         )
         self.top_k = integer("top_k", top_k)
         self.lambda_min = flag("lambda_min", lambda_min)
-        self.tol = real("tol", tol, low=0)
+        self.tol = real("tol", tol, low=0, high=1, high_open=True)
         self.criterion: Criterion = choice("criterion", criterion, _CRITERIA)
         self.max_basis = optional_integer("max_basis", max_basis)
         self.max_hvps = optional_integer("max_hvps", max_hvps)

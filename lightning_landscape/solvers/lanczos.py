@@ -6,8 +6,9 @@ continues from the last residual vector. Every new Lanczos vector is orthogonali
 the whole basis ("twice is enough"), so no ghost copies of converged eigenvalues appear.
 
 Convergence is judged by Ritz residuals, ``‖A y − θ y‖ = ‖C_j s_j‖`` (read off the recurrence at
-no extra cost), relative to ``|θ|``; with ``criterion="eigenvalue"``, by the a-posteriori
-eigenvalue-error bound ``‖r‖² / gap`` built from the same residuals. Host synchronisation
+no extra cost), against the spectral scale ``‖A‖`` (the largest Ritz value magnitude seen), so
+that eigenvalues at or near zero converge too; with ``criterion="eigenvalue"``, by the
+a-posteriori eigenvalue-error bound ``‖r‖² / gap`` built from the same residuals. Host synchronisation
 happens once per block step, for the convergence check and breakdown detection; nothing else
 leaves the device.
 """
@@ -27,7 +28,6 @@ from .results import EigenResult, Which
 
 _WHICH = ("largest", "smallest")
 _CRITERIA = ("residual", "eigenvalue")
-_SCALE_FLOOR = 1e-6  # relative residuals are measured against max(|θ|, 1e-6 ‖A‖)
 
 Criterion = Literal["residual", "eigenvalue"]
 
@@ -74,7 +74,7 @@ def _validate(
             f"k={k} eigenpairs requested but the operator has only {n} dimensions; use k <= {n}."
         )
     choice("which", which, _WHICH)
-    real("tol", tol, low=0)
+    real("tol", tol, low=0, high=1, high_open=True)
     choice("criterion", criterion, _CRITERIA)
     m = default_max_basis(k, n) if max_basis is None else min(int(max_basis), n)
     if m < n and m < k + 1:
@@ -196,7 +196,7 @@ def _dense_solve(
     idx = idx.to(values.device)
     vals, vecs = values[idx], vectors[:, idx]
     anorm = max(float(values.abs().max()), torch.finfo(torch.float64).tiny)
-    scale = vals.abs().clamp_min(_SCALE_FLOOR * anorm)
+    scale = torch.full_like(vals, anorm)  # the spectral scale ‖A‖
     raw = (dense @ vecs - vecs * vals).norm(dim=0)
     resid = (raw / scale).cpu()
     full_raw = torch.zeros(n, dtype=torch.float64, device=values.device)
@@ -252,16 +252,24 @@ def lanczos(
         k: number of eigenpairs.
         which: ``"largest"`` (algebraically largest, descending) or ``"smallest"``
             (algebraically smallest, ascending). Never magnitude ordering.
-        tol: relative tolerance for every pair, in the sense set by ``criterion``.
+        tol: tolerance for every pair, relative to the spectral scale, in the sense set by
+            ``criterion``; in ``(0, 1)``.
         criterion: when a wanted Ritz pair ``(θ_i, v_i)`` counts as converged, with
-            ``r_i = A v_i − θ_i v_i`` and ``s_i = max(|θ_i|, 1e-6 ‖A‖)``:
+            ``r_i = A v_i − θ_i v_i`` and the spectral scale ``s = ‖A‖`` (estimated by the
+            largest Ritz value magnitude seen; the same for every pair, so eigenvalues at or
+            near zero, such as λ_min of a model with exact zero curvature, converge too):
 
-            * ``"residual"`` (default): ``‖r_i‖ <= tol · s_i``. This bounds the eigenvector
-              error too, and, by Weyl, some eigenvalue lies within ``tol · s_i`` of ``θ_i``.
+            * ``"residual"`` (default): ``‖r_i‖ <= tol · s``. Then ``(θ_i, v_i)`` is an exact
+              eigenpair of ``A + E`` with ``‖E‖ <= tol · ‖A‖`` (a backward-error guarantee), so,
+              by Weyl, some eigenvalue of ``A`` lies within ``tol · ‖A‖`` of ``θ_i``, and
+              within ``(tol · ‖A‖)² / gap`` of an eigenvalue separated from the rest of the
+              spectrum by ``gap``. For λ_max (``|θ| = ‖A‖``) this is a relative error below
+              ``tol``; an eigenvalue far below ``‖A‖`` in magnitude is resolved to an absolute
+              ``tol · ‖A‖`` at worst.
             * ``"eigenvalue"``: the a-posteriori eigenvalue error bound
-              ``min(‖r_i‖, ‖r_i‖² / gap_i) <= tol · s_i`` (Kato–Temple / Kahan–Parlett–Jiang
+              ``min(‖r_i‖, ‖r_i‖² / gap_i) <= tol · s`` (Kato–Temple / Kahan–Parlett–Jiang
               ``|λ − θ_i| <= ‖r_i‖² / gap``) together with the safeguard
-              ``‖r_i‖ <= √tol · s_i``; or the residual test above. Use it when only the
+              ``‖r_i‖ <= √tol · s``; or the residual test above. Use it when only the
               eigenvalues matter: the eigenvalue error is quadratic in the residual, so it
               stops earlier (never later: the residual test is part of it). The eigenvectors
               then have residuals up to ``√tol`` only.
@@ -272,16 +280,16 @@ def lanczos(
             nearest other Ritz value can overstate it, which understates the error. Hence:
             ``gap_i = min_{j≠i}(|θ_i − θ_j| − ‖r_j‖)`` (each neighbour's distance shrunk by its
             own residual: trusted only once the neighbour has settled; if not positive, the
-            bound is ``‖r_i‖``); ``θ_i`` must also have moved by at most ``tol · s_i`` since
+            bound is ``‖r_i‖``); ``θ_i`` must also have moved by at most ``tol · s`` since
             the previous check (typically one extra product); and the safeguard
-            ``‖r_i‖ <= √tol · s_i`` caps the error at ``√tol · s_i`` (Weyl) whatever the gap
-            estimate says. Guarantee: the error is within ``tol · s_i`` when the gap estimate
-            is right, and within ``√tol · s_i`` always. It can exceed ``tol · s_i`` when an
-            eigenvalue within about ``√tol · s_i`` of ``θ_i`` has not been resolved yet (a
+            ``‖r_i‖ <= √tol · s`` caps the error at ``√tol · s`` (Weyl) whatever the gap
+            estimate says. Guarantee: the error is within ``tol · s`` when the gap estimate
+            is right, and within ``√tol · s`` always. It can exceed ``tol · s`` when an
+            eigenvalue within about ``√tol · s`` of ``θ_i`` has not been resolved yet (a
             near-degenerate pair with relative spacing between ``tol`` and ``√tol``); use
             ``"residual"`` where that matters. Neither criterion detects an eigenvalue that has
             not entered the Krylov space at all (see above). ``result.error_bounds`` holds the
-            relative bounds ``min(‖r_i‖, ‖r_i‖² / gap_i) / s_i``.
+            relative bounds ``min(‖r_i‖, ‖r_i‖² / gap_i) / s``.
         block_size: vectors per step (default 1). Use at least the multiplicity of exactly
             repeated eigenvalues you need resolved; larger blocks converge in fewer steps but
             usually more products, so give them a larger ``max_basis``.
@@ -351,6 +359,7 @@ def lanczos(
     bounds = torch.zeros(0, dtype=torch.float64)
     moved: Tensor | None = None
     previous: Tensor | None = None  # the wanted Ritz values at the previous check
+    anorm = 0.0  # the largest Ritz value magnitude seen: the spectral scale
     while True:
         # ---- one block Lanczos step: columns j .. j+b-1
         w = op.matmat(basis[j : j + b].T)  # (n, b)
@@ -383,12 +392,13 @@ def lanczos(
             return _non_finite(k, which, tol, num_hvps, restarts, t_start, criterion)
         theta, s_vecs = torch.linalg.eigh(projected)
         order = torch.argsort(sign * theta, descending=True)
-        anorm = float(theta.abs().max())
-        scale_floor = _SCALE_FLOOR * max(anorm, torch.finfo(torch.float64).tiny)
+        # The spectral scale: the largest Ritz value magnitude seen (Ritz values lie inside the
+        # spectrum, so it approaches ‖A‖ from below and never drops after a restart).
+        anorm = max(anorm, float(theta.abs().max()), torch.finfo(torch.float64).tiny)
         kk = min(k, j)
         result_cols = order[:kk]
         raw = (coupling @ s_vecs[j - b : j]).norm(dim=0)  # every Ritz pair's ‖r‖
-        scale = torch.clamp(theta[result_cols].abs(), min=scale_floor)
+        scale = torch.full((kk,), anorm, dtype=theta.dtype)
         resid = raw[result_cols] / scale
         bounds = _error_bounds(theta, raw, result_cols, scale)
         current = theta[result_cols]

@@ -28,22 +28,23 @@ class EigenResult:
             (most negative) in ascending order.
         eigenvectors: ``(n, k)`` tensor of orthonormal Ritz vectors on the operator's device and
             dtype, column ``i`` belonging to ``eigenvalues[i]``; ``None`` when not requested.
-        residuals: 1-D tensor (float64, CPU) of relative Ritz residuals
-            ``‖A v_i − λ_i v_i‖ / max(|λ_i|, ε‖A‖)``, where ``‖A‖`` is estimated by the largest
-            Ritz value magnitude seen and ``ε = 1e-6``. The eigenvalue error is bounded by
-            roughly ``residual² · |λ| / gap``.
+        residuals: 1-D tensor (float64, CPU) of Ritz residuals relative to the spectral scale,
+            ``‖A v_i − λ_i v_i‖ / ‖A‖``, with ``‖A‖`` estimated by the largest Ritz value
+            magnitude seen. ``(λ_i, v_i)`` is an exact eigenpair of ``A + E`` with
+            ``‖E‖ = residual · ‖A‖``; the eigenvalue error is at most that, and about
+            ``(residual · ‖A‖)² / gap`` for a separated eigenvalue.
         converged: 1-D bool tensor: ``residuals[i] <= tol`` under the ``"residual"`` criterion;
             under ``"eigenvalue"``, ``error_bounds[i] <= tol`` with ``residuals[i] <= √tol``,
             or ``residuals[i] <= tol``.
         which: ``"largest"`` or ``"smallest"``.
-        tol: the relative tolerance that was asked for.
+        tol: the tolerance that was asked for (relative to the spectral scale ``‖A‖``).
         num_hvps: operator applications (Hessian-vector products) spent.
         num_restarts: thick restarts of the Krylov basis.
         seconds: wall-clock time of the solve.
         criterion: the stopping rule, ``"residual"`` or ``"eigenvalue"`` (see
             :func:`~lightning_landscape.solvers.lanczos`).
         error_bounds: 1-D tensor (float64, CPU) of estimated relative eigenvalue-error bounds
-            ``min(‖r_i‖, ‖r_i‖² / gap_i) / max(|λ_i|, ε‖A‖)``, the gap estimated from the other
+            ``min(‖r_i‖, ‖r_i‖² / gap_i) / ‖A‖``, the gap estimated from the other
             Ritz values (an estimate, not a guarantee); ``None`` from solvers that do not compute
             it.
     """

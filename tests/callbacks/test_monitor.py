@@ -731,8 +731,9 @@ def test_constructor_validation(kwargs: dict[str, Any], match: str) -> None:
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: Sharpness(tol=0), r"tol must be a finite number > 0"),
-        (lambda: Sharpness(tol=-1e-3), r"tol must be a finite number > 0"),
+        (lambda: Sharpness(tol=0), r"tol must be a finite number in \(0, 1\)"),
+        (lambda: Sharpness(tol=-1e-3), r"tol must be a finite number in \(0, 1\)"),
+        (lambda: Sharpness(tol=2), r"tol must be a finite number in \(0, 1\)"),
         (lambda: Sharpness(every_n_epochs=0), r"every_n_epochs must be a positive integer"),
         (lambda: Sharpness(max_hvps=0), r"max_hvps must be a positive integer"),
         (lambda: Sharpness(3, max_basis=3), r"max_basis must be at least top_k \+ 1 = 4"),
