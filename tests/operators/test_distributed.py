@@ -20,9 +20,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -53,6 +50,7 @@ from lightning_landscape.operators.distributed import (
 from tests import _dist_worker as W
 from tests._lightning import ClassifierModule, make_dataloader, make_dataset, trainer_kwargs
 from tests._models import KINDS, make_model, mlp_batch
+from tests._processes import kill_tree, worker_env
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH_TIMEOUT_S = 120.0
@@ -89,79 +87,13 @@ class Launch:
         return f"--- {self.scenario} launch output (tail) ---\n{self.output[-chars:]}"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _worker_env() -> dict[str, str]:
-    # Nothing from an enclosing launcher or from Lightning's seeding in this process may leak in.
-    inherited = (
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "LOCAL_WORLD_SIZE",
-        "GROUP_RANK",
-        "NODE_RANK",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-    )
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in inherited and not k.startswith(("TORCHELASTIC_", "SLURM_", "PL_"))
-    }
-    env.update(
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        MASTER_ADDR="127.0.0.1",
-        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-    )
-    if Path("/sys/class/net/lo").exists():
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's pairs on the loopback interface only
-    return env
-
-
-def _descendants(root: int) -> list[int]:
-    """Pids of every live descendant of ``root`` (Linux ``/proc``; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # "pid (comm) state ppid ...": comm may contain spaces, so split after its ')'.
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL the launcher and, by pid, every worker it started (torchrun starts each worker
-    in a session of its own, so killing the launcher's process group does not reach them)."""
-    for victim in [pid, *_descendants(pid)]:
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def _launch(scenario: str, outdir: Path) -> Launch:
-    port = _free_port()
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--nnodes=1",
+        "--standalone",  # torchrun's store binds a port itself: no port picked here to race for
         "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={port}",
         "--monitor-interval=0.1",
         "-m",
         "tests._dist_worker",
@@ -172,7 +104,7 @@ def _launch(scenario: str, outdir: Path) -> Launch:
     proc = subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env=_worker_env(),
+        env=worker_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -180,7 +112,7 @@ def _launch(scenario: str, outdir: Path) -> Launch:
     try:
         output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
     except BaseException as err:  # a hang, or pytest interrupted: leave nothing running
-        _kill_tree(proc.pid)
+        kill_tree(proc.pid)
         output, _ = proc.communicate(timeout=30)
         if not isinstance(err, subprocess.TimeoutExpired):
             raise

@@ -15,9 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
-import socket
-import subprocess
 import sys
 import textwrap
 import types
@@ -37,6 +34,7 @@ from torch.utils.data import DataLoader
 from lightning_landscape import hessian_eigenvalues, stability_threshold
 from lightning_landscape.optim import SAM
 from tests._lightning import ClassifierModule, make_dataloader, make_dataset, trainer_kwargs
+from tests._processes import run_ranks, worker_env
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIR = ROOT / "lightning_landscape"
@@ -738,10 +736,12 @@ def test_m_sharpness_single_process_without_strategy_is_plain_sam() -> None:
     )
 
 
-# 2 ranks, gloo, plain DDP: each rank records the first-pass gradient and the final weights.
+# 2 ranks, gloo, plain DDP: each rank records the first-pass gradient and the final weights, and
+# when it reached each phase (printed in the failure report if a rank fails).
 _DDP_WORKER = textwrap.dedent(
     """
-    import datetime, json, os, sys, types
+    import datetime, json, os, sys, time, types
+    phases = {"started": time.time()}
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -758,7 +758,16 @@ _DDP_WORKER = textwrap.dedent(
 
     torch.set_num_threads(1)
     rank, out = int(os.environ["RANK"]), sys.argv[1]
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+    phases["imported"] = time.time()
+    # The ranks meet through a file (torch's FileStore), not a TCP port: nothing to race for.
+    dist.init_process_group(
+        "gloo",
+        init_method="file://" + os.path.join(out, "rendezvous"),
+        rank=rank,
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=datetime.timedelta(seconds=120),
+    )
+    phases["joined"] = time.time()
     result = {}
     for m_sharpness in (False, True):
         torch.manual_seed(0)
@@ -782,18 +791,21 @@ _DDP_WORKER = textwrap.dedent(
         result[str(m_sharpness)] = {
             "grads": grads, "params": [p.tolist() for p in model.parameters()]
         }
+    phases["stepped"] = time.time()
+    result["phases"] = phases
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
-    dist.barrier()
+    dist.barrier()  # both results are on disk
     dist.destroy_process_group()
+    print("rank", rank, "phases", {k: round(v - phases["started"], 2) for k, v in phases.items()})
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without the interpreter's teardown: the results are written and the group is
+    # destroyed, and what runs at exit (atexit handlers, C++ static destructors of gloo and the
+    # store) can only turn a finished run into a failed exit status.
+    os._exit(0)
     """
 )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _reference_ddp(m_sharpness: bool) -> tuple[list[list[Tensor]], list[Tensor]]:
@@ -823,38 +835,23 @@ def _reference_ddp(m_sharpness: bool) -> tuple[list[list[Tensor]], list[Tensor]]
 
 
 def test_m_sharpness_under_ddp_two_ranks(tmp_path: Path) -> None:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env.update(
-        WORLD_SIZE="2",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
+    """Two real gloo ranks against a single-process reference, in both m-sharpness modes.
+
+    The numbers are deterministic (float64, fixed seeds, two-operand sums), so an intermittent
+    failure could only come from the harness; it now depends on nothing that can differ between
+    runs: the ranks meet through a ``file://`` rendezvous in ``tmp_path`` (it used to pick a
+    "free" TCP port that is released again before rank 0's store binds it), gloo's pairs stay on
+    the loopback interface, both outputs are read concurrently, every wait is bounded by one
+    deadline, and a rank that has written its results and destroyed its process group leaves
+    with ``os._exit(0)`` instead of running the interpreter's teardown. A failing rank's output
+    and phase times are in the failure message. Every check on the numbers is as before.
+    """
+    run_ranks(
+        [sys.executable, "-c", _DDP_WORKER, str(tmp_path), str(PACKAGE_DIR)],
+        world_size=2,
+        timeout=180,
+        env=worker_env(),
     )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _DDP_WORKER, str(tmp_path), str(PACKAGE_DIR)],
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=60)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert all(p.returncode == 0 for p in procs), "\n".join(outputs)[-4000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for m_sharpness in (False, True):
         first, final = _reference_ddp(m_sharpness)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,14 +20,9 @@ import pytest
 
 from lightning_landscape.cli.demo import run_demo
 from lightning_landscape.report.layout import CATEGORIES
+from tests._processes import free_port
 
 STARTUP_TIMEOUT = 90.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(base: str, path: str, **query: Any) -> bytes:
@@ -59,7 +53,7 @@ def server(demo_logs: Path) -> Iterator[str]:
     )
     if exe is None:
         pytest.skip("the tensorboard executable is not installed next to this Python")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             exe,
