@@ -1,14 +1,16 @@
 """The curvature context: a deterministic, side-effect-free environment for probes.
 
-Inside :func:`curvature_context` the model is in ``eval()`` mode (no dropout, BatchNorm uses its
-running statistics, so the Hessian does not depend on the probe's batch composition), autocast is
-off, PyTorch's math SDPA backend is forced (fused attention kernels have no double backward), and
-gradients are enabled even inside ``torch.inference_mode``. On exit everything a training step can
+Inside :func:`curvature_context` the model is in ``eval()`` mode (no dropout; BatchNorm uses its
+running statistics, or, with ``norm_statistics="batch"``, the statistics of each batch it sees,
+as in training), autocast is off, PyTorch's math SDPA backend is forced (fused attention kernels
+have no double backward), ``torch.compile``'d modules run their original eager code (the same
+parameters; compiled autograd has no double backward), and gradients are enabled even inside
+``torch.inference_mode``. On exit everything a training step can
 observe is restored exactly: per-module train/eval modes, CPU and CUDA RNG states (plus Python's
 ``random`` and NumPy's global RNG), ``.grad`` tensors (inside the context ``.grad`` is ``None``, so
 a ``backward()`` there cannot accumulate into the training gradients), ``requires_grad`` flags,
-and, when probing in train mode, the module buffers (BatchNorm running statistics). Probes never
-touch optimizer state.
+and, when normalisation layers use batch statistics or modes are left as they are, the module
+buffers (BatchNorm running statistics). Probes never touch optimizer state.
 """
 
 from __future__ import annotations
@@ -16,11 +18,21 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from ._validate import choice
+
+NormStatistics = Literal["running", "batch"]
+"""How normalisation layers with running statistics (BatchNorm, InstanceNorm with
+``track_running_stats``) normalise inside :func:`curvature_context`: ``"running"`` with their
+running statistics (the deployed function, eval mode), ``"batch"`` with the statistics of the
+batch they see (the function training optimises)."""
+NORM_STATISTICS: tuple[NormStatistics, ...] = ("running", "batch")
 
 
 @contextlib.contextmanager
@@ -61,16 +73,90 @@ def _sdpa_math() -> contextlib.AbstractContextManager[Any]:
     return sdpa_kernel(SDPBackend.MATH)
 
 
+def running_stat_norms(model: nn.Module) -> list[nn.Module]:
+    """The normalisation layers whose output depends on train/eval mode (running statistics).
+
+    Args:
+        model: the module.
+
+    Returns:
+        Every BatchNorm (any dimension, SyncBatchNorm included) and InstanceNorm with
+        ``track_running_stats=True`` in ``model``.
+    """
+    return [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+
+
+def _compiled(model: nn.Module) -> list[nn.Module]:
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
+    ]
+
+
+def compiled_modules(model: nn.Module) -> list[str]:
+    """Names of the ``torch.compile``'d modules inside ``model`` (``""`` for ``model`` itself).
+
+    Args:
+        model: the module.
+
+    Returns:
+        The qualified names of ``torch.compile(module)`` wrappers and of modules compiled in
+        place with ``module.compile()``.
+    """
+    found = {id(m) for m in _compiled(model)}
+    return [name for name, m in model.named_modules() if id(m) in found]
+
+
 @contextlib.contextmanager
-def curvature_context(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn.Module]:
+def eager(model: nn.Module) -> Iterator[nn.Module]:
+    """Run every ``torch.compile``'d module inside ``model`` eagerly (its original code).
+
+    A ``torch.compile(module)`` wrapper holds the very parameters of the module it wraps, so the
+    eager forward pass computes the same function of the same tensors; only the compiled graph
+    (whose autograd has no double backward) is bypassed. Compiled state is left as it was, so
+    training's next step runs compiled again without recompiling.
+
+    Args:
+        model: the module (may itself be a compiled wrapper).
+
+    Yields:
+        ``model``.
+    """
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    saved: list[tuple[nn.Module, str, Any]] = []
+    for m in _compiled(model):
+        if isinstance(m, OptimizedModule):
+            saved.append((m, "forward", m.__dict__["forward"]))
+            m.__dict__["forward"] = m._orig_mod.__call__
+        else:
+            saved.append((m, "_compiled_call_impl", m._compiled_call_impl))
+            m._compiled_call_impl = None
+    try:
+        yield model
+    finally:
+        for m, name, value in saved:
+            m.__dict__[name] = value
+
+
+@contextlib.contextmanager
+def curvature_context(
+    model: nn.Module, *, eval_mode: bool = True, norm_statistics: NormStatistics = "running"
+) -> Iterator[nn.Module]:
     """Run curvature probes on ``model`` without changing anything training can observe.
 
     Args:
         model: the module to probe.
-        eval_mode: put every submodule in ``eval()`` for the probe (recommended: dropout off,
-            BatchNorm on running statistics). With ``False`` the modes are left as they are (and
-            still restored afterwards), and the buffers are copied and restored on exit, since a
-            train-mode forward pass updates BatchNorm running statistics.
+        eval_mode: put every submodule in ``eval()`` for the probe (recommended: dropout off).
+            With ``False`` the modes are left as they are (and still restored afterwards).
+        norm_statistics: with ``eval_mode``, ``"running"`` leaves BatchNorm-type layers in eval
+            mode too (their running statistics), ``"batch"`` puts them in train mode without
+            tracking, so they normalise each batch with its own statistics, as in training,
+            and never update their running statistics. With ``eval_mode=False`` the buffers are
+            copied and restored on exit (a train-mode forward pass updates them).
 
     Yields:
         The model, prepared for probing.
@@ -86,12 +172,14 @@ def curvature_context(model: nn.Module, *, eval_mode: bool = True) -> Iterator[n
         >>> model[1].training
         True
     """
+    choice("norm_statistics", norm_statistics, NORM_STATISTICS)
     modes = [(m, m.training) for m in model.modules()]
     params = list(model.parameters())
     grads = [p.grad for p in params]
     flags = [p.requires_grad for p in params]
+    batch_stats = running_stat_norms(model) if eval_mode and norm_statistics == "batch" else []
     # In train mode a forward pass may update buffers (BatchNorm running statistics): keep copies.
-    buffers = [] if eval_mode else [(b, b.detach().clone()) for b in model.buffers()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()] if not eval_mode else []
     for p in params:  # anything accumulated into .grad inside goes to fresh tensors
         p.grad = None
     stack = contextlib.ExitStack()
@@ -103,13 +191,22 @@ def curvature_context(model: nn.Module, *, eval_mode: bool = True) -> Iterator[n
         if torch.cuda.is_available():
             stack.enter_context(torch.autocast("cuda", enabled=False))
         stack.enter_context(_sdpa_math())
+        stack.enter_context(eager(model))
         try:
             if eval_mode:
                 model.eval()
+                for norm in batch_stats:
+                    # Train mode without tracking: normalise with the batch's own statistics and
+                    # leave the running statistics alone (no in-place update, which torch.func
+                    # transforms could not trace either).
+                    norm.train()
+                    norm.track_running_stats = False
             yield model
         finally:
             for module, mode in modes:
                 module.training = mode
+            for norm in batch_stats:
+                norm.track_running_stats = True
             for p, g, flag in zip(params, grads, flags, strict=True):
                 if p.requires_grad != flag:
                     p.requires_grad_(flag)

@@ -48,6 +48,16 @@ def _log(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
             logger.log_metrics(metrics, step=step)
 
 
+def _check_rho_groups(optimizer: torch.optim.Optimizer) -> None:
+    missing = [i for i, group in enumerate(optimizer.param_groups) if "rho" not in group]
+    if missing:
+        raise TypeError(
+            f"SharpnessAdaptiveRho drives SAM's neighbourhood radius, but "
+            f"{type(optimizer).__name__} has no 'rho' in param_groups{missing}: use a SAM "
+            "optimizer (e.g. lightning_landscape.optim.SAM) that keeps ρ per param group."
+        )
+
+
 def _set_hyper(group: dict[str, Any], key: str, value: float) -> None:
     """Write a hyper-parameter, in place when it is a tensor (e.g. ``capturable`` optimizers)."""
     current = group[key]
@@ -97,8 +107,9 @@ class StabilityLRGuard:
 
     Only SGD-family optimizers (``torch.optim.SGD``, or SAM over SGD) are supported: for Adam,
     RMSprop and other adaptive methods stability is set by the *preconditioned* Hessian
-    ``P⁻¹H``, not by the raw λ_max the monitor measures, so the guard raises at the first report
-    rather than act on the wrong quantity.
+    ``P⁻¹H``, not by the raw λ_max the monitor measures, so the guard refuses such a run when
+    training starts (:meth:`check`), before the first optimizer step, rather than act on the
+    wrong quantity.
 
     The state (scale and the rates last written) is saved by the monitor with its checkpoint
     state; together with the optimizer's own state (which holds the scaled ``lr``) a resumed run
@@ -171,6 +182,23 @@ class StabilityLRGuard:
         self.last_ratio: float | None = None  # the effective ratio after the last decision
         self._written: list[float] | None = None  # the rates last written, per selected group
         self._warned_floor = False
+
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse, before the first optimizer step, a run the guard cannot serve.
+
+        Args:
+            trainer: the trainer (its optimizers exist by now).
+            pl_module: the module being trained (unused).
+
+        Raises:
+            TypeError: if ``optimizers[optimizer_index]`` is not SGD-like (e.g. AdamW).
+            ValueError: if ``optimizer_index`` or ``param_groups`` are out of range.
+        """
+        optimizer = _optimizer(trainer, self.optimizer_index, "StabilityLRGuard")
+        inner = getattr(optimizer, "base_optimizer", optimizer)  # SAM: its base optimizer
+        if not isinstance(inner, torch.optim.SGD):
+            raise TypeError(self._unsupported(optimizer))
+        self._groups(optimizer)
 
     def on_landscape(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: ProbeReport
@@ -370,6 +398,19 @@ class SharpnessAdaptiveRho:
         self.lambda_ref: float | None = self.reference
         self.rho: float | None = None  # the last ρ written
 
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse, before the first optimizer step, an optimizer without a per-group ρ.
+
+        Args:
+            trainer: the trainer (its optimizers exist by now).
+            pl_module: the module being trained (unused).
+
+        Raises:
+            TypeError: if the optimizer's param groups have no ``"rho"`` (not SAM).
+            ValueError: if ``optimizer_index`` is out of range.
+        """
+        _check_rho_groups(_optimizer(trainer, self.optimizer_index, "SharpnessAdaptiveRho"))
+
     def on_landscape(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: ProbeReport
     ) -> None:
@@ -402,13 +443,7 @@ class SharpnessAdaptiveRho:
         Raises:
             TypeError: if the optimizer's param groups have no ``"rho"``.
         """
-        missing = [i for i, group in enumerate(optimizer.param_groups) if "rho" not in group]
-        if missing:
-            raise TypeError(
-                f"SharpnessAdaptiveRho drives SAM's neighbourhood radius, but "
-                f"{type(optimizer).__name__} has no 'rho' in param_groups{missing}: use a SAM "
-                "optimizer (e.g. lightning_landscape.optim.SAM) that keeps ρ per param group."
-            )
+        _check_rho_groups(optimizer)
         if self.lambda_ref is None:
             if not lambda_max > 0:
                 return None  # no reference sharpness yet

@@ -105,7 +105,10 @@ class LandscapeHook(Protocol):
     the hooks were given, with the same report on every rank (under DDP the probe measures the
     global Hessian), so hooks that change the optimizer take the same action everywhere. A hook
     may also define ``state_dict() -> dict`` and ``load_state_dict(dict)``: the monitor saves
-    them in its checkpoint state, so a resumed run takes the same actions. A plain callable
+    them in its checkpoint state, so a resumed run takes the same actions; and
+    ``check(trainer, pl_module)``, called when training starts (before the first optimizer step),
+    to refuse a run it cannot serve by raising. A hook that raises during training is skipped
+    with a warning (``landscape/probe_failed`` is logged); training goes on. A plain callable
     ``fn(trainer, pl_module, report)`` is accepted too.
     """
 
@@ -124,6 +127,13 @@ def call_hook(
         method(trainer, pl_module, report)
     else:
         hook(trainer, pl_module, report)
+
+
+def check_hook(hook: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Call the hook's optional ``check(trainer, pl_module)`` (it raises to refuse the run)."""
+    method = getattr(hook, "check", None)
+    if callable(method):
+        method(trainer, pl_module)
 
 
 def check_hooks(hooks: Any) -> list[Any]:

@@ -28,29 +28,40 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from .._validate import choice, flag, integer, optional_integer, patterns, real
-from ..context import curvature_context
+from ..context import (
+    NORM_STATISTICS,
+    NormStatistics,
+    compiled_modules,
+    curvature_context,
+    running_stat_norms,
+)
 from ..operators import (
     ROUTES,
     HVPRoute,
     ProbeFailure,
     batch_size,
+    check_scalar_loss,
     select_parameters,
     slice_batch,
     split_batch,
 )
 from ..operators.distributed import count_failures, max_over_ranks
-from ..optim.thresholds import stability_threshold
+from ..optim.thresholds import probed_threshold
 from ..probes import Probe, ProbeContext, Sharpness, Trace
 from ..report import tags
 from ..report.layout import Layout, compose_layout, control_charts, cost_charts
 from .budget import OverheadLedger
 from .data import collect_probe_batches, silenced, training_step_loss
-from .hooks import ProbeReport, call_hook, check_hooks, hook_states, load_hook_states
+from .hooks import (
+    ProbeReport,
+    call_hook,
+    check_hook,
+    check_hooks,
+    hook_states,
+    load_hook_states,
+)
 
 ProbeLossFn = Callable[[pl.LightningModule, Any], Tensor]
-_LINALG_ERROR: type[Exception] = getattr(torch.linalg, "LinAlgError", RuntimeError)
-_SKIPPED = (torch.OutOfMemoryError, ProbeFailure, _LINALG_ERROR, FloatingPointError)
-"""Data-dependent failures: the measurement is skipped with a warning, training goes on."""
 _RESCHEDULE_EVERY = 25  # optimizer steps between agreed re-plans of an adaptive cadence (DDP)
 _UNSUPPORTED_STRATEGIES = {
     "DeepSpeedStrategy",
@@ -85,9 +96,10 @@ def _rank_zero_buffers(module: torch.nn.Module, world: int) -> Iterator[None]:
 
 
 def _describe(err: BaseException) -> str:
+    """Why a measurement failed, phrased to follow "the <name> probe at step N"."""
     if isinstance(err, torch.OutOfMemoryError):
         return "ran out of memory (lower num_probe_samples, set probe_micro_batch_size)"
-    if isinstance(err, ProbeFailure):  # phrased to follow "the <name> probe at step N"
+    if isinstance(err, ProbeFailure):
         text = str(err)
         return (
             text
@@ -171,7 +183,14 @@ class LandscapeMonitor(Callback):
         seed: seed of the probes' private generators (global RNG streams are never used).
         collective_timeout: under DDP, seconds a rank waits for the others in a probe's
             collectives before raising instead of hanging (``None``: the process group's own).
-        prog_bar: show the latest λ_max in the progress bar.
+        norm_statistics: which Hessian is measured on models with BatchNorm (or InstanceNorm
+            with running statistics): ``"batch"`` (default), that of the loss training
+            optimises: those layers normalise each chunk of the probe data, of the training
+            batch size (``probe_micro_batch_size`` if set), with its own statistics, the
+            Hessian is the mean over the chunks, and the running statistics are left untouched;
+            ``"running"``, that of the function evaluation computes (eval mode, running
+            statistics). Dropout is off in both. Early in training the running statistics lag
+            far behind, and the two can differ by orders of magnitude (see the README).
         tensorboard_layout: register the probes' charts in TensorBoard's *Custom Scalars* tab
             (λ_max with the stability threshold, spectrum, α by layer type, Δ₂^(D), cost), once
             per run, on every TensorBoard logger.
@@ -207,7 +226,7 @@ class LandscapeMonitor(Callback):
         hooks: list[Any] | None = None,
         seed: int = 0,
         collective_timeout: float | None = None,
-        prog_bar: bool = False,
+        norm_statistics: NormStatistics = "batch",
         tensorboard_layout: bool = True,
         enabled: bool = True,
     ) -> None:
@@ -243,7 +262,9 @@ class LandscapeMonitor(Callback):
         self.collective_timeout = None
         if collective_timeout is not None:
             self.collective_timeout = real("collective_timeout", collective_timeout, low=0)
-        self.prog_bar = flag("prog_bar", prog_bar)
+        self.norm_statistics: NormStatistics = choice(
+            "norm_statistics", norm_statistics, NORM_STATISTICS
+        )
         self.tensorboard_layout = flag("tensorboard_layout", tensorboard_layout)
         self.enabled = flag("enabled", enabled)
 
@@ -253,6 +274,7 @@ class LandscapeMonitor(Callback):
         self._resolved_route: HVPRoute | None = None
         self._batches: list[Any] | None = None
         self._sample_batch: Any = None
+        self._retain_graph: bool | None = None
         self._weight = 0.0
         self._budget = OverheadLedger()
 
@@ -331,9 +353,22 @@ class LandscapeMonitor(Callback):
                 "`loss_fn=lambda module, batch: ...` to LandscapeMonitor."
             )
         named = select_parameters(pl_module, self.params)
+        if not any(p.requires_grad for _, p in named):
+            raise ValueError(
+                f"params={self.params} selects only frozen parameters (requires_grad=False): "
+                "training does not move them, so their curvature says nothing about its "
+                "stability. Select trainable ones, or drop params= for all of them."
+            )
         num_params = sum(p.numel() for _, p in named)
         for probe in self.probes:
             probe.check(pl_module, num_params)
+        compiled = compiled_modules(pl_module)
+        if compiled:
+            names = ", ".join(n or "the module itself" for n in compiled)
+            rank_zero_info(
+                f"LandscapeMonitor: {names} is compiled (torch.compile); probes run it eagerly "
+                "(the same parameters), since compiled autograd has no double backward."
+            )
         dtypes = {p.dtype for _, p in named}
         if dtypes - {torch.float32, torch.float64}:
             rank_zero_warn(
@@ -346,15 +381,15 @@ class LandscapeMonitor(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled:
             return
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        if self.sharpness is not None and optimizer is not None:
-            if stability_threshold(optimizer) is None:
-                rank_zero_info(
-                    f"LandscapeMonitor: {type(optimizer).__name__} is not plain SGD, so "
-                    "landscape/stability_ratio is not logged (adaptive optimizers are stable "
-                    "w.r.t. the preconditioned Hessian, not the raw λ_max)."
-                )
+        if self.sharpness is not None and trainer.optimizers:
+            probed = [p for _, p in select_parameters(pl_module, self.params)]
+            _, why = probed_threshold(trainer.optimizers, probed)
+            if why is not None:
+                rank_zero_info(f"LandscapeMonitor: landscape/stability_ratio is not logged: {why}")
+        for hook in self.hooks:
+            check_hook(hook, trainer, pl_module)  # e.g. a guard that cannot drive this optimizer
         self._collect(trainer, pl_module)
+        self._check_loss(pl_module)
         self._budget.start(trainer.global_step)
         if self.tensorboard_layout:
             _register_layout(trainer, self.layout())
@@ -362,9 +397,22 @@ class LandscapeMonitor(Callback):
             self._run(trainer, pl_module, [p for p in self.probes if p.cadence.on_train_start])
 
     def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Take the probe data once, with the extra samples a probe asks for (one process)."""
-        own_data = self.probe_dataloader is None and trainer.world_size == 1
-        extra = max((p.extra_samples for p in self.probes), default=0) if own_data else 0
+        """Take the probe data once and cut it into chunks.
+
+        One process takes the extra samples a probe asks for. The chunks are of the training
+        batch size where normalisation layers use batch statistics, and of
+        ``probe_micro_batch_size`` where that is set.
+        """
+        own_data = self.probe_dataloader is None
+        extra = max((p.extra_samples for p in self.probes), default=0)
+        extra = extra if own_data and trainer.world_size == 1 else 0
+        if own_data:
+            available = _dataset_size(trainer)
+            if available is not None and available < self.num_probe_samples:
+                rank_zero_warn(
+                    f"LandscapeMonitor: num_probe_samples={self.num_probe_samples} but the train "
+                    f"dataset holds {available} samples; the probes use all {available}."
+                )
         batches = collect_probe_batches(
             trainer, pl_module, self.num_probe_samples + extra, self.probe_dataloader
         )
@@ -373,11 +421,38 @@ class LandscapeMonitor(Callback):
             probe.check_data(sample)  # e.g. too few samples for Δ₂'s k: say so now
         if extra and batch_size(sample) > self.num_probe_samples:
             batches = [slice_batch(sample, 0, self.num_probe_samples)]
-        if self.probe_micro_batch_size is not None:
-            size = self.probe_micro_batch_size
-            batches = [m for b in batches for m in split_batch(b, size)]
+        chunk, self._retain_graph = self.probe_micro_batch_size, None
+        statistics = self.norm_statistics == "batch" and bool(running_stat_norms(pl_module))
+        if chunk is None and statistics and own_data:
+            chunk = _train_batch_size(trainer)
+            if chunk is None:
+                rank_zero_warn(
+                    "LandscapeMonitor: the model normalises with batch statistics, but the "
+                    "training batch size is unknown, so the whole probe set is one batch; set "
+                    "probe_micro_batch_size= to the training batch size."
+                )
+            else:
+                self._retain_graph = True  # chunks for the statistics, not to save memory
+        if chunk is not None:
+            # Train-mode BatchNorm needs two samples per chunk: a last single one joins the one
+            # before it.
+            batches = [m for b in batches for m in split_batch(b, chunk, min_size=2)]
         self._batches, self._sample_batch = batches, sample
         self._weight = float(sum(batch_size(b) for b in batches))
+
+    def _check_loss(self, pl_module: pl.LightningModule) -> None:
+        """Evaluate the probe loss once before training.
+
+        A loss that cannot be probed is a configuration error, said now rather than skipped at
+        every probe.
+        """
+        assert self._batches is not None
+        with (
+            curvature_context(pl_module, norm_statistics=self.norm_statistics),
+            silenced(pl_module),
+            torch.no_grad(),
+        ):
+            check_scalar_loss(self._loss(pl_module, self._batches[0]))
 
     def layout(self) -> Layout:
         """The custom-scalars layout of this monitor's probes (and hooks, and cost)."""
@@ -404,15 +479,9 @@ class LandscapeMonitor(Callback):
         else:
             due = self._budgeted(trainer, step)
         self._run(trainer, pl_module, due)
-        if self.prog_bar and self.history:
-            pl_module.log(
-                tags.LAMBDA_MAX,
-                self.history[-1].lambda_max,
-                prog_bar=True,
-                logger=False,
-                on_step=True,
-                on_epoch=False,
-            )
+        for probe in self.probes:
+            for tag, value in probe.progress_bar().items():
+                pl_module.log(tag, value, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def _budgeted(self, trainer: pl.Trainer, step: int) -> list[Probe]:
         """The probes due under ``max_overhead``: all budgeted ones when the budget allows."""
@@ -549,15 +618,38 @@ class LandscapeMonitor(Callback):
         if self.max_overhead is not None and trainer.world_size > 1:
             self._schedule(trainer)
         step = trainer.global_step
-        self._log(trainer, measured, step, failed)
         shared = [(s, p.cost_hvps(r)) for p, r, s in measured if p.cost_group == tags.COST]
         cost = (sum(s for s, _ in shared), sum(h for _, h in shared))
         report = ProbeReport.from_results(step, trainer.current_epoch, ctx.results, cost)
         if report is not None:
             self.history.append(report)
-            for hook in self.hooks:
-                call_hook(hook, trainer, pl_module, report)
+            failed = not self._call_hooks(trainer, pl_module, report) or failed
+        self._log(trainer, measured, step, failed)
         return report
+
+    def _call_hooks(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: ProbeReport
+    ) -> bool:
+        """Call every hook; one that raises is reported and skipped. Whether all succeeded."""
+        ok = True
+        for hook in self.hooks:
+            why = None
+            try:
+                call_hook(hook, trainer, pl_module, report)
+            except Exception as err:
+                why = _describe(err)
+            if trainer.world_size > 1:  # every rank reports alike
+                failures = count_failures(why is not None, timeout=self._timeout())
+                if failures and why is None:
+                    why = "failed on another rank (its ranks may now disagree)"
+            if why is not None:
+                ok = False
+                self.num_failed += 1
+                name = getattr(hook, "__qualname__", type(hook).__name__)
+                rank_zero_warn(
+                    f"LandscapeMonitor: the hook {name} at step {report.step} {why}; skipped."
+                )
+        return ok
 
     def _measure_all(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, due: list[Probe]
@@ -579,6 +671,7 @@ class LandscapeMonitor(Callback):
             weight=self._weight,
             world_size=world,
             timeout=self._timeout(),
+            retain_graph=self._retain_graph,
             warn=lambda message: rank_zero_warn(f"LandscapeMonitor: {message}"),
         )
         self.num_probes += 1
@@ -586,7 +679,7 @@ class LandscapeMonitor(Callback):
         failed = False
         reported: list[BaseException] = []  # a failed shared operator is reported once
         with (
-            curvature_context(pl_module),
+            curvature_context(pl_module, norm_statistics=self.norm_statistics),
             silenced(pl_module),
             _rank_zero_buffers(pl_module, world),
         ):
@@ -622,21 +715,14 @@ class LandscapeMonitor(Callback):
         result: Any = None
         why: str | None = None
         cause: BaseException | None = None
-        error: Exception | None = None
         try:
             result = probe.run(ctx)
             if not probe.is_finite(result):
                 why = "produced NaN/inf values"
-        except _SKIPPED as err:
+        except Exception as err:  # nothing after setup stops training: skip, and say why
             why, cause = _describe(err), err
-        except Exception as err:
-            if ctx.world_size == 1:
-                raise  # a bug in the loss or bad input: say so rather than skip
-            error, why = err, _describe(err)
         if ctx.world_size > 1 and probe.scope != "rank_zero":
             failures = count_failures(why is not None, timeout=ctx.timeout)
-            if error is not None and failures == ctx.world_size:
-                raise error  # the same failure everywhere: a real error, raised on all ranks
             if failures and why is None:
                 why = "failed on another rank"
         return result, why, cause
@@ -668,17 +754,28 @@ class LandscapeMonitor(Callback):
             metrics[tags.cost_hvps(group)] = hvps
         metrics[tags.OVERHEAD] = self._budget.fraction()
         boards = _tensorboards(trainer)
+        histograms: dict[str, Tensor] = {}
+        images: dict[str, Figure] = {}
+        for probe, result, _ in measured if boards else []:
+            try:
+                histograms.update(probe.histograms(result))
+                images.update(probe.figures(result, step))
+            except Exception as err:
+                metrics[tags.PROBE_FAILED] = 1.0
+                self._figure_failed(probe, step, err)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-        if not boards:
-            return
-        images: dict[str, Figure] = {}
-        for probe, result, _ in measured:
-            for tag, values in probe.histograms(result).items():
-                for board in boards:
-                    board.experiment.add_histogram(tag, values, global_step=step)
-            images.update(probe.figures(result, step))
+        for tag, values in histograms.items():
+            for board in boards:
+                board.experiment.add_histogram(tag, values, global_step=step)
         _add_figures(boards, images, step)
+
+    def _figure_failed(self, probe: Probe, step: int, err: Exception) -> None:
+        self.num_failed += 1
+        rank_zero_warn(
+            f"LandscapeMonitor: the {type(probe).__name__} figure at step {step} "
+            f"{_describe(err)}; skipped."
+        )
 
     def _log_epoch_figures(self, trainer: pl.Trainer) -> None:
         if not trainer.is_global_zero:
@@ -687,9 +784,14 @@ class LandscapeMonitor(Callback):
         if not boards:
             return
         images: dict[str, Figure] = {}
-        for probe in self.probes:
-            images.update(probe.epoch_figures())
         step = max((p.last_step for p in self.probes), default=trainer.global_step)
+        for probe in self.probes:
+            try:
+                images.update(probe.epoch_figures())
+            except Exception as err:
+                self._figure_failed(probe, step, err)
+                for logger in trainer.loggers:
+                    logger.log_metrics({tags.PROBE_FAILED: 1.0}, step=step)
         _add_figures(boards, images, step)
 
 
@@ -723,3 +825,21 @@ def _register_layout(trainer: pl.Trainer, layout: Layout) -> int:
         writer._landscape_layout = True
         count += 1
     return count
+
+
+def _train_batch_size(trainer: pl.Trainer) -> int | None:
+    """The train dataloader's batch size (per process), if it has a plain one."""
+    loader = trainer.train_dataloader
+    size = getattr(loader, "batch_size", None)
+    if size is None:
+        size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def _dataset_size(trainer: pl.Trainer) -> int | None:
+    """Samples in the train dataloader's dataset, if it has a length."""
+    dataset = getattr(trainer.train_dataloader, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None  # type: ignore[arg-type]
+    except TypeError:  # an IterableDataset
+        return None

@@ -20,7 +20,7 @@ import torch
 from matplotlib.figure import Figure
 
 from ..callbacks.data import silenced
-from ..context import curvature_context
+from ..context import curvature_context, running_stat_norms
 from ..operators import ProbeFailure, batch_size
 from ..probes import BUILTIN, Probe, ProbeContext, Row, Sharpness, fmt
 from ..report import tags
@@ -128,11 +128,14 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
             raise CLIError(f"the {probe.name} probe cannot run here: {err}") from None
     step = int(ckpt.get("global_step", 0))
     out = out_dir(args.out, Path(args.ckpt).stem)
-    loss = probe_loss(model, batch)
+    batches, retain_graph = setup.probe_batches(args.norm_statistics)
+    loss = probe_loss(model, batches, args.norm_statistics)
     ctx = ProbeContext(
         model,
         make_loss_fn(),
-        [batch],
+        batches,
+        sample_batch=batch,
+        retain_graph=retain_graph,
         seed=args.seed,
         step=step,
         epoch=int(ckpt.get("epoch", 0) or 0),
@@ -149,14 +152,16 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
         "device": str(setup.device),
         "seed": args.seed,
         "probes": [p.name for p in probes],
+        "norm_statistics": args.norm_statistics,
         "probe_loss": loss,
     }
     scalars: dict[str, float] = {tags.PROBE_LOSS: loss}
     figures: dict[str, Figure] = {}
-    rows: list[Row] = [["probe loss", fmt(loss), f"{batch_size(batch)} samples, eval mode"]]
+    stats = f"{args.norm_statistics} statistics" if running_stat_norms(model) else "eval mode"
+    rows: list[Row] = [["probe loss", fmt(loss), f"{batch_size(batch)} samples, {stats}"]]
     progress = Progress([p.name for p in probes], enabled=not args.no_progress)
     try:
-        with curvature_context(model), silenced(model):
+        with curvature_context(model, norm_statistics=args.norm_statistics), silenced(model):
             for probe in probes:
                 progress.start(probe.name)
                 try:

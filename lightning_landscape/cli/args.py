@@ -76,6 +76,14 @@ def add_common(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="where to probe; auto: CUDA when available (default auto)",
     )
+    parser.add_argument(
+        "--norm-statistics",
+        choices=("batch", "running"),
+        default="batch",
+        help="BatchNorm-type layers: batch = each chunk of the training batch size normalised "
+        "with its own statistics, as in training (default); running = eval mode, the running "
+        "statistics",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..callbacks.data import silenced
 from ..context import curvature_context
 from ..metrics import mode_connectivity
@@ -92,11 +94,20 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as err:
         raise CLIError(str(err)) from None
     out = out_dir(args.out, f"{Path(args.ckpt_a).stem}_vs_{Path(args.ckpt_b).stem}")
+    batches, retain_graph = setup.probe_batches(args.norm_statistics)
 
     def spectrum() -> SharpnessResult:
-        ctx = ProbeContext(model, make_loss_fn(), [batch], seed=args.seed, warn=warn)
+        ctx = ProbeContext(
+            model,
+            make_loss_fn(),
+            batches,
+            sample_batch=batch,
+            retain_graph=retain_graph,
+            seed=args.seed,
+            warn=warn,
+        )
         try:
-            with curvature_context(model), silenced(model):
+            with curvature_context(model, norm_statistics=args.norm_statistics), silenced(model):
                 return sharpness.run(ctx)
         finally:
             ctx.release()
@@ -104,16 +115,24 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     progress = Progress(["spectrum A", "spectrum B", "connectivity"], not args.no_progress)
     try:
         progress.start("spectrum A")
-        loss_a, eig_a = probe_loss(model, batch), spectrum()
+        loss_a, eig_a = probe_loss(model, batches, args.norm_statistics), spectrum()
         progress.done()
         progress.start("spectrum B")
         model.load_state_dict(state_b, strict=True)
-        loss_b, eig_b = probe_loss(model, batch), spectrum()
+        loss_b, eig_b = probe_loss(model, batches, args.norm_statistics), spectrum()
         progress.done()
         progress.start("connectivity")
-        with silenced(model):
+        loss_fn = make_loss_fn()
+        weights = [batch_size(b) for b in batches]
+
+        def chunked_loss(m: torch.nn.Module, _: Any) -> torch.Tensor:
+            """The probe loss over the chunks (their sample-weighted mean), as probe_loss."""
+            losses = [w * loss_fn(m, b) for w, b in zip(weights, batches, strict=True)]
+            return torch.stack(losses).sum() / sum(weights)
+
+        with curvature_context(model, norm_statistics=args.norm_statistics), silenced(model):
             conn = mode_connectivity(
-                model, state_a, state_b, make_loss_fn(), batch, steps=args.steps
+                model, state_a, state_b, chunked_loss, None, steps=args.steps, eval_mode=False
             )
         progress.done()
     finally:

@@ -202,7 +202,7 @@ def run_demo(
     model = DigitsCNN()
     monitor = LandscapeMonitor(
         probes=[
-            Sharpness(top_k, every_n_steps=every_n_steps),
+            Sharpness(top_k, every_n_steps=every_n_steps, prog_bar=True),
             Trace(every_n_steps=every_n_steps),
             SpectralDensity(every_n_steps=4 * every_n_steps),
             CurvatureExponent(12, every_n_steps=2 * every_n_steps),
@@ -212,7 +212,6 @@ def run_demo(
             LossSlice(every_n_epochs=10),
         ],
         num_probe_samples=256,
-        prog_bar=True,
     )
     logger = TensorBoardLogger(log_dir, name="demo")
     trainer = pl.Trainer(

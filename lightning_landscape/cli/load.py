@@ -20,8 +20,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from ..callbacks.data import silenced, training_step_loss
-from ..context import curvature_context, fork_rng
-from ..operators import LossFn
+from ..context import NormStatistics, curvature_context, fork_rng, running_stat_norms
+from ..operators import LossFn, batch_size, split_batch
 
 
 class CLIError(Exception):
@@ -42,12 +42,16 @@ def make_loss_fn() -> LossFn:
     return loss_fn
 
 
-def probe_loss(model: pl.LightningModule, batch: Any) -> float:
-    """The loss on the probe batch in eval mode (also checks ``training_step`` returns a loss).
+def probe_loss(
+    model: pl.LightningModule, batches: list[Any], norm_statistics: NormStatistics = "batch"
+) -> float:
+    """The loss on the probe data (also checks ``training_step`` returns a loss).
 
     Args:
         model: the model.
-        batch: the probe batch.
+        batches: the probe batches (the sample-weighted mean is returned).
+        norm_statistics: how BatchNorm-type layers normalise (see
+            :func:`~lightning_landscape.curvature_context`).
 
     Returns:
         The loss.
@@ -55,9 +59,11 @@ def probe_loss(model: pl.LightningModule, batch: Any) -> float:
     Raises:
         CLIError: if ``training_step`` does not return a loss tensor or a dict with ``"loss"``.
     """
-    with silenced(model), curvature_context(model), torch.no_grad():
+    with silenced(model), curvature_context(model, norm_statistics=norm_statistics):
         try:
-            return float(training_step_loss(model, batch))
+            with torch.no_grad():
+                losses = [(float(training_step_loss(model, b)), batch_size(b)) for b in batches]
+            return sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
         except ValueError:
             raise CLIError(
                 "the model's training_step(batch, 0) must return the loss tensor or a dict with "
@@ -312,7 +318,7 @@ def probe_batch(
     dm: pl.LightningDataModule,
     num_samples: int,
     device: torch.device,
-) -> Any:
+) -> tuple[Any, int | None]:
     """The first ``num_samples`` samples of the train dataset as one batch on ``device``.
 
     Same policy as the monitor (no shuffling, no workers, the train loader's ``collate_fn``),
@@ -326,7 +332,7 @@ def probe_batch(
         device: where the batch goes.
 
     Returns:
-        The batch.
+        The batch, and the train dataloader's batch size (``None`` if it has none).
 
     Raises:
         CLIError: if the train dataloader is not one ``DataLoader`` or is empty.
@@ -352,7 +358,7 @@ def probe_batch(
         raise CLIError("the datamodule's train dataset is empty")
     batch = _batch_hook(model, dm, "on_before_batch_transfer")(batch, 0)
     batch = _batch_hook(model, dm, "transfer_batch_to_device")(batch, device, 0)
-    return _batch_hook(model, dm, "on_after_batch_transfer")(batch, 0)
+    return _batch_hook(model, dm, "on_after_batch_transfer")(batch, 0), source.batch_size
 
 
 @dataclass
@@ -365,6 +371,7 @@ class Setup:
         batch: the probe batch on the device.
         checkpoints: the loaded checkpoints, in command-line order.
         device: the device.
+        train_batch_size: the train dataloader's batch size, if it has one.
     """
 
     model: pl.LightningModule
@@ -372,6 +379,24 @@ class Setup:
     batch: Any
     checkpoints: list[dict[str, Any]]
     device: torch.device
+    train_batch_size: int | None = None
+
+    def probe_batches(self, norm_statistics: NormStatistics) -> tuple[list[Any], bool | None]:
+        """The probe batch as the monitor would cut it, and the operator's ``retain_graph``.
+
+        With batch statistics and a model that has BatchNorm-type layers, chunks of the training
+        batch size (each normalised with its own statistics, as in training); else one batch.
+
+        Args:
+            norm_statistics: ``"batch"`` or ``"running"``.
+
+        Returns:
+            ``(batches, retain_graph)``.
+        """
+        size = self.train_batch_size
+        if norm_statistics == "batch" and running_stat_norms(self.model) and size:
+            return split_batch(self.batch, size, min_size=2), True
+        return [self.batch], None
 
 
 def prepare(
@@ -413,5 +438,12 @@ def prepare(
     model, dm = build_model_and_data(cfg)
     load_weights(model, ckpts[0], paths[0])
     model.to(device)
-    batch = probe_batch(model, dm, num_samples, device)
-    return Setup(model=model, datamodule=dm, batch=batch, checkpoints=ckpts, device=device)
+    batch, train_batch_size = probe_batch(model, dm, num_samples, device)
+    return Setup(
+        model=model,
+        datamodule=dm,
+        batch=batch,
+        checkpoints=ckpts,
+        device=device,
+        train_batch_size=train_batch_size,
+    )

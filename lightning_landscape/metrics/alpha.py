@@ -88,23 +88,55 @@ class AlphaResult:
     seconds: float
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear layer storing its weight as ``(in, out)``.
+
+    Hugging Face ``transformers``' ``Conv1D`` (GPT-2's attention and MLP projections, despite its
+    name a linear layer) keeps ``weight`` as ``(in_features, out_features)``, the transpose of
+    ``nn.Linear``. Recognised by duck typing (class name and its ``nf`` attribute), so
+    ``transformers`` need not be installed.
+    """
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and hasattr(module, "nf")
+        and isinstance(weight, Tensor)
+        and weight.ndim == 2
+    )
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_transposed_linear(module)
+
+
+def _out_features(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return int(module.out_features)
+    if is_transposed_linear(module):
+        return int(module.nf)  # type: ignore[arg-type]
+    return None
+
+
 def layer_type(name: str, module: nn.Module, *, is_head: bool = False) -> str:
-    """Classify a weight by its owning module's type and its name.
+    """Classify a weight by its owning module's type and its module path.
 
     Rules, first match wins: a ``Conv1d/2d/3d`` (or transposed) module is ``"conv"``; an
-    ``nn.Embedding`` or a name containing ``embed``, ``wte`` or ``wpe`` is ``"embedding"``; an
-    ``nn.MultiheadAttention`` (its ``in_proj_weight``) or a name containing ``attn``,
-    ``attention``, ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``qkv`` or ``out_proj`` is
-    ``"attention"``; a ``Linear`` flagged ``is_head``, named ``head``, ``lm_head`` or
-    ``classifier`` (last module component) or a top-level ``fc`` is ``"head"``; any other
-    ``Linear`` is ``"mlp"``; everything else is ``"other"``. A bare output projection such as
-    ``proj`` is not recognised as attention: override with ``layer_types=``.
+    ``nn.Embedding``, or a module whose path contains ``embed``, ``wte`` or ``wpe``, is
+    ``"embedding"`` (a head tied to the embedding is typed by its own path, e.g. ``lm_head``); an ``nn.MultiheadAttention`` (its ``in_proj_weight``) or a module whose
+    path contains ``attn``, ``attention``, ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``,
+    ``qkv`` or ``out_proj`` is ``"attention"`` (GPT-2's ``h.0.attn.c_attn`` and
+    ``h.0.attn.c_proj``); a linear layer (``nn.Linear`` or ``transformers``' ``Conv1D``)
+    flagged ``is_head``, named ``head``, ``lm_head`` or ``classifier`` (last path component) or
+    a top-level ``fc`` is ``"head"``; any other linear layer is ``"mlp"`` (GPT-2's
+    ``h.0.mlp.c_fc`` and ``h.0.mlp.c_proj``); everything else is ``"other"``. A bare output
+    projection such as ``proj`` is not recognised as attention: override with ``layer_types=``.
 
     Args:
-        name: qualified parameter name (``"blocks.0.attn.qkv.weight"``) or module name.
+        name: qualified module path (``"transformer.h.0.attn.c_attn"``) or parameter name (its
+            last component ``weight``/``bias``/``in_proj_weight`` is dropped).
         module: the module owning the parameter.
         is_head: the caller knows this is the model's output layer (see
-            :func:`curvature_exponents`, which flags the last ``Linear`` whose ``out_features``
+            :func:`curvature_exponents`, which flags the last linear layer whose output size
             equals the model output's last dimension).
 
     Returns:
@@ -114,13 +146,14 @@ def layer_type(name: str, module: nn.Module, *, is_head: bool = False) -> str:
     if parts[-1] in ("weight", "bias", "in_proj_weight"):
         parts = parts[:-1]
     lowered = ".".join(parts)
+    linear = _is_linear(module)
     if isinstance(module, nn.modules.conv._ConvNd):
         return "conv"
     if isinstance(module, nn.Embedding) or any(m in lowered for m in _EMBEDDING_MARKERS):
         return "embedding"
     if isinstance(module, nn.MultiheadAttention) or any(m in lowered for m in _ATTENTION_MARKERS):
         return "attention"
-    if isinstance(module, nn.Linear):
+    if linear:
         last = parts[-1] if parts else ""
         if is_head or last in _HEAD_NAMES or lowered == "fc":
             return "head"
@@ -128,18 +161,34 @@ def layer_type(name: str, module: nn.Module, *, is_head: bool = False) -> str:
     return "other"
 
 
-def _default_weights(model: nn.Module) -> list[str]:
-    """Weights of Linear / Conv modules and MultiheadAttention input projections, trainable."""
-    names: list[str] = []
-    for prefix, module in model.named_modules():
-        dot = f"{prefix}." if prefix else ""
-        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-            names.append(dot + "weight")
+def layer_modules(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    """The layer module behind each weight α can be measured on, by parameter name.
+
+    Walks Linear, ``transformers``' ``Conv1D``, Conv and MultiheadAttention modules. A weight
+    shared by several modules (an ``lm_head`` tied to the token embedding ``wte``) appears once,
+    under its name in ``model.named_parameters()``, with the first layer module that uses it
+    (``lm_head``: typed by that module, not by the embedding).
+
+    Args:
+        model: the module.
+
+    Returns:
+        ``{parameter name: (module path, module)}`` in ``model.named_parameters()`` order.
+    """
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    found: dict[str, tuple[str, nn.Module]] = {}
+    for path, module in model.named_modules():
+        attrs: tuple[str, ...] = ()
+        if _is_linear(module) or isinstance(module, nn.modules.conv._ConvNd):
+            attrs = ("weight",)
         elif isinstance(module, nn.MultiheadAttention):
-            names += [dot + a for a in ("in_proj_weight", "q_proj_weight", "k_proj_weight")]
-            names.append(dot + "v_proj_weight")
-    params = dict(model.named_parameters())
-    return [n for n in params if n in names and params[n].requires_grad and params[n].ndim >= 2]
+            attrs = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+        for attr in attrs:
+            p = getattr(module, attr, None)
+            if isinstance(p, nn.Parameter) and p.ndim >= 2 and id(p) in canonical:
+                found.setdefault(canonical[id(p)], (path, module))
+    order = {n: i for i, n in enumerate(canonical.values())}
+    return dict(sorted(found.items(), key=lambda item: order[item[0]]))
 
 
 def resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
@@ -148,7 +197,8 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
     Args:
         model: the module.
         layers: names or ``fnmatch`` patterns of weights (or of their modules), or ``None`` for
-            every trainable Linear / Conv weight and attention input projection.
+            every trainable weight of a layer module (see :func:`layer_modules`; tied weights
+            once).
 
     Returns:
         Parameter names in ``model.named_parameters()`` order.
@@ -158,9 +208,13 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
             selection is empty.
     """
     if layers is None:
-        chosen = _default_weights(model)
+        params = dict(model.named_parameters())
+        chosen = [n for n in layer_modules(model) if params[n].requires_grad]
         if not chosen:
-            raise ValueError("The model has no trainable Linear / Conv / attention weights.")
+            raise ValueError(
+                "The model has no trainable Linear / Conv / attention weights (transformers' "
+                "Conv1D included); name the weights with layers=[...]."
+            )
         return chosen
     if isinstance(layers, str):
         layers = [layers]
@@ -181,15 +235,16 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
     return [n for n in candidates if n in keep]
 
 
-def _owner(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name.rpartition(".")[0])
+def _owner(model: nn.Module, name: str) -> tuple[str, nn.Module]:
+    path = name.rpartition(".")[0]
+    return path, model.get_submodule(path)
 
 
 def _head_module(model: nn.Module, out_dim: int | None) -> str | None:
-    """Name of the last Linear with ``out_features == out_dim`` (the last Linear if unknown)."""
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """Path of the last linear layer with ``out_dim`` outputs (the last linear one if unknown)."""
+    linears = [(n, m) for n, m in model.named_modules() if _is_linear(m)]
     if out_dim is not None:
-        linears = [(n, m) for n, m in linears if m.out_features == out_dim]
+        linears = [(n, m) for n, m in linears if _out_features(m) == out_dim]
     return linears[-1][0] if linears else None
 
 
@@ -202,14 +257,19 @@ def _layer_alpha(
     top_k: int,
     kind: str,
     route: HVPRoute,
+    transposed: bool = False,
 ) -> AlphaResult:
     start = time.perf_counter()
-    g2 = grad.detach().reshape(grad.shape[0], -1).to(torch.float64)
+    g = grad.detach().T if transposed else grad.detach()  # (out, in), as nn.Linear stores it
+    g2 = g.reshape(g.shape[0], -1).to(torch.float64)
     m, n = g2.shape
     u, s, vh = torch.linalg.svd(g2, full_matrices=False)
     k = min(top_k, m, n)
     u, s, v = u[:, :k], s[:k], vh[:k].T
-    directions = torch.einsum("ik,jk->ijk", u, v).reshape(m * n, k)
+    outer = torch.einsum("ik,jk->ijk", u, v)  # (m, n, k): u_k v_kᵀ as (out, in) matrices
+    if transposed:
+        outer = outer.transpose(0, 1)  # back to the parameter's (in, out) storage
+    directions = outer.reshape(m * n, k)
     directions = directions / directions.norm(dim=0, keepdim=True).clamp_min(1e-300)
     directions = directions.to(grad.dtype)
     op = HessianOperator(model, loss_fn, [batch], params=[name], route=route)
@@ -270,10 +330,13 @@ def curvature_exponents(
         loss_fn: ``loss_fn(model, batch) -> scalar Tensor`` (the mean loss of the batch).
         batch: the probe batch, already on the model's device.
         top_k: number of singular directions per layer (capped at ``min(m, n)``).
-        layers: ``None`` for every trainable weight of a ``Linear``/``Conv`` module and the
-            input projections of ``nn.MultiheadAttention``; or parameter names / ``fnmatch``
-            patterns, matched against parameter names (``"fc1.weight"``, ``"*.conv*"``) and
-            module names (``"fc1"``), restricted to parameters with at least 2 dimensions.
+        layers: ``None`` for every trainable weight of a ``Linear``/``Conv`` module,
+            ``transformers``' ``Conv1D`` (its ``(in, out)`` weight is read transposed, as the
+            ``(out, in)`` matrix of the linear map) and the input projections of
+            ``nn.MultiheadAttention``, a weight tied between modules counted once; or parameter
+            names / ``fnmatch`` patterns, matched against parameter names (``"fc1.weight"``,
+            ``"*.conv*"``) and module names (``"fc1"``), restricted to parameters with at least
+            2 dimensions.
         layer_types: overrides of the inferred :func:`layer_type`, by parameter name.
         route: HVP route of :class:`~lightning_landscape.operators.HessianOperator`.
         eval_mode: probe in ``eval()`` mode (default) or in the model's current modes.
@@ -315,13 +378,14 @@ def curvature_exponents(
         out_dim = int(out.shape[-1]) if isinstance(out, Tensor) and out.ndim > 0 else None
         outputs.clear()
         head = _head_module(model, out_dim)
+        modules = layer_modules(model)
         for n, g in zip(names, grads, strict=True):
             g = torch.zeros_like(params[n]) if g is None else g
-            module_name = n.rpartition(".")[0]
-            kind = overrides.get(n) or layer_type(
-                n, _owner(model, n), is_head=module_name == head and n.endswith("weight")
-            )
-            results[n] = _layer_alpha(model, loss_fn, batch, n, g, top_k, kind, route)
+            path, module = modules.get(n) or _owner(model, n)
+            is_head = path == head and _is_linear(module)
+            kind = overrides.get(n) or layer_type(path, module, is_head=is_head)
+            transposed = is_transposed_linear(module) and n in modules
+            results[n] = _layer_alpha(model, loss_fn, batch, n, g, top_k, kind, route, transposed)
     return results
 
 

@@ -31,7 +31,7 @@ def batch_size(batch: Any) -> int:
     )
 
 
-def split_batch(batch: Any, max_size: int) -> list[Any]:
+def split_batch(batch: Any, max_size: int, min_size: int = 1) -> list[Any]:
     """Split a batch into consecutive micro-batches of at most ``max_size`` samples.
 
     Use it to cap the memory of a curvature probe: ``HessianOperator(model, loss_fn,
@@ -49,6 +49,8 @@ def split_batch(batch: Any, max_size: int) -> list[Any]:
         batch: a tensor, or a (nested) tuple/list/dict/namedtuple whose tensors share their
             leading (sample) dimension.
         max_size: the largest number of samples per micro-batch (``>= 1``).
+        min_size: the fewest samples of the last micro-batch: a smaller remainder joins the
+            micro-batch before it (e.g. ``2`` where train-mode BatchNorm needs two samples).
 
     Returns:
         The micro-batches, in order: ``ceil(n / max_size)`` pieces of ``max_size`` samples, the
@@ -90,7 +92,11 @@ def split_batch(batch: Any, max_size: int) -> list[Any]:
     n = distinct.pop()
     if n == 0:
         raise ValueError("Cannot split a batch with 0 samples.")
-    return [slice_batch(batch, start, min(start + max_size, n)) for start in range(0, n, max_size)]
+    starts = list(range(0, n, max_size))
+    if len(starts) > 1 and n - starts[-1] < min_size:
+        starts.pop()  # a too-small remainder joins the piece before it
+    ends = [*starts[1:], n]
+    return [slice_batch(batch, start, end) for start, end in zip(starts, ends, strict=True)]
 
 
 def tensor_paths(obj: Any, path: str = "batch") -> Iterator[tuple[str, Tensor]]:

@@ -11,7 +11,10 @@ optimizer's update with the gradient taken at the perturbed weights).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+from torch import Tensor
 
 from .sam import SAM
 
@@ -49,3 +52,65 @@ def stability_threshold(optimizer: torch.optim.Optimizer, group: int = 0) -> flo
         return None
     beta = float(settings.get("momentum", 0.0) or 0.0)
     return (2.0 + 2.0 * beta) / lr
+
+
+def probed_threshold(
+    optimizers: Sequence[torch.optim.Optimizer], params: Sequence[Tensor]
+) -> tuple[float | None, str | None]:
+    """The stability threshold that applies to the Hessian over ``params``, if one does.
+
+    It is the threshold of the optimizer and param group that update the probed parameters. There
+    is none when they are updated by several optimizers (a GAN's generator and discriminator: probe
+    one of them with ``params=``) or by param groups with different thresholds, or by an
+    optimizer whose raw-Hessian threshold is undefined (adaptive methods), or by no optimizer.
+
+    Args:
+        optimizers: the trainer's optimizers.
+        params: the probed parameter tensors.
+
+    Returns:
+        ``(threshold, None)``, or ``(None, why)``; ``(None, None)`` while the threshold is only
+        momentarily undefined (a learning rate of 0, e.g. at the start of a warm-up).
+
+    Example:
+        >>> import torch
+        >>> a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+        >>> gen, disc = torch.optim.SGD([a], lr=0.01), torch.optim.SGD([b], lr=0.1)
+        >>> probed_threshold([gen, disc], [b])
+        (20.0, None)
+        >>> probed_threshold([gen, disc], [a, b])[1][:48]
+        'the probed parameters are updated by 2 optimizer'
+    """
+    wanted = {id(p) for p in params}
+    owners: dict[int, list[int]] = {}
+    for i, optimizer in enumerate(optimizers):
+        for g, group in enumerate(optimizer.param_groups):
+            if any(id(p) in wanted for p in group["params"]):
+                owners.setdefault(i, []).append(g)
+    if not owners:
+        return None, "no optimizer updates the probed parameters"
+    if len(owners) > 1:
+        names = ", ".join(f"{i} ({type(optimizers[i]).__name__})" for i in owners)
+        return None, (
+            f"the probed parameters are updated by {len(owners)} optimizers ({names}); probe "
+            "one optimizer's parameters with params= (e.g. the discriminator's) to compare its "
+            "sharpness with its threshold"
+        )
+    ((index, groups),) = owners.items()
+    optimizer = optimizers[index]
+    inner = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
+    if not isinstance(inner, torch.optim.SGD):
+        return None, (
+            f"{type(inner).__name__} is not plain SGD (adaptive optimizers are stable w.r.t. the "
+            "preconditioned Hessian, not the raw λ_max)"
+        )
+    thresholds = {stability_threshold(optimizer, g) for g in groups}
+    if None in thresholds:
+        return None, None  # a learning rate of 0 (warm-up): no threshold at this step
+    if len(thresholds) > 1:
+        values = ", ".join(f"{t:.4g}" for t in sorted(t for t in thresholds if t is not None))
+        return None, (
+            f"the probed parameters sit in param groups with different thresholds ({values}); "
+            "probe one group's parameters with params= for a stability ratio"
+        )
+    return thresholds.pop(), None

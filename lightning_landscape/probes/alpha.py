@@ -90,6 +90,7 @@ class CurvatureExponent(Probe):
             top_k=self.top_k,
             layers=self.layers,
             route=ctx.route,
+            eval_mode=False,  # the modes of the round's curvature_context
         )
 
     @staticmethod

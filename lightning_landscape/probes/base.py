@@ -128,7 +128,9 @@ class ProbeContext:
     The Hessian operator over the probed parameters on the probe batches is built the first time
     a probe asks for it (:meth:`operator`) and shared by every probe of the round; under data
     parallelism it is the sample-weighted mean over ranks, and a failure while building it on
-    any rank is agreed on before the first product.
+    any rank is agreed on before the first product. Probes run inside
+    :func:`~lightning_landscape.curvature_context` (the monitor and ``analyze`` enter it for the
+    round), which sets the modules' modes; they do not change them.
 
     Args:
         model: the module (a LightningModule inside training).
@@ -145,6 +147,8 @@ class ProbeContext:
         weight: this rank's number of probe samples (for the mean over ranks).
         world_size: processes in the default process group.
         timeout: bound on every collective.
+        retain_graph: passed to the :class:`~lightning_landscape.HessianOperator` (``None``:
+            its default, which rebuilds each batch's graph when there are several).
         warn: where soft problems go (the monitor: ``rank_zero_warn``).
 
     Attributes:
@@ -167,6 +171,7 @@ class ProbeContext:
         weight: float | None = None,
         world_size: int = 1,
         timeout: datetime.timedelta | None = None,
+        retain_graph: bool | None = None,
         warn: Callable[[str], None] | None = None,
     ) -> None:
         if not batches:
@@ -184,6 +189,7 @@ class ProbeContext:
         self.weight = weight
         self.world_size = world_size
         self.timeout = timeout
+        self.retain_graph = retain_graph
         self._warn = warn
         self.results: dict[str, Any] = {}
         self._local: HessianOperator | None = None
@@ -220,10 +226,8 @@ class ProbeContext:
 
         Raises:
             ProbeFailure: on every rank alike, if building it failed on some rank (out of
-                memory, a NaN/inf probe loss, an error in the loss on some ranks only), or one
-                of its products failed earlier in this round (then the same exception again).
-            Exception: the error itself, on one process or when every rank hit it (a bug in the
-                loss or bad input, not a glitch).
+                memory, a NaN/inf probe loss, an error in the loss), or one of its products
+                failed earlier in this round (then the same exception again).
         """
         if self._failure is not None:
             raise self._failure
@@ -231,26 +235,26 @@ class ProbeContext:
             return self._op
         local: HessianOperator | None = None
         why: str | None = None
-        error: Exception | None = None
         try:
             local = HessianOperator(
-                self.model, self.loss_fn, self.batches, params=self.params, route=self.route
+                self.model,
+                self.loss_fn,
+                self.batches,
+                params=self.params,
+                route=self.route,
+                retain_graph=self.retain_graph,
             )
             if not math.isfinite(local.loss_value):
                 why = "has a NaN/inf loss on the probe data"
         except torch.OutOfMemoryError:
             why = "ran out of memory (lower num_probe_samples or set probe_micro_batch_size)"
         except Exception as err:
-            if self.world_size == 1:
-                raise
-            error, why = err, f"failed ({type(err).__name__}: {err})"
+            why = f"failed ({type(err).__name__}: {err})"
         # Before any Hessian-vector product, every rank learns how many ranks failed.
         failures = count_failures(why is not None, timeout=self.timeout)
         if failures:
             if local is not None:
                 local.release()
-            if error is not None and failures == self.world_size:
-                raise error  # the same failure everywhere: a real error, raised on all ranks
             self._failure = ProbeFailure(why or "failed on another rank")
             raise self._failure
         assert local is not None
@@ -400,6 +404,10 @@ class Probe(abc.ABC):
 
     def figures(self, result: Any, step: int) -> dict[str, Figure]:
         """Figures of one result, by tag (asked for only where a logger or a file takes them)."""
+        return {}
+
+    def progress_bar(self) -> dict[str, float]:
+        """Values to show in Lightning's progress bar (by tag), after every training batch."""
         return {}
 
     def epoch_figures(self) -> dict[str, Figure]:

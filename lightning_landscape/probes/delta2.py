@@ -174,6 +174,7 @@ class Stabilization(Probe):
             "params": ctx.params,
             "route": ctx.route,
             "seed": ctx.seed,
+            "eval_mode": False,  # the modes of the round's curvature_context
         }
         result = stabilization(
             ctx.model,

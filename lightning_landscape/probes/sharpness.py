@@ -10,7 +10,8 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from .._validate import choice, flag, integer, optional_integer, real
-from ..optim.thresholds import stability_threshold
+from ..operators import select_parameters
+from ..optim.thresholds import probed_threshold
 from ..report import figures, tags
 from ..report.layout import SHARPNESS, SPECTRUM, Layout, multiline
 from ..solvers import Criterion, EigenResult, lanczos
@@ -85,10 +86,12 @@ class Sharpness(Probe):
 
     Thick-restart Lanczos (:func:`~lightning_landscape.lanczos`) on the round's Hessian operator,
     warm-started from the previous measurement's eigenvectors; with ``lambda_min`` a second solve
-    for the algebraically smallest eigenvalue (negative: a saddle direction). For
-    ``torch.optim.SGD`` (or SAM over it) λ_max is compared with the edge of stability
-    ``(2 + 2β)/η``; for adaptive optimizers the raw λ_max does not set stability and no ratio is
-    logged.
+    for the algebraically smallest eigenvalue (negative: a saddle direction). When the probed
+    parameters are updated by ``torch.optim.SGD`` (or SAM over it), λ_max is compared with that
+    optimizer's edge of stability ``(2 + 2β)/η`` for their param group; for adaptive optimizers
+    the raw λ_max does not set stability, and with several optimizers (a GAN) or param groups of
+    different thresholds there is no single one: then no ratio is logged (probe one optimizer's
+    parameters with the monitor's ``params=``).
 
     Logs ``landscape/lambda_max``, ``landscape/eigenvalues/<i>``, ``landscape/lambda_min``,
     ``landscape/stability_ratio`` and ``landscape/stability_threshold`` (SGD),
@@ -111,6 +114,7 @@ class Sharpness(Probe):
             ``num_params`` numbers) so a resumed run continues exactly.
         histogram: log the eigenvalue histogram to TensorBoard.
         figure: log the eigenvalue-trajectory figure to TensorBoard at epoch ends.
+        prog_bar: show the latest λ_max in Lightning's progress bar.
         every_n_steps: see :class:`~lightning_landscape.probes.Cadence`.
         every_n_epochs: see :class:`~lightning_landscape.probes.Cadence`.
         on_train_start: see :class:`~lightning_landscape.probes.Cadence`.
@@ -147,6 +151,7 @@ class Sharpness(Probe):
         save_warm_start: bool = True,
         histogram: bool = True,
         figure: bool = True,
+        prog_bar: bool = False,
         every_n_steps: int | None = 100,
         every_n_epochs: int | None = None,
         on_train_start: bool = True,
@@ -172,6 +177,7 @@ class Sharpness(Probe):
         self.save_warm_start = flag("save_warm_start", save_warm_start)
         self.histogram = flag("histogram", histogram)
         self.figure = flag("figure", figure)
+        self.prog_bar = flag("prog_bar", prog_bar)
         self.warm_top: Tensor | None = None
         self.warm_min: Tensor | None = None
         self.trajectory: list[tuple[int, tuple[float, ...], float | None, float | None]] = []
@@ -187,7 +193,11 @@ class Sharpness(Probe):
 
     # ------------------------------------------------------------------ measuring
     def run(self, ctx: ProbeContext) -> SharpnessResult:
-        """The top-k solve, the λ_min solve and the threshold of ``ctx.optimizers[0]``."""
+        """The top-k solve, the λ_min solve, and the probed parameters' stability threshold.
+
+        The threshold is that of the optimizer and param group that update the probed
+        parameters (:func:`~lightning_landscape.optim.probed_threshold`).
+        """
         op = ctx.operator()
 
         def solve(k: int, which: str, start: Tensor | None, seed: int) -> EigenResult:
@@ -207,7 +217,10 @@ class Sharpness(Probe):
         bottom = None
         if self.lambda_min:
             bottom = solve(1, "smallest", self.warm_min, ctx.seed + _LAMBDA_MIN_SEED)
-        threshold = stability_threshold(ctx.optimizers[0]) if ctx.optimizers else None
+        threshold = None
+        if ctx.optimizers:  # the optimizer and param group that update the probed parameters
+            probed = [p for _, p in select_parameters(ctx.model, ctx.params)]
+            threshold, _ = probed_threshold(ctx.optimizers, probed)
         result = SharpnessResult(top, bottom, ctx.probe_loss(), threshold)
         if self.is_finite(result) and not result.converged:
             ctx.warn(
@@ -252,6 +265,12 @@ class Sharpness(Probe):
     def histograms(self, result: SharpnessResult) -> dict[str, Tensor]:
         """The top-k eigenvalues as a TensorBoard histogram."""
         return {tags.EIGENVALUES: torch.tensor(result.eigenvalues)} if self.histogram else {}
+
+    def progress_bar(self) -> dict[str, float]:
+        """The latest λ_max, with ``prog_bar``."""
+        if not self.prog_bar or self.last_result is None:
+            return {}
+        return {tags.LAMBDA_MAX: self.last_result.lambda_max}
 
     def epoch_figures(self) -> dict[str, Figure]:
         """The eigenvalue trajectories, when measurements were added since the last figure."""

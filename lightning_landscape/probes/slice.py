@@ -81,6 +81,7 @@ class LossSlice(Probe):
                 span=self.span,
                 params=ctx.params,
                 seed=ctx.seed,
+                eval_mode=False,  # the modes of the round's curvature_context
             )
         except ValueError as err:  # e.g. a zero direction on this model and data
             raise ProbeFailure(str(err)) from err

@@ -8,9 +8,9 @@ the whole basis ("twice is enough"), so no ghost copies of converged eigenvalues
 Convergence is judged by Ritz residuals, ``‖A y − θ y‖ = ‖C_j s_j‖`` (read off the recurrence at
 no extra cost), against the spectral scale ``‖A‖`` (the largest Ritz value magnitude seen), so
 that eigenvalues at or near zero converge too; with ``criterion="eigenvalue"``, by the
-a-posteriori eigenvalue-error bound ``‖r‖² / gap`` built from the same residuals. Host synchronisation
-happens once per block step, for the convergence check and breakdown detection; nothing else
-leaves the device.
+a-posteriori eigenvalue-error bound ``‖r‖² / gap`` built from the same residuals. Host
+synchronisation happens once per block step, for the convergence check and breakdown detection;
+nothing else leaves the device.
 """
 
 from __future__ import annotations

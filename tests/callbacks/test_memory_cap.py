@@ -420,8 +420,12 @@ def test_monitor_probe_micro_batch_size_gives_the_same_spectrum() -> None:
     results = {}
     for size in (None, 7):
         pl.seed_everything(0, verbose=False)
-        monitor = LandscapeMonitor(
-            every_n_steps=5, top_k=2, num_probe_samples=32, probe_micro_batch_size=size
+        monitor = LandscapeMonitor(  # running statistics: micro-batching is exact (eval mode)
+            every_n_steps=5,
+            top_k=2,
+            num_probe_samples=32,
+            probe_micro_batch_size=size,
+            norm_statistics="running",
         )
         trainer = pl.Trainer(**trainer_kwargs(max_steps=10, callbacks=[monitor]))
         trainer.fit(ClassifierModule(), make_dataloader())

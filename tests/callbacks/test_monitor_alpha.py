@@ -50,10 +50,11 @@ def test_alpha_cadence_logs_per_layer_and_group_values() -> None:
 
 
 def test_alpha_matches_the_functional_api_on_the_probe_batch() -> None:
-    monitor = LandscapeMonitor(
+    monitor = LandscapeMonitor(  # eval mode: the functional API's default
         probes=[CurvatureExponent(4, every_n_steps=100)],
         num_probe_samples=32,
         loss_fn=lambda m, b: m.compute_loss(b),
+        norm_statistics="running",
     )
     module = _fit(monitor, None, max_steps=6)  # only the train-end measurement
     dataset = make_dataloader().dataset

@@ -38,11 +38,14 @@ def _fit(monitor: LandscapeMonitor | None, logger: Any = None, max_steps: int = 
 
 
 def _monitor(sharpness: dict[str, Any] | None = None, **delta2: Any) -> LandscapeMonitor:
-    """Δ₂ with D = 3 every 4 steps, and a Sharpness probe with ``sharpness`` settings if given."""
+    """Δ₂ with D = 3 every 4 steps, and a Sharpness probe with ``sharpness`` settings if given;
+    eval mode (running statistics), as the functional API it is compared with."""
     probes: list[ll.Probe] = [Stabilization(**{"D": 3, "every_n_steps": 4, **delta2})]
     if sharpness is not None:
         probes.append(Sharpness(**{"lambda_min": False, **sharpness}))
-    return LandscapeMonitor(probes=probes, num_probe_samples=N, loss_fn=_loss)
+    return LandscapeMonitor(
+        probes=probes, num_probe_samples=N, loss_fn=_loss, norm_statistics="running"
+    )
 
 
 def _last(monitor: LandscapeMonitor) -> ll.StabilizationResult:

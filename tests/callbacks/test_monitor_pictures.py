@@ -88,6 +88,7 @@ def test_loss_slice_every_epoch(tmp_path: Any, directions: str) -> None:
         probes=[LossSlice(directions, steps=5, span=0.5, every_n_epochs=1)],  # type: ignore[arg-type]
         num_probe_samples=64,
         loss_fn=lambda m, b: m.compute_loss(b),
+        norm_statistics="running",  # the centre loss is checked against eval mode below
     )
     module = _fit(monitor, logger)
     result = monitor.probe_named("slice").last_result

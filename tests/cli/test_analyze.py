@@ -115,15 +115,18 @@ def _ok(res: subprocess.CompletedProcess[str]) -> None:
 
 
 def _reference_lambda_max(ckpt: Path, k: int) -> float:
+    """λ_max of the training loss's Hessian: the first 256 samples (unshuffled) in chunks of the
+    training batch size (16), BatchNorm on each chunk's own statistics."""
     model = ClassifierModule()
     model.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"])
-    batch = make_dataset(256, seed=0).tensors  # the first 256 samples, unshuffled
+    chunks = ll.split_batch(make_dataset(256, seed=0).tensors, 16)
 
     def loss_fn(m: torch.nn.Module, b: Any) -> torch.Tensor:
         return training_step_loss(model, b)
 
-    with silenced(model):
-        return float(ll.hessian_eigenvalues(model, loss_fn, batch, k=k).eigenvalues[0])
+    with silenced(model), ll.curvature_context(model, norm_statistics="batch"):
+        op = ll.HessianOperator(model, loss_fn, chunks)
+        return float(ll.lanczos(op, k).eigenvalues[0])
 
 
 def test_analyze_end_to_end(
@@ -314,7 +317,10 @@ def test_analyze_takes_the_lightningcli_plain_form(
     def loss_fn(m: torch.nn.Module, b: Any) -> torch.Tensor:
         return training_step_loss(reference, b)
 
-    with silenced(reference):
-        ref = ll.hessian_eigenvalues(reference, loss_fn, (x, y), k=2, tol=1e-6)
+    # BatchNorm on the batch's own statistics (64 samples: one chunk of the training batch size).
+    with silenced(reference), ll.curvature_context(reference, norm_statistics="batch"):
+        op = ll.HessianOperator(reference, loss_fn, [(x, y)])
+        ref = ll.lanczos(op, 2, tol=1e-6)
     assert summary["sharpness"]["eigenvalues"] == pytest.approx(ref.eigenvalues.tolist(), rel=1e-3)
+    assert summary["norm_statistics"] == "batch"
     assert "λ_max" in out and "trace" in out
