@@ -44,49 +44,9 @@ if str(HERE.parent) not in sys.path:  # run from a checkout without an editable 
     sys.path.insert(0, str(HERE.parent))
 
 from lightning_landscape import curvature_exponents  # noqa: E402
+from lightning_landscape.cli.demo import ResNet18  # noqa: E402
 from lightning_landscape.metrics.alpha import resolve_layers  # noqa: E402
 from lightning_landscape.operators import HessianOperator  # noqa: E402
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """CIFAR ResNet-18: 3×3 stem, 4 stages × 2 BasicBlocks (64/128/256/512), linear head."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        stages, cin = [], 64
-        for i, width in enumerate((64, 128, 256, 512)):
-            stride = 1 if i == 0 else 2
-            stages.append(
-                nn.Sequential(BasicBlock(cin, width, stride), BasicBlock(width, width, 1))
-            )
-            cin = width
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.fc = nn.Linear(512, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
 def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:

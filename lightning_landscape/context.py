@@ -200,13 +200,13 @@ def curvature_context(
                     # leave the running statistics alone (no in-place update, which torch.func
                     # transforms could not trace either).
                     norm.train()
-                    norm.track_running_stats = False
+                    setattr(norm, "track_running_stats", False)  # noqa: B010
             yield model
         finally:
             for module, mode in modes:
                 module.training = mode
             for norm in batch_stats:
-                norm.track_running_stats = True
+                setattr(norm, "track_running_stats", True)  # noqa: B010 (typed as Tensor | Module)
             for p, g, flag in zip(params, grads, flags, strict=True):
                 if p.requires_grad != flag:
                     p.requires_grad_(flag)

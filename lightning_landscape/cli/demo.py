@@ -110,6 +110,65 @@ class DigitsCNN(pl.LightningModule):
         )
 
 
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: two 3×3 convolutions with BatchNorm and a shortcut.
+
+    Args:
+        cin: input channels.
+        cout: output channels.
+        stride: stride of the first convolution (and of the projection shortcut).
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The block's output."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet-18 (torchvision's layout with a 3×3 stem, no max-pool).
+
+    4 stages × 2 BasicBlocks of ``width × (1, 2, 4, 8)`` channels and a linear head; at the
+    default ``width=64`` it has 11.2 M parameters, like torchvision's ``resnet18`` on CIFAR.
+    Defined here because torchvision's wheel is not always installable next to a given torch.
+
+    Args:
+        num_classes: outputs of the head.
+        width: channels of the first stage.
+        in_channels: input channels.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 64, in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        stages, cin = [], width
+        for i, cout in enumerate(width * m for m in (1, 2, 4, 8)):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
+            cin = cout
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class logits."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))  # type: ignore[no-any-return]
+
+
 class DigitsDataModule(pl.LightningDataModule):
     """The 8×8 digits of :func:`load_digits_tensors` (shuffled training batches, seeded).
 

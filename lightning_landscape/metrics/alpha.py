@@ -122,14 +122,15 @@ def layer_type(name: str, module: nn.Module, *, is_head: bool = False) -> str:
 
     Rules, first match wins: a ``Conv1d/2d/3d`` (or transposed) module is ``"conv"``; an
     ``nn.Embedding``, or a module whose path contains ``embed``, ``wte`` or ``wpe``, is
-    ``"embedding"`` (a head tied to the embedding is typed by its own path, e.g. ``lm_head``); an ``nn.MultiheadAttention`` (its ``in_proj_weight``) or a module whose
-    path contains ``attn``, ``attention``, ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``,
-    ``qkv`` or ``out_proj`` is ``"attention"`` (GPT-2's ``h.0.attn.c_attn`` and
-    ``h.0.attn.c_proj``); a linear layer (``nn.Linear`` or ``transformers``' ``Conv1D``)
-    flagged ``is_head``, named ``head``, ``lm_head`` or ``classifier`` (last path component) or
-    a top-level ``fc`` is ``"head"``; any other linear layer is ``"mlp"`` (GPT-2's
-    ``h.0.mlp.c_fc`` and ``h.0.mlp.c_proj``); everything else is ``"other"``. A bare output
-    projection such as ``proj`` is not recognised as attention: override with ``layer_types=``.
+    ``"embedding"`` (a head tied to the embedding is typed by its own path, e.g. ``lm_head``);
+    an ``nn.MultiheadAttention`` (its ``in_proj_weight``) or a module whose path contains
+    ``attn``, ``attention``, ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``qkv`` or
+    ``out_proj`` is ``"attention"`` (GPT-2's ``h.0.attn.c_attn`` and ``h.0.attn.c_proj``); a
+    linear layer (``nn.Linear`` or ``transformers``' ``Conv1D``) flagged ``is_head``, named
+    ``head``, ``lm_head`` or ``classifier`` (last path component) or a top-level ``fc`` is
+    ``"head"``; any other linear layer is ``"mlp"`` (GPT-2's ``h.0.mlp.c_fc`` and
+    ``h.0.mlp.c_proj``); everything else is ``"other"``. A bare output projection such as
+    ``proj`` is not recognised as attention: override with ``layer_types=``.
 
     Args:
         name: qualified module path (``"transformer.h.0.attn.c_attn"``) or parameter name (its

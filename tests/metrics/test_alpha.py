@@ -46,6 +46,44 @@ def test_h_matches_dense_layer_block_hessian(kind: str, name: str) -> None:
     assert res.kept.dtype == torch.bool and res.sigma.dtype == torch.float64
 
 
+def test_transformers_conv1d_is_read_as_its_linear_map_and_tied_weights_once() -> None:
+    """GPT-2's Conv1D stores (in, out): α sees the (out, in) matrix, h_k exact against a dense
+    oracle in the parameter's own layout; the lm_head tied to wte is measured once."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0
+    )
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    tokens = torch.randint(0, 11, (6, 8), generator=torch.Generator().manual_seed(1))
+
+    def loss_fn(m: nn.Module, b: torch.Tensor) -> torch.Tensor:
+        return m(input_ids=b, labels=b).loss
+
+    name = "transformer.h.0.mlp.c_fc.weight"  # Conv1D(nf=32, nx=8): weight (8, 32)
+    module = model.get_submodule(name.rpartition(".")[0])
+    assert isinstance(module, Conv1D) and module.weight.shape == (8, 32)
+    res = ll.curvature_exponents(model, loss_fn, tokens, top_k=6, layers=[name])[name]
+    assert res.shape == (32, 8) and res.layer_type == "mlp"
+    g = dict(model.named_parameters())[name]
+    (grad,) = torch.autograd.grad(loss_fn(model, tokens), [g])
+    u, _, vh = torch.linalg.svd(grad.T, full_matrices=False)  # the (out, in) matrix
+    hess = dense_hessian(model, loss_fn, tokens, params=[name]).detach()
+    for k in range(len(res.h)):
+        d = torch.outer(u[:, k], vh[k]).T.reshape(-1)  # back to the (in, out) storage
+        # float64 through HF's masked attention: the two autograd paths agree to ~1e-6
+        assert math.isclose(float(res.h[k]), float(d @ hess @ d), rel_tol=1e-5, abs_tol=1e-12)
+    everything = ll.curvature_exponents(model, loss_fn, tokens, top_k=2)
+    assert "transformer.wte.weight" in everything and "lm_head.weight" not in everything
+    assert everything["transformer.wte.weight"].layer_type == "head"
+    assert everything["transformer.h.0.attn.c_attn.weight"].layer_type == "attention"
+    assert everything["transformer.h.0.attn.c_proj.weight"].layer_type == "attention"
+    assert everything["transformer.h.0.mlp.c_proj.weight"].layer_type == "mlp"
+    assert len(everything) == 5
+
+
 def test_conv_shape_and_default_layers() -> None:
     model, loss_fn, batch = make_model("cnn")
     results = ll.curvature_exponents(model, loss_fn, batch, top_k=5)

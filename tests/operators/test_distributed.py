@@ -39,7 +39,12 @@ from lightning.pytorch.strategies import (
     SingleDeviceStrategy,
 )
 
-from lightning_landscape import LandscapeMonitor, hessian_eigenvalues, hessian_trace
+from lightning_landscape import (
+    LandscapeMonitor,
+    curvature_context,
+    hutchpp_trace,
+    lanczos,
+)
 from lightning_landscape.operators import HessianOperator
 from lightning_landscape.operators.distributed import (
     DistributedOperator,
@@ -458,25 +463,30 @@ def _probe_states(launch: Launch, rank: int) -> dict[int, dict[str, torch.Tensor
 
 
 def _single_process_probe(state: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The monitor's probe, in this process, on the first 25 samples of the dataset."""
+    """The monitor's probe, in this process, on the first 25 samples of the dataset.
+
+    As under DDP, BatchNorm normalises each rank's shard (samples r, r + 2, ...: 13 and 12,
+    below the training batch size of 16) with its own statistics: the Hessian is the
+    sample-weighted mean over the two shards.
+    """
     with torch.random.fork_rng(devices=[]):
         module = ClassifierModule()
     module.load_state_dict(state)
     x, y = make_dataset().tensors
-    probe = (x[: W.NUM_PROBE_SAMPLES], y[: W.NUM_PROBE_SAMPLES])
+    n = W.NUM_PROBE_SAMPLES
+    shards = [(x[r:n:2], y[r:n:2]) for r in RANKS]
 
     def loss_fn(m: Any, b: Any) -> torch.Tensor:
         loss: torch.Tensor = m.compute_loss(b)
         return loss
 
-    kw: dict[str, Any] = {"tol": W.TOL, "distributed": False}
-    top = hessian_eigenvalues(module, loss_fn, probe, k=W.TOP_K, seed=0, **kw)
-    bottom = hessian_eigenvalues(module, loss_fn, probe, which="smallest", seed=7919, **kw)
-    trace = hessian_trace(module, loss_fn, probe, num_hvps=W.TRACE_HVPS, distributed=False)
+    with curvature_context(module, norm_statistics="batch"):
+        op = HessianOperator(module, loss_fn, shards, route="double_backward", retain_graph=True)
+        top = lanczos(op, W.TOP_K, tol=W.TOL, seed=0)
+        bottom = lanczos(op, 1, which="smallest", tol=W.TOL, seed=7919)
+        trace = hutchpp_trace(op, W.TRACE_HVPS, seed=0)
+        probe_loss = op.loss_value
     assert top.all_converged and bottom.all_converged
-    with torch.no_grad():
-        module.eval()
-        probe_loss = float(loss_fn(module, probe))
     return {
         "lambda_max": float(top.eigenvalues[0]),
         "lambda_1": float(top.eigenvalues[1]),
