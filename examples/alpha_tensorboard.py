@@ -76,7 +76,7 @@ def fit(name: str, model: pl.LightningModule, data: TensorDataset, **trainer_kw)
         data, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)
     )
     trainer.fit(model, loader)
-    results = monitor.last_alpha or {}
+    results = monitor.probe_named("alpha").last_result or {}
     print(f"\n{name}: TensorBoard run {trainer.logger.log_dir}")
     for layer, r in results.items():
         print(

@@ -274,6 +274,7 @@ class LandscapeMonitor(Callback):
         self._resolved_route: HVPRoute | None = None
         self._batches: list[Any] | None = None
         self._sample_batch: Any = None
+        self._single_batch: Any = None
         self._retain_graph: bool | None = None
         self._weight = 0.0
         self._budget = OverheadLedger()
@@ -421,6 +422,7 @@ class LandscapeMonitor(Callback):
             probe.check_data(sample)  # e.g. too few samples for Δ₂'s k: say so now
         if extra and batch_size(sample) > self.num_probe_samples:
             batches = [slice_batch(sample, 0, self.num_probe_samples)]
+        whole = batches[0]  # single-batch measurements (α, slices) take it as one batch ...
         chunk, self._retain_graph = self.probe_micro_batch_size, None
         statistics = self.norm_statistics == "batch" and bool(running_stat_norms(pl_module))
         if chunk is None and statistics and own_data:
@@ -437,7 +439,9 @@ class LandscapeMonitor(Callback):
             # Train-mode BatchNorm needs two samples per chunk: a last single one joins the one
             # before it.
             batches = [m for b in batches for m in split_batch(b, chunk, min_size=2)]
-        self._batches, self._sample_batch = batches, sample
+            if self.probe_micro_batch_size is not None:
+                whole = batches[0]  # ... but only one micro-batch under a memory cap
+        self._batches, self._sample_batch, self._single_batch = batches, sample, whole
         self._weight = float(sum(batch_size(b) for b in batches))
 
     def _check_loss(self, pl_module: pl.LightningModule) -> None:
@@ -539,7 +543,7 @@ class LandscapeMonitor(Callback):
         if self.enabled:
             self._run(trainer, pl_module, [p for p in self.probes if p.cadence.on_train_end])
             self._log_epoch_figures(trainer)
-        self._batches = self._sample_batch = None
+        self._batches = self._sample_batch = self._single_batch = None
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -662,6 +666,7 @@ class LandscapeMonitor(Callback):
             self._loss,
             self._batches,
             sample_batch=self._sample_batch,
+            single_batch=self._single_batch,
             params=self.params,
             route=self._resolved_route or self.route,
             seed=self.seed + self.num_probes,

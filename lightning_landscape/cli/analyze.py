@@ -135,6 +135,7 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
         make_loss_fn(),
         batches,
         sample_batch=batch,
+        single_batch=batch,
         retain_graph=retain_graph,
         seed=args.seed,
         step=step,

@@ -24,9 +24,10 @@ class CurvatureExponent(Probe):
     r"""Per-layer curvature exponent α (:func:`~lightning_landscape.curvature_exponents`).
 
     ``h_k ≈ c·σ_k^α``: the Hessian's curvature along the layer gradient's k-th singular direction
-    against its singular value, on the first probe batch (under DDP each rank on its own shard;
-    rank 0's values are logged). It costs ``top_k`` Hessian-vector products per layer, so keep it
-    much sparser than :class:`Sharpness`. α is defined at convergence: in-training values are
+    against its singular value, on the probe data as one batch
+    (:attr:`~lightning_landscape.probes.ProbeContext.single_batch`; under DDP each rank on its own
+    shard, rank 0's values logged). It costs ``top_k`` Hessian-vector products per layer, so keep
+    it much sparser than :class:`Sharpness`. α is defined at convergence: in-training values are
     exploratory.
 
     Logs ``landscape/alpha/<layer>``, ``landscape/alpha_r2/<layer>``,
@@ -82,11 +83,11 @@ class CurvatureExponent(Probe):
             raise ValueError(f"CurvatureExponent(layers={self.layers!r}): {err}") from None
 
     def run(self, ctx: ProbeContext) -> AlphaResults:
-        """α of every selected layer on the first probe batch."""
+        """α of every selected layer on the probe data as one batch."""
         return curvature_exponents(
             ctx.model,
             ctx.loss_fn,
-            ctx.first_batch,
+            ctx.single_batch,
             top_k=self.top_k,
             layers=self.layers,
             route=ctx.route,

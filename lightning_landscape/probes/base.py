@@ -138,6 +138,10 @@ class ProbeContext:
         batches: the probe batches (several: the Hessian of the sample-weighted mean loss).
         sample_batch: the first probe batch before micro-batching, with any extra samples a
             probe asked for (:attr:`Probe.extra_samples`); default ``batches[0]``.
+        single_batch: the probe data as one batch, for measurements that take a single batch
+            (α, loss slices); default ``batches[0]``. The monitor passes the whole probe set
+            when it cut it into chunks for BatchNorm's statistics, and the first micro-batch
+            when ``probe_micro_batch_size`` caps memory.
         params: names or patterns of the probed parameters (default: all trainable).
         route: Hessian-vector-product route of the operator.
         seed: seed of this round's solvers.
@@ -162,6 +166,7 @@ class ProbeContext:
         batches: Sequence[Any],
         *,
         sample_batch: Any = None,
+        single_batch: Any = None,
         params: Sequence[str] | None = None,
         route: HVPRoute = "auto",
         seed: int = 0,
@@ -180,6 +185,7 @@ class ProbeContext:
         self.loss_fn = loss_fn
         self.batches = list(batches)
         self.sample_batch = self.batches[0] if sample_batch is None else sample_batch
+        self.single_batch = self.batches[0] if single_batch is None else single_batch
         self.params = None if params is None else list(params)
         self.route: HVPRoute = route
         self.seed = seed
@@ -196,11 +202,6 @@ class ProbeContext:
         self._op: CurvatureOperator | None = None
         self._failure: BaseException | None = None
         self._loss: float | None = None
-
-    @property
-    def first_batch(self) -> Any:
-        """The first probe batch (what single-batch measurements such as α use)."""
-        return self.batches[0]
 
     @property
     def num_params(self) -> int:

@@ -20,7 +20,8 @@ Directions = Literal["eigen", "random"]
 class LossSlice(Probe):
     """The loss on a plane (or line) through the weights (:func:`~lightning_landscape.loss_slice`).
 
-    ``steps ** dims`` loss evaluations on the first probe batch, on global rank zero only, with
+    ``steps ** dims`` loss evaluations on the probe data as one batch
+    (:attr:`~lightning_landscape.probes.ProbeContext.single_batch`), on global rank zero only, with
     the directions either the top Hessian eigenvectors (unit length) or filter-normalised random
     directions (Li et al. 2018). Logs the TensorBoard figure ``landscape/loss_slice`` and its
     cost as ``landscape/slice_cost/...``.
@@ -69,12 +70,12 @@ class LossSlice(Probe):
         self.span = real("span", span, low=0)
 
     def run(self, ctx: ProbeContext) -> SliceResult:
-        """The slice on the first probe batch (a degenerate direction is skipped, not raised)."""
+        """The slice on the probe data (a degenerate direction is skipped, not raised)."""
         try:
             return loss_slice(
                 ctx.model,
                 ctx.loss_fn,
-                ctx.first_batch,
+                ctx.single_batch,
                 directions=self.directions,
                 dims=self.dims,
                 steps=self.steps,

@@ -194,11 +194,10 @@ def test_the_architecture_doc_example_runs_in_a_monitor() -> None:
     assert logger.steps("landscape/grad_norm") == [0, 50]
     assert logger.steps("landscape/grad_norm_cost/seconds") == [0, 50]
     norm = monitor.probe_named("grad_norm").last_result
-    # The first probe batch: the first 16 samples (the training batch size), normalised by
-    # BatchNorm with their own statistics.
+    # ctx.single_batch: the 256 probe samples as one batch, BatchNorm on their own statistics.
     x, y = make_dataloader().dataset.tensors
     with ll.curvature_context(module, norm_statistics="batch"):
-        loss = module.compute_loss((x[:16], y[:16]))
+        loss = module.compute_loss((x[:256], y[:256]))
         grads = torch.autograd.grad(loss, [p for p in module.parameters() if p.requires_grad])
     expected = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
     assert math.isclose(norm, expected, rel_tol=1e-5)
