@@ -77,6 +77,10 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     trainer.fit(model, DataLoader(train, batch_size=64, shuffle=True, generator=gen))
     step = trainer.global_step
+    sweep = monitor.probe_named("delta2").last_result.sweep
+    density = monitor.probe_named("density").last_result
+    print(f"Δ₂^(D) sweep slope {sweep.slope:.2f} ± {sweep.slope_stderr:.2f} (theory -2)")
+    print(f"negative mass {density.negative_mass():.2f}")
     figures = {}  # the same figures the monitor logs to TensorBoard, by the tag's last part
     for probe in monitor.probes:
         if probe.last_result is not None:

@@ -54,6 +54,10 @@ class Stabilization(Probe):
     own eigenvectors from its last measurement do, also after a resume). Under DDP each rank
     measures its own first probe batch (``k`` = its size − 1) and rank 0's value is logged.
 
+    It needs the loss to be a mean of per-sample losses, so BatchNorm-type layers use their
+    running statistics here (eval mode), whatever the monitor's ``norm_statistics``; on such a
+    model the sharpness eigenvectors of the round are then only an approximate start.
+
     Logs ``landscape/delta2_D``, its parts ``landscape/delta2/{a, c_norm, trace_B, frobenius_B,
     k, converged}``, the Gaussian-moment terms ``landscape/delta2/term_*``, its cost
     ``landscape/delta2_cost/...``; with ``sweep=True`` also ``landscape/delta2/slope`` (theory
@@ -174,7 +178,9 @@ class Stabilization(Probe):
             "params": ctx.params,
             "route": ctx.route,
             "seed": ctx.seed,
-            "eval_mode": False,  # the modes of the round's curvature_context
+            # Eval mode whatever the round's norm_statistics: Δ₂^(D) compares L_k and L_{k+1},
+            # means of per-sample losses, which train-mode BatchNorm would couple.
+            "eval_mode": True,
         }
         result = stabilization(
             ctx.model,
