@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -268,3 +269,46 @@ def sharpness_monitor(
         num_probe_samples=num_probe_samples,
         **monitor_kwargs,
     )
+
+
+def fit_with_lightning_cli(
+    tmp_path: Path, monitor_init_args: dict[str, Any], max_steps: int = 12
+) -> LandscapeMonitor:
+    """Fit ``ClassifierModule`` through a real ``LightningCLI``, the monitor configured in YAML
+    only (``monitor_init_args`` under its ``class_path``); return the monitor it built."""
+    import yaml
+    from lightning.pytorch.cli import LightningCLI
+
+    config = {
+        "trainer": {
+            "max_steps": max_steps,
+            "accelerator": "cpu",
+            "devices": 1,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(tmp_path),
+            "callbacks": [
+                {
+                    "class_path": "lightning_landscape.LandscapeMonitor",
+                    "init_args": monitor_init_args,
+                }
+            ],
+        },
+        "model": {"hidden": 8, "lr": 0.05},
+        "data": {"num_samples": 128, "batch_size": 16},
+    }
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    cli = LightningCLI(
+        ClassifierModule,
+        SyntheticDataModule,
+        args=["fit", "--config", str(cfg)],
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+    )
+    monitors = [cb for cb in cli.trainer.callbacks if isinstance(cb, LandscapeMonitor)]
+    assert len(monitors) == 1
+    assert cli.trainer.global_step == max_steps
+    return monitors[0]

@@ -15,13 +15,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_landscape import LandscapeMonitor, ProbeReport
+from lightning_landscape import ProbeReport
 from lightning_landscape.callbacks.control import SharpnessAdaptiveRho, StabilityLRGuard
 from tests._lightning import (
     AdamModule,
     ClassifierModule,
     MemoryLogger,
-    SyntheticDataModule,
+    fit_with_lightning_cli,
     make_dataloader,
     sharpness_monitor,
     trainer_kwargs,
@@ -610,55 +610,24 @@ def test_a_failing_hook_is_skipped_and_training_goes_on() -> None:
 
 
 def test_lightning_cli_yaml_hooks(tmp_path: Path) -> None:
-    import yaml
-    from lightning.pytorch.cli import LightningCLI
-
-    hooks = [
-        {
-            "class_path": "lightning_landscape.callbacks.control.StabilityLRGuard",
-            "init_args": {"target": 0.8},
-        }
-    ]
-    config = {
-        "trainer": {
-            "max_steps": 6,
-            "accelerator": "cpu",
-            "devices": 1,
-            "logger": False,
-            "enable_checkpointing": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(tmp_path),
-            "callbacks": [
-                {
-                    "class_path": "lightning_landscape.LandscapeMonitor",
-                    "init_args": {
-                        "probes": [
-                            {
-                                "class_path": "lightning_landscape.Sharpness",
-                                "init_args": {"top_k": 1, "lambda_min": False, "every_n_steps": 3},
-                            }
-                        ],
-                        "hooks": hooks,
-                        "route": "double_backward",
-                        "num_probe_samples": 64,
-                    },
-                }
-            ],
-        },
-        "model": {"hidden": 8, "lr": 0.05},
-        "data": {"num_samples": 128, "batch_size": 16},
+    guard_yaml = {
+        "class_path": "lightning_landscape.callbacks.control.StabilityLRGuard",
+        "init_args": {"target": 0.8},
     }
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(yaml.safe_dump(config))
-    cli = LightningCLI(
-        ClassifierModule,
-        SyntheticDataModule,
-        args=["fit", "--config", str(cfg)],
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
+    sharpness = {
+        "class_path": "lightning_landscape.Sharpness",
+        "init_args": {"top_k": 1, "lambda_min": False, "every_n_steps": 3},
+    }
+    monitor = fit_with_lightning_cli(
+        tmp_path,
+        {
+            "probes": [sharpness],
+            "hooks": [guard_yaml],
+            "route": "double_backward",
+            "num_probe_samples": 64,
+        },
+        max_steps=6,
     )
-    (monitor,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, LandscapeMonitor)]
     (guard,) = monitor.hooks
     assert isinstance(guard, StabilityLRGuard)
     assert guard.target == 0.8 and guard.recovery == 1.1

@@ -36,7 +36,7 @@ from tests._lightning import (
     ManualOptModule,
     MemoryLogger,
     NoneStepModule,
-    SyntheticDataModule,
+    fit_with_lightning_cli,
     make_dataloader,
     make_dataset,
     sharpness_monitor,
@@ -876,49 +876,9 @@ def test_non_tensor_loss_fn() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _cli_fit(tmp_path: Path, monitor_init_args: dict[str, Any]) -> LandscapeMonitor:
-    """Fit through a real LightningCLI with the monitor configured in YAML only."""
-    import yaml
-    from lightning.pytorch.cli import LightningCLI
-
-    config = {
-        "trainer": {
-            "max_steps": 12,
-            "accelerator": "cpu",
-            "devices": 1,
-            "logger": False,
-            "enable_checkpointing": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(tmp_path),
-            "callbacks": [
-                {
-                    "class_path": "lightning_landscape.LandscapeMonitor",
-                    "init_args": monitor_init_args,
-                }
-            ],
-        },
-        "model": {"hidden": 8, "lr": 0.05},
-        "data": {"num_samples": 128, "batch_size": 16},
-    }
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(yaml.safe_dump(config))
-    cli = LightningCLI(
-        ClassifierModule,
-        SyntheticDataModule,
-        args=["fit", "--config", str(cfg)],
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-    )
-    monitors = [cb for cb in cli.trainer.callbacks if isinstance(cb, LandscapeMonitor)]
-    assert len(monitors) == 1
-    assert cli.trainer.global_step == 12
-    return monitors[0]
-
-
 @pytest.mark.parametrize("enabled", [True, False])
 def test_lightning_cli_yaml_with_nested_probes(tmp_path: Path, enabled: bool) -> None:
-    monitor = _cli_fit(
+    monitor = fit_with_lightning_cli(
         tmp_path,
         {
             "probes": [
@@ -958,7 +918,7 @@ def test_lightning_cli_yaml_with_nested_probes(tmp_path: Path, enabled: bool) ->
 
 def test_lightning_cli_yaml_one_liner_keeps_todays_defaults(tmp_path: Path) -> None:
     """The flat form of the README and examples/cli_config.yaml: default probes."""
-    monitor = _cli_fit(
+    monitor = fit_with_lightning_cli(
         tmp_path, {"every_n_steps": 5, "top_k": 2, "num_probe_samples": 64, "enabled": True}
     )
     assert [type(p).__name__ for p in monitor.probes] == ["Sharpness", "Trace"]
