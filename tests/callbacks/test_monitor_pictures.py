@@ -183,3 +183,24 @@ def test_layout_lists_only_what_is_measured(tmp_path: Any) -> None:
     titles = _layout_titles(full)
     assert len(titles) == 5 and "landscape: stabilization Δ₂^(D)" in titles
     assert any("control" in t for t in titles["landscape: sharpness"])
+
+
+def test_a_failing_figure_is_skipped(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_landscape.report.figures as figures
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("no such colormap")
+
+    monkeypatch.setattr(figures, "density_figure", broken)
+    logger = TensorBoardLogger(tmp_path, name="broken")
+    monitor = LandscapeMonitor(
+        probes=[Sharpness(1, every_n_steps=8), SpectralDensity(2, 10, every_n_steps=8)],
+        num_probe_samples=64,
+    )
+    with pytest.warns(UserWarning, match=r"SpectralDensity figure at step 0 failed \(ValueError"):
+        _fit(monitor, logger, max_epochs=1)
+    events = _events(logger)
+    assert [e.step for e in events.Scalars("landscape/negative_mass")] == [0, 8]  # still logged
+    assert [e.value for e in events.Scalars("landscape/probe_failed")] == [1.0, 1.0]
+    assert "landscape/density" not in events.Tags()["images"]
+    assert [r.step for r in monitor.history] == [0, 8]
