@@ -50,6 +50,7 @@ from .operators import (
 )
 from .optim import SAM, stability_threshold
 from .probes import (
+    BatchSharpness,
     CurvatureExponent,
     LossSlice,
     Probe,
@@ -57,6 +58,7 @@ from .probes import (
     SpectralDensity,
     Stabilization,
     Trace,
+    UpdateCurvature,
 )
 from .solvers import (
     DensityResult,
@@ -72,6 +74,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "SAM",
     "AlphaResult",
+    "BatchSharpness",
     "ConnectivityResult",
     "CurvatureExponent",
     "CurvatureOperator",
@@ -96,6 +99,7 @@ __all__ = [
     "SweepResult",
     "Trace",
     "TraceResult",
+    "UpdateCurvature",
     "__version__",
     "curvature_context",
     "curvature_exponents",

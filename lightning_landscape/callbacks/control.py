@@ -1,7 +1,8 @@
 r"""Curvature-driven control: hooks for :class:`LandscapeMonitor` that act on its probe reports.
 
-* :class:`StabilityLRGuard` scales the learning rate of SGD so that ``η · λ_max`` stays below a
-  fraction of the edge of stability ``2 + 2β``.
+* :class:`StabilityLRGuard` scales the learning rate so that the stability ratio (SGD:
+  ``η · λ_max / (2 + 2β)``; Adam, AdamW, RMSprop: the preconditioned ``λ₁(P⁻¹H)`` over its
+  threshold) stays below a fraction of the edge of stability.
 * :class:`SharpnessAdaptiveRho` sets the neighbourhood radius ρ of SAM from the measured
   sharpness.
 
@@ -21,11 +22,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from .._validate import choice, integer, real
+from ..optim.sam import SAM
 from ..optim.thresholds import stability_threshold
 from ..report import tags
 from .hooks import ProbeReport
 
 SchedulerKind = Literal["chainable", "closed_form"]
+_ADAPTIVE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
 _SCHEDULER_KINDS: tuple[SchedulerKind, ...] = ("chainable", "closed_form")
 
 
@@ -68,14 +71,17 @@ def _set_hyper(group: dict[str, Any], key: str, value: float) -> None:
 
 
 class StabilityLRGuard:
-    r"""Keep SGD below the edge of stability by scaling its learning rate from the probed λ_max.
+    r"""Keep the optimizer below its edge of stability by scaling the learning rate.
 
     Gradient descent with heavy-ball momentum β on a quadratic is stable iff
-    ``η · λ_max < 2 + 2β``. The guard keeps the *stability ratio*
-    ``r = η · λ_max / (2 + 2β)`` at or below ``target`` by multiplying the learning rate of the
-    selected param groups by a scale ``s ∈ [min_scale, 1]``. At each report, with ``η_u`` the
-    unscaled learning rate (what it would be without the guard) and ``r_u = η_u · λ_max /
-    (2 + 2β)`` (the largest over the selected groups):
+    ``η · λ_max < 2 + 2β``; Adam is stable iff ``λ₁(P⁻¹H) < (2 + 2β₁)/((1 − β₁)η)``
+    (RMSprop: ``(2 + 2β)/η``). Either way the *stability ratio* ``r`` (``η · λ_max / (2 + 2β)``
+    for SGD, ``η(1 − β₁) λ₁(P⁻¹H) / (2 + 2β₁)`` for Adam, as the monitor's ``Sharpness`` probe
+    logs it) is proportional to the learning rate, and the guard keeps it at or below ``target``
+    by multiplying the learning rate of the selected param groups by a scale
+    ``s ∈ [min_scale, 1]``. At each report, with ``η_u`` the unscaled learning rate (what it would
+    be without the guard) and ``r_u`` the ratio at ``η_u`` (the largest over the selected
+    groups):
 
     * if ``s · r_u > target`` (too sharp): ``s ← max(min_scale, target / r_u)``, i.e. the
       learning rate is cut to exactly ``target`` of the threshold at once;
@@ -105,11 +111,15 @@ class StabilityLRGuard:
       ``η_u = group["lr"] / s``. Use ``every_n_steps=1`` for the scale to hold at every step (the
       monitor probes after the scheduler has stepped, so the guard has the last word).
 
-    Only SGD-family optimizers (``torch.optim.SGD``, or SAM over SGD) are supported: for Adam,
-    RMSprop and other adaptive methods stability is set by the *preconditioned* Hessian
-    ``P⁻¹H``, not by the raw λ_max the monitor measures, so the guard refuses such a run when
-    training starts (:meth:`check`), before the first optimizer step, rather than act on the
-    wrong quantity.
+    Supported optimizers: ``torch.optim.SGD``, ``Adam``, ``AdamW`` and ``RMSprop``, each also as
+    the base optimizer of :class:`~lightning_landscape.optim.SAM`. For SGD the guard acts on the
+    raw λ_max; for the adaptive ones on the preconditioned ratio, which the monitor's
+    ``Sharpness`` probe measures from the optimizer's own state (from the first probe after the
+    optimizer's first step; before it the guard leaves the rate alone). Since the preconditioned
+    ratio is one number over all param groups, an adaptive optimizer's groups are scaled
+    together (``param_groups`` must be left at all). Any other optimizer (Lion, Muon,
+    Adafactor, ...) has no stability threshold here, so the guard refuses the run when training
+    starts (:meth:`check`), before the first optimizer step, never mid-run.
 
     The state (scale and the rates last written) is saved by the monitor with its checkpoint
     state; together with the optimizer's own state (which holds the scaled ``lr``) a resumed run
@@ -121,9 +131,9 @@ class StabilityLRGuard:
             ``target``, a warning says so (once).
         recovery: factor ``≥ 1`` by which the scale may grow per report when curvature allows
             (``1``: never recover).
-        param_groups: indices of the param groups to scale (default all). λ_max is the
-            Hessian's over the probed parameters, so it is compared with each selected group's
-            rate and the most restrictive group sets the common scale.
+        param_groups: indices of the param groups to scale (default all; SGD only). λ_max is
+            the Hessian's over the probed parameters, so it is compared with each selected
+            group's rate and the most restrictive group sets the common scale.
         optimizer_index: which of ``trainer.optimizers`` to control.
         scheduler: ``"chainable"`` or ``"closed_form"``: how the learning-rate scheduler of this
             optimizer (if any) computes the next rate (see above).
@@ -141,7 +151,7 @@ class StabilityLRGuard:
         guard = StabilityLRGuard(target=0.9)
         monitor = LandscapeMonitor(every_n_steps=5, top_k=1, hooks=[guard])
         trainer = Trainer(max_epochs=10, callbacks=[monitor])
-        trainer.fit(model, datamodule=dm)  # model uses torch.optim.SGD
+        trainer.fit(model, datamodule=dm)  # model uses torch.optim.SGD or AdamW
         print(guard.scale)
     """
 
@@ -191,19 +201,30 @@ class StabilityLRGuard:
             pl_module: the module being trained (unused).
 
         Raises:
-            TypeError: if ``optimizers[optimizer_index]`` is not SGD-like (e.g. AdamW).
-            ValueError: if ``optimizer_index`` or ``param_groups`` are out of range.
+            TypeError: if ``optimizers[optimizer_index]`` is none of SGD, Adam, AdamW, RMSprop
+                (or SAM over one of them).
+            ValueError: if ``optimizer_index`` or ``param_groups`` are out of range, or
+                ``param_groups`` selects some groups of an adaptive optimizer.
         """
         optimizer = _optimizer(trainer, self.optimizer_index, "StabilityLRGuard")
-        inner = getattr(optimizer, "base_optimizer", optimizer)  # SAM: its base optimizer
-        if not isinstance(inner, torch.optim.SGD):
+        inner = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
+        if isinstance(inner, _ADAPTIVE):
+            if self.param_groups is not None and len(self.param_groups) < len(
+                optimizer.param_groups
+            ):
+                raise ValueError(
+                    f"StabilityLRGuard: with {type(inner).__name__} the preconditioned stability "
+                    "ratio is one number over all param groups, so they are scaled together; "
+                    f"leave param_groups unset (got {self.param_groups})."
+                )
+        elif not isinstance(inner, torch.optim.SGD):
             raise TypeError(self._unsupported(optimizer))
         self._groups(optimizer)
 
     def on_landscape(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: ProbeReport
     ) -> None:
-        """Rescale the learning rate from one probe's λ_max (see the class docstring).
+        """Rescale the learning rate from one probe's sharpness (see the class docstring).
 
         Args:
             trainer: the trainer (its ``optimizers[optimizer_index]`` is controlled).
@@ -211,11 +232,17 @@ class StabilityLRGuard:
             report: the probe's report.
 
         Raises:
-            TypeError: if the optimizer is not SGD-like (e.g. Adam).
+            TypeError: if the optimizer is not supported.
             ValueError: if ``optimizer_index`` or ``param_groups`` are out of range.
         """
         optimizer = _optimizer(trainer, self.optimizer_index, "StabilityLRGuard")
-        self.apply(optimizer, report.lambda_max)
+        inner = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
+        if isinstance(inner, _ADAPTIVE):
+            if report.preconditioned_lambda_max is None or report.stability_ratio is None:
+                return  # no optimizer state yet (before its first step): nothing to act on
+            self.apply_ratio(optimizer, report.stability_ratio)
+        else:
+            self.apply(optimizer, report.lambda_max)
         if self.log:
             metrics = {tags.CONTROL_LR_SCALE: self.scale}
             if self.last_ratio is not None:
@@ -249,6 +276,53 @@ class StabilityLRGuard:
                 if threshold is None:
                     raise TypeError(self._unsupported(optimizer))
                 ratio = max(ratio, lambda_max / threshold * lr_u / lr)
+        return self._decide(optimizer, groups, unscaled, ratio)
+
+    def apply_ratio(self, optimizer: torch.optim.Optimizer, ratio: float) -> float:
+        """Update the scale from a stability ratio measured at the optimizer's current rates.
+
+        This is how an adaptive optimizer is guarded: ``ratio`` is the preconditioned ratio
+        (``SharpnessResult.stability_ratio``), which is proportional to the learning rate, so
+        the ratio at the unscaled rates is ``ratio · η_u / η``.
+
+        Args:
+            optimizer: the optimizer the ratio was measured under.
+            ratio: the stability ratio at the current learning rates.
+
+        Returns:
+            The new scale.
+
+        Raises:
+            ValueError: if ``ratio`` is negative or not finite, or ``param_groups`` names a
+                group the optimizer does not have.
+
+        Example:
+            >>> import torch
+            >>> p = [torch.nn.Parameter(torch.zeros(2))]
+            >>> opt = torch.optim.AdamW(p, lr=1e-3)
+            >>> guard = StabilityLRGuard(target=0.8, log=False)
+            >>> round(guard.apply_ratio(opt, 1.6), 6), round(opt.param_groups[0]["lr"], 9)
+            (0.5, 0.0005)
+        """
+        if not math.isfinite(ratio) or ratio < 0:
+            raise ValueError(f"ratio must be finite and non-negative, got {ratio}")
+        groups = self._groups(optimizer)
+        current = [float(optimizer.param_groups[g]["lr"]) for g in groups]
+        unscaled = self._unscaled(current)
+        r_u = max(
+            (ratio * lr_u / lr for lr, lr_u in zip(current, unscaled, strict=True) if lr > 0),
+            default=0.0,
+        )
+        return self._decide(optimizer, groups, unscaled, r_u)
+
+    def _decide(
+        self,
+        optimizer: torch.optim.Optimizer,
+        groups: list[int],
+        unscaled: list[float],
+        ratio: float,
+    ) -> float:
+        """Set the scale for the unscaled ratio ``ratio`` and write the scaled rates."""
         cap = self.target / ratio if ratio > 0 else math.inf
         if self.scale * ratio > self.target:
             scale = cap
@@ -300,13 +374,13 @@ class StabilityLRGuard:
 
     @staticmethod
     def _unsupported(optimizer: torch.optim.Optimizer) -> str:
-        name = type(optimizer).__name__
+        inner = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
         return (
-            f"StabilityLRGuard supports SGD-family optimizers only (torch.optim.SGD, or SAM over "
-            f"SGD), not {name}: for Adam and other adaptive optimizers stability is set by the "
-            "preconditioned Hessian P⁻¹H (edge ≈ (2 + 2β₁)/((1 − β₁)η) on its λ_max), not by "
-            "the raw Hessian λ_max that LandscapeMonitor measures, so scaling the learning rate "
-            "from it would act on the wrong quantity. Use SGD, or remove the guard."
+            f"StabilityLRGuard supports torch.optim.SGD, Adam, AdamW and RMSprop (or SAM over "
+            f"them), not {type(inner).__name__}: its edge of stability is not known here, so "
+            "there is no ratio to keep below the edge. Log landscape/update/curvature "
+            "(lightning_landscape.probes.UpdateCurvature) to watch its curvature, or remove "
+            "the guard."
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -23,10 +23,11 @@ class ProbeReport:
         lambda_min: the algebraically smallest eigenvalue, or ``None`` if not computed.
         trace: Hutch++ trace estimate, or ``None``.
         trace_stderr: its standard error, or ``None``.
-        stability_threshold: the optimizer's stability threshold ``(2 + 2β)/η`` for SGD with
-            heavy-ball momentum ``β`` (``2/η`` without), or ``None`` for optimizers where the raw
-            Hessian does not set stability (Adam and other adaptive methods).
-        stability_ratio: ``λ_max / stability_threshold`` (``> 1``: past the edge of stability).
+        stability_threshold: the optimizer's stability threshold: ``(2 + 2β)/η`` on λ_max for
+            SGD with heavy-ball momentum ``β`` (``2/η`` without); ``(2 + 2β₁)/((1 − β₁)η)`` on
+            the preconditioned λ₁(P⁻¹H) for Adam/AdamW; ``None`` for other optimizers (and for
+            Adam before its first step).
+        stability_ratio: sharpness over ``stability_threshold`` (``> 1``: past the edge).
         probe_loss: the loss on the probe data at the probe (eval mode).
         converged: whether every eigenvalue met the residual tolerance.
         max_residual: largest relative Ritz residual among the reported eigenvalues.
@@ -35,6 +36,8 @@ class ProbeReport:
         seconds: their wall-clock time.
         negative_mass: fraction of the spectrum below zero from the probe's spectral density
             (stochastic Lanczos quadrature), or ``None`` when no density was computed.
+        preconditioned_lambda_max: λ₁(P⁻¹H) for an Adam-family or RMSprop optimizer, else
+            ``None``.
     """
 
     step: int
@@ -51,6 +54,7 @@ class ProbeReport:
     num_hvps: int
     seconds: float
     negative_mass: float | None = None
+    preconditioned_lambda_max: float | None = None
 
     @property
     def lambda_max(self) -> float:
@@ -94,6 +98,7 @@ class ProbeReport:
             num_hvps=cost[1],
             seconds=cost[0],
             negative_mass=density.negative_mass() if isinstance(density, DensityResult) else None,
+            preconditioned_lambda_max=sharp.preconditioned_lambda_max,
         )
 
 

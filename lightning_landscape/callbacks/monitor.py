@@ -46,8 +46,8 @@ from ..operators import (
     split_batch,
 )
 from ..operators.distributed import count_failures, max_over_ranks
-from ..optim.thresholds import probed_threshold
-from ..probes import Probe, ProbeContext, Sharpness, Trace
+from ..optim.thresholds import probed_stability
+from ..probes import Probe, ProbeContext, Sharpness, Trace, UpdateCurvature
 from ..report import tags
 from ..report.layout import Layout, compose_layout, control_charts, cost_charts
 from .budget import OverheadLedger
@@ -110,7 +110,11 @@ def _describe(err: BaseException) -> str:
 
 
 def _default_probes(every_n_steps: int | None, top_k: int) -> list[Probe]:
-    return [Sharpness(top_k, every_n_steps=every_n_steps), Trace(every_n_steps=every_n_steps)]
+    return [
+        Sharpness(top_k, every_n_steps=every_n_steps),
+        Trace(every_n_steps=every_n_steps),
+        UpdateCurvature(every_n_steps=every_n_steps),
+    ]
 
 
 class LandscapeMonitor(Callback):
@@ -148,8 +152,9 @@ class LandscapeMonitor(Callback):
     hook.
 
     Args:
-        probes: the measurements (default: ``Sharpness(top_k, every_n_steps=every_n_steps)``
-            and ``Trace(every_n_steps=every_n_steps)``). Each probe class at most once.
+        probes: the measurements (default: ``Sharpness(top_k, every_n_steps=every_n_steps)``,
+            ``Trace(every_n_steps=every_n_steps)`` and
+            ``UpdateCurvature(every_n_steps=every_n_steps)``). Each probe class at most once.
         every_n_steps: cadence of the default probes (``None``: only at the start and end of
             training); with ``probes=`` set it on the probes instead.
         top_k: top eigenvalues of the default ``Sharpness``; with ``probes=`` set it there.
@@ -278,6 +283,8 @@ class LandscapeMonitor(Callback):
         self._retain_graph: bool | None = None
         self._weight = 0.0
         self._budget = OverheadLedger()
+        self._previous: tuple[int, Tensor] | None = None  # (step it precedes, flat parameters)
+        self._batch_idx = -1
 
     @staticmethod
     def _check_probes(probes: Sequence[Probe]) -> list[Probe]:
@@ -384,7 +391,7 @@ class LandscapeMonitor(Callback):
             return
         if self.sharpness is not None and trainer.optimizers:
             probed = [p for _, p in select_parameters(pl_module, self.params)]
-            _, why = probed_threshold(trainer.optimizers, probed)
+            _, why = probed_stability(trainer.optimizers, probed)
             if why is not None:
                 rank_zero_info(f"LandscapeMonitor: landscape/stability_ratio is not logged: {why}")
         for hook in self.hooks:
@@ -467,6 +474,50 @@ class LandscapeMonitor(Callback):
         return compose_layout(fragments)
 
     @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_idx = batch_idx
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Copy the probed parameters before a step that a ``needs_previous`` probe follows."""
+        if not self.enabled:
+            return
+        step = trainer.global_step + 1  # the step this optimizer step leads to
+        if self._previous is not None and self._previous[0] == step:
+            return  # several optimizers step towards the same global step: the first copy
+        if not any(self._wants_previous(trainer, p, step) for p in self.probes):
+            return
+        with torch.no_grad():
+            flat = [p.detach().reshape(-1) for _, p in select_parameters(pl_module, self.params)]
+            buffer = None if self._previous is None else self._previous[1]
+            numel = sum(t.numel() for t in flat)
+            if buffer is None or buffer.numel() != numel or buffer.dtype != flat[0].dtype:
+                buffer = torch.empty(numel, dtype=flat[0].dtype, device=flat[0].device)
+            torch.cat(flat, out=buffer)
+        self._previous = (step, buffer)
+
+    def _wants_previous(self, trainer: pl.Trainer, probe: Probe, step: int) -> bool:
+        """Whether ``probe`` may measure at ``step`` and needs the parameters before it."""
+        if not probe.needs_previous:
+            return False
+        c = probe.cadence
+        if self.max_overhead is not None and c.every_n_epochs is None:
+            return True  # the budget decides at the batch's end: keep a copy before every step
+        last_batch = self._batch_idx + 1 >= _num_training_batches(trainer)
+        epoch_end = last_batch and c.due_at_epoch_end(trainer.current_epoch + 1)
+        last_epoch = (
+            trainer.max_epochs is not None and trainer.current_epoch + 1 == trainer.max_epochs
+        )
+        train_end = c.on_train_end and (
+            0 < trainer.max_steps == step or (last_batch and last_epoch)
+        )
+        return c.due_at_step(step) or epoch_end or train_end
+
+    @override
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -544,6 +595,7 @@ class LandscapeMonitor(Callback):
             self._run(trainer, pl_module, [p for p in self.probes if p.cadence.on_train_end])
             self._log_epoch_figures(trainer)
         self._batches = self._sample_batch = self._single_batch = None
+        self._previous = None
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -661,6 +713,9 @@ class LandscapeMonitor(Callback):
         """Run the due probes on one shared context: (context, measured, any failed)."""
         assert self._batches is not None
         step, world = trainer.global_step, trainer.world_size
+        previous = None
+        if self._previous is not None and self._previous[0] == step:
+            previous = self._previous[1]
         ctx = ProbeContext(
             pl_module,
             self._loss,
@@ -678,6 +733,9 @@ class LandscapeMonitor(Callback):
             timeout=self._timeout(),
             retain_graph=self._retain_graph,
             warn=lambda message: rank_zero_warn(f"LandscapeMonitor: {message}"),
+            note=lambda message: rank_zero_info(f"LandscapeMonitor: {message}"),
+            previous=previous,
+            batch_size=_train_batch_size(trainer),
         )
         self.num_probes += 1
         measured: list[tuple[Probe, Any, float]] = []
@@ -702,6 +760,8 @@ class LandscapeMonitor(Callback):
                         if cause is not None:
                             reported.append(cause)
                         continue
+                    if result is None:  # nothing to measure this time
+                        continue
                     probe.record(result, step)
                     ctx.results[probe.name] = result
                     measured.append((probe, result, time.perf_counter() - start))
@@ -722,7 +782,7 @@ class LandscapeMonitor(Callback):
         cause: BaseException | None = None
         try:
             result = probe.run(ctx)
-            if not probe.is_finite(result):
+            if result is not None and not probe.is_finite(result):
                 why = "produced NaN/inf values"
         except Exception as err:  # nothing after setup stops training: skip, and say why
             why, cause = _describe(err), err
@@ -839,6 +899,12 @@ def _train_batch_size(trainer: pl.Trainer) -> int | None:
     if size is None:
         size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
     return size if isinstance(size, int) and size > 0 else None
+
+
+def _num_training_batches(trainer: pl.Trainer) -> float:
+    """Training batches per epoch (``inf`` for an iterable without a length)."""
+    value = trainer.num_training_batches
+    return float(value) if isinstance(value, (int, float)) else float("inf")
 
 
 def _dataset_size(trainer: pl.Trainer) -> int | None:

@@ -7,7 +7,7 @@ operator: the loss Hessian of a model (:class:`HessianOperator`), an explicit ma
 ranks' operators under data parallelism (:class:`DistributedOperator`).
 """
 
-from .base import CurvatureOperator, MatrixOperator, default_max_basis
+from .base import CurvatureOperator, MatrixOperator, ScaledOperator, default_max_basis
 from .batches import (
     batch_size,
     iter_tensors,
@@ -21,7 +21,7 @@ from .batches import (
 from .distributed import DistributedOperator, ProbeFailure
 from .hessian import ROUTES, HessianOperator, HVPRoute
 from .loss import LossFn, LossModule, check_scalar_loss
-from .params import restored_parameters, select_parameters
+from .params import differentiable, restored_parameters, select_parameters
 
 __all__ = [
     "ROUTES",
@@ -33,9 +33,11 @@ __all__ = [
     "LossModule",
     "MatrixOperator",
     "ProbeFailure",
+    "ScaledOperator",
     "batch_size",
     "check_scalar_loss",
     "default_max_basis",
+    "differentiable",
     "iter_tensors",
     "map_tensors",
     "normal_tensors",

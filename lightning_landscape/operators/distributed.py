@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -131,6 +132,48 @@ def weighted_mean(
     both = torch.tensor([value * weight, weight], dtype=torch.float64, device=device)
     all_reduce(both, group, timeout)
     return float(both[0] / both[1])
+
+
+def weighted_mean_tensor(
+    compute: Callable[[], Tensor],
+    weight: float,
+    like: Tensor,
+    group: Any | None = None,
+    timeout: datetime.timedelta | None = None,
+) -> Tensor:
+    """The ``weight``-weighted mean over ranks of a tensor each rank computes, failures agreed.
+
+    Like :class:`DistributedOperator`'s products: a rank whose ``compute()`` raises contributes
+    zeros and a flag to the one all-reduce, so no rank waits on it, and every rank raises.
+
+    Args:
+        compute: computes this rank's tensor (shaped and typed like ``like``).
+        weight: this rank's weight (e.g. its number of samples).
+        like: a tensor of the result's shape, dtype and device.
+        group: a process group, or ``None`` for the default group.
+        timeout: bound on the wait for the other ranks.
+
+    Returns:
+        ``Σ w_r t_r / Σ w_r`` (``compute()`` itself when not running distributed).
+
+    Raises:
+        ProbeFailure: on every rank, if ``compute()`` raised on any rank.
+    """
+    if distributed_world(group) == 1:
+        return compute()
+    error: BaseException | None = None
+    try:
+        local = compute().reshape(-1) * weight
+    except Exception as err:
+        error, local = err, torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
+    tail = torch.tensor([weight, 1.0 if error is not None else 0.0], dtype=like.dtype)
+    packed = torch.cat([local, tail.to(local.device)]).to(_collective_device(group))
+    reduced = all_reduce(packed, group, timeout).to(like.device)
+    if error is not None:
+        raise ProbeFailure(f"this rank's computation failed: {error}") from error
+    if bool(reduced[-1] > 0):
+        raise ProbeFailure("the computation failed on another rank")
+    return (reduced[:-2] / reduced[-2]).reshape(like.shape)
 
 
 def max_over_ranks(

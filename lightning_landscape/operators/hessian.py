@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -15,7 +15,7 @@ from .._validate import choice, integer, real
 from .base import CurvatureOperator
 from .batches import batch_size, normal_tensors
 from .loss import LossFn, LossModule, check_scalar_loss
-from .params import restored_parameters, select_parameters
+from .params import differentiable, restored_parameters, select_parameters
 
 HVPRoute = Literal["auto", "functorch", "double_backward", "finite_difference"]
 ROUTES: tuple[HVPRoute, ...] = ("auto", "functorch", "double_backward", "finite_difference")
@@ -200,18 +200,30 @@ class HessianOperator(CurvatureOperator):
         """
         return self.flatten([p.detach() for p in self.params])
 
+    def gradient(self) -> Tensor:
+        """The gradient of the (weighted) probe loss over the probed parameters, flat.
+
+        One forward and backward pass per batch; the retained Hessian graphs are not touched.
+
+        Returns:
+            Tensor of shape ``(size,)``.
+
+        Example:
+            >>> import torch
+            >>> model = torch.nn.Linear(2, 1, bias=False)
+            >>> with torch.no_grad():
+            ...     _ = model.weight.fill_(1.0)
+            >>> op = HessianOperator(model, lambda m, b: 0.5 * (m(b) ** 2).sum(), [torch.eye(2)])
+            >>> op.gradient()  # Xᵀ X w = w
+            tensor([1., 1.])
+        """
+        with torch.enable_grad(), self._differentiable():
+            return self._gradient()
+
     # ------------------------------------------------------------------ double backward
-    @contextlib.contextmanager
-    def _differentiable(self) -> Iterator[None]:
+    def _differentiable(self) -> contextlib.AbstractContextManager[None]:
         """Let autograd differentiate w.r.t. probed parameters that are frozen (restored after)."""
-        frozen = [p for p in self.params if not p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(True)
-        try:
-            yield
-        finally:
-            for p in frozen:
-                p.requires_grad_(False)
+        return differentiable(self.params)
 
     def _batch_graph(self, batch: Any) -> tuple[list[int], tuple[Tensor, ...]]:
         """One batch's gradient graph: indices of gradients that carry a graph, and those."""

@@ -63,6 +63,23 @@ def select_parameters(
 
 
 @contextlib.contextmanager
+def differentiable(params: Sequence[Tensor]) -> Iterator[None]:
+    """Let autograd differentiate w.r.t. ``params`` that are frozen (``requires_grad`` restored).
+
+    Args:
+        params: the probed parameters.
+    """
+    frozen = [p for p in params if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+@contextlib.contextmanager
 def restored_parameters(params: Sequence[Tensor]) -> Iterator[list[Tensor]]:
     """Let a block move ``params`` in place; put their values back bit-for-bit on exit.
 

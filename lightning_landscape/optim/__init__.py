@@ -6,6 +6,6 @@ optimizer's settings imply for the raw Hessian.
 """
 
 from .sam import SAM
-from .thresholds import probed_threshold, stability_threshold
+from .thresholds import Stability, probed_stability, stability_threshold
 
-__all__ = ["SAM", "probed_threshold", "stability_threshold"]
+__all__ = ["SAM", "Stability", "probed_stability", "stability_threshold"]

@@ -2,16 +2,20 @@
 
 For gradient descent on a quadratic, the iteration is stable iff ``η · λ_max < 2``; with heavy-ball
 momentum ``β`` the bound is ``η · λ_max < 2 + 2β`` (Cohen et al., ICLR 2021). Adaptive methods
-(Adam, RMSprop, ...) precondition the gradient, so their stability is set by the *preconditioned*
-Hessian ``P⁻¹H`` (threshold ``(2 + 2β₁)/((1 − β₁)η)``, i.e. ``38/η`` for β₁ = 0.9), not by the
-raw λ_max: for them no raw-Hessian threshold is reported. A :class:`~lightning_landscape.optim.SAM`
-wrapper is looked through: the threshold is that of its base optimizer (SAM's update is the base
-optimizer's update with the gradient taken at the perturbed weights).
+precondition the gradient, so their stability is set by the *preconditioned* Hessian ``P⁻¹H``:
+Adam's step ``Δθ = −η P⁻¹ m`` with ``P = (1 − β₁ᵗ)(√(v / (1 − β₂ᵗ)) + ε)`` and ``m`` the
+β₁-average of gradients is stable iff ``λ₁(P⁻¹H) < (2 + 2β₁)/((1 − β₁)η)``, i.e. ``38/η`` for
+β₁ = 0.9 (Cohen et al. 2022); RMSprop (``P = √v + ε``, heavy-ball momentum β) iff
+``λ₁(P⁻¹H) < (2 + 2β)/η``. A :class:`~lightning_landscape.optim.SAM` wrapper is looked through:
+the threshold is that of its base optimizer (SAM's update is the base optimizer's update with the
+gradient taken at the perturbed weights).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -54,39 +58,80 @@ def stability_threshold(optimizer: torch.optim.Optimizer, group: int = 0) -> flo
     return (2.0 + 2.0 * beta) / lr
 
 
-def probed_threshold(
-    optimizers: Sequence[torch.optim.Optimizer], params: Sequence[Tensor]
-) -> tuple[float | None, str | None]:
-    """The stability threshold that applies to the Hessian over ``params``, if one does.
+@dataclass(frozen=True)
+class Stability:
+    """The stability condition of the optimizer that updates the probed parameters.
 
-    It is the threshold of the optimizer and param group that update the probed parameters. There
-    is none when they are updated by several optimizers (a GAN's generator and discriminator: probe
-    one of them with ``params=``) or by param groups with different thresholds, or by an
-    optimizer whose raw-Hessian threshold is undefined (adaptive methods), or by no optimizer.
-
-    Args:
-        optimizers: the trainer's optimizers.
-        params: the probed parameter tensors.
-
-    Returns:
-        ``(threshold, None)``, or ``(None, why)``; ``(None, None)`` while the threshold is only
-        momentarily undefined (a learning rate of 0, e.g. at the start of a warm-up).
-
-    Example:
-        >>> import torch
-        >>> a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
-        >>> gen, disc = torch.optim.SGD([a], lr=0.01), torch.optim.SGD([b], lr=0.1)
-        >>> probed_threshold([gen, disc], [b])
-        (20.0, None)
-        >>> probed_threshold([gen, disc], [a, b])[1][:48]
-        'the probed parameters are updated by 2 optimizer'
+    Attributes:
+        kind: ``"raw"`` (SGD: stable while λ_max of the Hessian is below :attr:`threshold`) or
+            ``"preconditioned"`` (Adam, AdamW, RMSprop: stable while λ₁ of the preconditioned
+            Hessian is below it).
+        threshold: ``(2 + 2β)/η`` for SGD; ``(2 + 2β₁)/((1 − β₁)η)`` for Adam and
+            ``(2 + 2β)/η`` for RMSprop, with η and β of the first param group that holds a
+            probed parameter (the reference group).
+        optimizer: the optimizer's class name (the base optimizer's, under SAM).
+        scale: ``"preconditioned"`` only: the per-entry scale ``S`` over the flat probed
+            parameters (in :func:`~lightning_landscape.operators.select_parameters` order),
+            ``S = (η_g / P) · (1 − β₁,g)/(2 + 2β₁,g)`` for Adam (``η_g / ((2 + 2β_g) P)`` for
+            RMSprop), 0 for entries no optimizer updates: the optimizer is stable iff
+            ``λ₁(S^½ (H + Γ) S^½) < 1``, which is therefore the stability ratio itself.
+            ``None`` before the optimizer's first step (it has no state yet).
+        shift: ``"preconditioned"`` only: ``Γ``, the coupled L2 coefficient γ per entry (Adam
+            with ``weight_decay``, not AdamW's decoupled decay), or ``None`` if there is none.
     """
+
+    kind: Literal["raw", "preconditioned"]
+    threshold: float
+    optimizer: str
+    scale: Tensor | None = None
+    shift: Tensor | None = None
+
+
+def _owners(
+    optimizers: Sequence[torch.optim.Optimizer], params: Sequence[Tensor]
+) -> dict[int, list[int]]:
     wanted = {id(p) for p in params}
     owners: dict[int, list[int]] = {}
     for i, optimizer in enumerate(optimizers):
         for g, group in enumerate(optimizer.param_groups):
             if any(id(p) in wanted for p in group["params"]):
                 owners.setdefault(i, []).append(g)
+    return owners
+
+
+def probed_stability(
+    optimizers: Sequence[torch.optim.Optimizer], params: Sequence[Tensor]
+) -> tuple[Stability | None, str | None]:
+    """The stability condition that applies to the Hessian over ``params``, if one does.
+
+    It is that of the optimizer that updates the probed parameters: ``torch.optim.SGD`` (raw
+    λ_max against ``(2 + 2β)/η``), ``torch.optim.Adam``/``AdamW`` or ``RMSprop`` (the
+    preconditioned Hessian, from the optimizer's own state with bias correction), each also as the
+    base optimizer of :class:`~lightning_landscape.optim.SAM`. There is none when the probed
+    parameters are updated by several optimizers (a GAN's generator and discriminator: probe one
+    of them with ``params=``), by SGD param groups with different thresholds (probe one group;
+    an adaptive optimizer folds each group's η into the preconditioner instead), by another
+    optimizer, or by no optimizer.
+
+    Args:
+        optimizers: the trainer's optimizers.
+        params: the probed parameter tensors, in the order of the flat vectors.
+
+    Returns:
+        ``(stability, None)``, or ``(None, why)``; ``(None, None)`` while it is only momentarily
+        undefined (a learning rate of 0 at the start of a warm-up). Before an adaptive
+        optimizer's first step the stability has no ``scale`` yet.
+
+    Example:
+        >>> import torch
+        >>> a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+        >>> gen, disc = torch.optim.SGD([a], lr=0.01), torch.optim.SGD([b], lr=0.1)
+        >>> probed_stability([gen, disc], [b])[0].threshold
+        20.0
+        >>> probed_stability([gen, disc], [a, b])[1][:48]
+        'the probed parameters are updated by 2 optimizer'
+    """
+    owners = _owners(optimizers, params)
     if not owners:
         return None, "no optimizer updates the probed parameters"
     if len(owners) > 1:
@@ -99,10 +144,13 @@ def probed_threshold(
     ((index, groups),) = owners.items()
     optimizer = optimizers[index]
     inner = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
+    name = type(inner).__name__
+    if isinstance(inner, (torch.optim.Adam, torch.optim.RMSprop)):
+        return _preconditioned(inner, groups, params)
     if not isinstance(inner, torch.optim.SGD):
         return None, (
-            f"{type(inner).__name__} is not plain SGD (adaptive optimizers are stable w.r.t. the "
-            "preconditioned Hessian, not the raw λ_max)"
+            f"{name} has no stability threshold here (SGD, Adam, AdamW and RMSprop have; "
+            "landscape/update/curvature works with any optimizer)"
         )
     thresholds = {stability_threshold(optimizer, g) for g in groups}
     if None in thresholds:
@@ -113,4 +161,79 @@ def probed_threshold(
             f"the probed parameters sit in param groups with different thresholds ({values}); "
             "probe one group's parameters with params= for a stability ratio"
         )
-    return thresholds.pop(), None
+    threshold = thresholds.pop()
+    assert threshold is not None
+    return Stability("raw", threshold, name), None
+
+
+def _preconditioned(
+    optimizer: torch.optim.Optimizer, groups: list[int], params: Sequence[Tensor]
+) -> tuple[Stability | None, str | None]:
+    """The per-entry scale ``S`` (and coupled-L2 shift) of an Adam-family or RMSprop optimizer."""
+    adam = isinstance(optimizer, torch.optim.Adam)
+    group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
+    reference = optimizer.param_groups[groups[0]]
+    lr_ref = float(reference["lr"])
+    beta_ref = float(reference["betas"][0] if adam else reference.get("momentum", 0.0) or 0.0)
+    if not lr_ref > 0:
+        return None, None  # warm-up: no threshold at this step
+    threshold = (2 + 2 * beta_ref) / ((1 - beta_ref if adam else 1.0) * lr_ref)
+    scales: list[Tensor] = []
+    shifts: list[Tensor] = []
+    for p in params:
+        g = group_of.get(id(p))
+        if g is None:  # not updated by this optimizer: it does not move
+            scales.append(torch.zeros(p.numel(), dtype=torch.float64, device=p.device))
+            shifts.append(scales[-1])
+            continue
+        group, state = optimizer.param_groups[g], optimizer.state.get(p, {})
+        precond = _adam_precond(group, state) if adam else _rmsprop_precond(group, state)
+        if precond is None:
+            return Stability("preconditioned", threshold, type(optimizer).__name__), None
+        lr = float(group["lr"])
+        if adam:
+            beta = float(group["betas"][0])
+            factor = lr * (1 - beta) / (2 + 2 * beta)
+        else:
+            factor = lr / (2 + 2 * float(group.get("momentum", 0.0) or 0.0))
+        scales.append((factor / precond).reshape(-1))
+        decay = float(group.get("weight_decay", 0.0) or 0.0)
+        coupled = not (adam and group.get("decoupled_weight_decay", False))
+        shifts.append(torch.full_like(scales[-1], decay if coupled else 0.0))
+    shift = torch.cat(shifts)
+    return Stability(
+        "preconditioned",
+        threshold,
+        type(optimizer).__name__,
+        scale=torch.cat(scales),
+        shift=shift if bool(shift.any()) else None,
+    ), None
+
+
+def _adam_precond(group: dict[str, Any], state: dict[str, Any]) -> Tensor | None:
+    """``P = (1 − β₁ᵗ)(√(v / (1 − β₂ᵗ)) + ε)``, exactly as torch's Adam divides by it."""
+    v = state.get("max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq")
+    step = state.get("step")
+    if not isinstance(v, Tensor) or step is None:
+        return None
+    t = float(step.item() if isinstance(step, Tensor) else step)
+    if not t > 0:
+        return None
+    beta1, beta2 = (float(b) for b in group["betas"])
+    eps = float(group["eps"])
+    root = (v.detach().to(torch.float64) / (1 - beta2**t)).sqrt()
+    precond: Tensor = (1 - beta1**t) * (root + eps)
+    return precond
+
+
+def _rmsprop_precond(group: dict[str, Any], state: dict[str, Any]) -> Tensor | None:
+    """``P = √v + ε`` (``√(v − m²) + ε`` when centered), as torch's RMSprop divides by it."""
+    v = state.get("square_avg")
+    if not isinstance(v, Tensor):
+        return None
+    v = v.detach().to(torch.float64)
+    if group.get("centered"):
+        mean = state.get("grad_avg")
+        if isinstance(mean, Tensor):
+            v = v - mean.detach().to(torch.float64) ** 2
+    return v.clamp_min(0).sqrt() + float(group["eps"])

@@ -9,21 +9,32 @@ checkpoint. A new measurement is a new :class:`Probe` subclass (see ``docs/archi
 
 from .alpha import AlphaResults, CurvatureExponent
 from .base import Cadence, Probe, ProbeContext, Row, Scope, fmt
+from .batch import BatchSharpness
 from .delta2 import Stabilization, StabilizationMeasurement
 from .density import SpectralDensity
 from .sharpness import Sharpness, SharpnessResult
 from .slice import LossSlice
 from .trace import Trace
+from .update import UpdateCurvature, UpdateCurvatureResult
 
 BUILTIN: dict[str, type[Probe]] = {
     cls.name: cls
-    for cls in (Sharpness, Trace, SpectralDensity, CurvatureExponent, Stabilization, LossSlice)
+    for cls in (
+        Sharpness,
+        Trace,
+        BatchSharpness,
+        SpectralDensity,
+        CurvatureExponent,
+        Stabilization,
+        LossSlice,
+    )
 }
 """The built-in probes by name (``analyze --probes`` takes these names)."""
 
 __all__ = [
     "BUILTIN",
     "AlphaResults",
+    "BatchSharpness",
     "Cadence",
     "CurvatureExponent",
     "LossSlice",
@@ -37,5 +48,7 @@ __all__ = [
     "Stabilization",
     "StabilizationMeasurement",
     "Trace",
+    "UpdateCurvature",
+    "UpdateCurvatureResult",
     "fmt",
 ]

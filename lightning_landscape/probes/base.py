@@ -34,7 +34,7 @@ from ..operators import (
     ProbeFailure,
     select_parameters,
 )
-from ..operators.distributed import count_failures, weighted_mean
+from ..operators.distributed import count_failures, weighted_mean, weighted_mean_tensor
 from ..report import tags
 from ..report.layout import Layout
 
@@ -154,6 +154,12 @@ class ProbeContext:
         retain_graph: passed to the :class:`~lightning_landscape.HessianOperator` (``None``:
             its default, which rebuilds each batch's graph when there are several).
         warn: where soft problems go (the monitor: ``rank_zero_warn``).
+        note: where information that is not a problem goes (the monitor: ``rank_zero_info``).
+        previous: the probed parameters (flat, in the operator's order) before the optimizer
+            step that led to this step, if the monitor kept them (it does only before the steps
+            that precede a probe that asks for them, see :attr:`Probe.needs_previous`).
+        batch_size: the training batch size (for
+            :class:`~lightning_landscape.probes.BatchSharpness`), if known.
 
     Attributes:
         results: the results of the probes already run in this round, by probe name.
@@ -178,6 +184,9 @@ class ProbeContext:
         timeout: datetime.timedelta | None = None,
         retain_graph: bool | None = None,
         warn: Callable[[str], None] | None = None,
+        note: Callable[[str], None] | None = None,
+        previous: Tensor | None = None,
+        batch_size: int | None = None,
     ) -> None:
         if not batches:
             raise ValueError("A probe context needs at least one probe batch.")
@@ -197,6 +206,9 @@ class ProbeContext:
         self.timeout = timeout
         self.retain_graph = retain_graph
         self._warn = warn
+        self._note = note
+        self.previous = previous
+        self.batch_size = batch_size
         self.results: dict[str, Any] = {}
         self._local: HessianOperator | None = None
         self._op: CurvatureOperator | None = None
@@ -217,6 +229,11 @@ class ProbeContext:
         """Report a soft problem (once per rank, or on rank zero inside the monitor)."""
         if self._warn is not None:
             self._warn(message)
+
+    def note(self, message: str) -> None:
+        """Report information that is not a problem (on rank zero inside the monitor)."""
+        if self._note is not None:
+            self._note(message)
 
     def operator(self) -> CurvatureOperator:
         """The Hessian operator shared by the probes of this round (built on first use).
@@ -267,6 +284,26 @@ class ProbeContext:
         self._op = _RoundOperator(op, self)
         return self._op
 
+    def parameters_flat(self) -> Tensor:
+        """The probed parameters' current values, flat, in the operator's order (a copy)."""
+        return torch.cat(
+            [p.detach().reshape(-1) for _, p in select_parameters(self.model, self.params)]
+        )
+
+    def gradient(self) -> Tensor:
+        """The gradient of the probe loss (the sample-weighted mean over every rank), flat.
+
+        Raises:
+            ProbeFailure: on every rank alike, as :meth:`operator`, or if the gradient failed on
+                some rank.
+        """
+        op = self.operator()
+        assert self._local is not None
+        local = self._local
+        weight = float(self.weight if self.weight is not None else 1.0)
+        like = torch.empty(op.size, dtype=op.dtype, device=op.device)
+        return weighted_mean_tensor(local.gradient, weight, like, timeout=self.timeout)
+
     def probe_loss(self) -> float:
         """The loss on the probe data (the mean over every rank's samples).
 
@@ -305,6 +342,9 @@ class Probe(abc.ABC):
             probes that share the Hessian operator report one total under ``"cost"``.
         order: probes due at the same step run in ascending order (so that a probe can reuse
             an earlier one's result from :attr:`ProbeContext.results`).
+        needs_previous: whether it measures the step just taken: the monitor then copies the
+            probed parameters just before each optimizer step that precedes one of its
+            measurements (:attr:`ProbeContext.previous`).
         cadence: when the monitor runs it.
         last_result: the result of the last successful measurement (``None`` before).
         last_step: the global step of the last attempt (``-1`` before).
@@ -314,6 +354,7 @@ class Probe(abc.ABC):
     scope: ClassVar[Scope] = "global"
     cost_group: ClassVar[str] = tags.COST
     order: ClassVar[int] = 50
+    needs_previous: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -370,7 +411,9 @@ class Probe(abc.ABC):
             ctx: the round's context.
 
         Returns:
-            The result (a frozen dataclass, or a mapping of them).
+            The result (a frozen dataclass, or a mapping of them), or ``None`` when there is
+            nothing to measure this time (e.g. no step was taken yet): then nothing is
+            recorded or logged.
 
         Raises:
             ProbeFailure: a data-dependent failure: the measurement is skipped with a warning.

@@ -10,8 +10,8 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from .._validate import choice, flag, integer, optional_integer, real
-from ..operators import select_parameters
-from ..optim.thresholds import probed_threshold
+from ..operators import ScaledOperator, select_parameters
+from ..optim.thresholds import Stability, probed_stability
 from ..report import figures, tags
 from ..report.layout import SHARPNESS, SPECTRUM, Layout, multiline
 from ..solvers import Criterion, EigenResult, lanczos
@@ -19,6 +19,7 @@ from .base import Probe, ProbeContext, Row, fmt, warm_vectors
 
 _CRITERIA: tuple[Criterion, ...] = ("residual", "eigenvalue")
 _LAMBDA_MIN_SEED = 7919  # the λ_min solve draws from another stream than the top-k solve
+_PRECONDITIONED_SEED = 104729  # and the preconditioned solve from a third
 
 
 @dataclass(frozen=True)
@@ -29,15 +30,20 @@ class SharpnessResult:
         top: the top-k eigenpairs (descending).
         bottom: the smallest eigenpair, or ``None`` without ``lambda_min``.
         probe_loss: the loss on the probe data.
-        stability_threshold: the optimizer's threshold on λ_max (``(2 + 2β)/η`` for SGD with
-            momentum β), or ``None`` where the raw Hessian does not set stability (Adam) or
-            there is no optimizer.
+        stability: the stability condition of the optimizer that updates the probed parameters
+            (:func:`~lightning_landscape.optim.probed_stability`), or ``None`` where there is
+            none (another optimizer, several optimizers, no optimizer).
+        preconditioned: for an Adam-family or RMSprop optimizer, the top eigenpair of
+            ``S^½ (H + Γ) S^½`` (:class:`~lightning_landscape.optim.Stability`), whose
+            eigenvalue is the stability ratio; ``None`` for SGD, before the optimizer's first
+            step, or with ``Sharpness(preconditioned=False)``.
     """
 
     top: EigenResult
     bottom: EigenResult | None
     probe_loss: float
-    stability_threshold: float | None
+    stability: Stability | None = None
+    preconditioned: EigenResult | None = None
 
     @property
     def eigenvalues(self) -> tuple[float, ...]:
@@ -55,15 +61,51 @@ class SharpnessResult:
         return None if self.bottom is None else float(self.bottom.eigenvalues[0])
 
     @property
+    def stability_threshold(self) -> float | None:
+        """The threshold of the measured sharpness, or ``None`` if none was measured.
+
+        ``(2 + 2β)/η`` on λ_max for SGD, ``(2 + 2β₁)/((1 − β₁)η)`` on λ₁(P⁻¹H) for Adam/AdamW
+        (``38/η`` at β₁ = 0.9).
+        """
+        s = self.stability
+        if s is None or (s.kind == "preconditioned" and self.preconditioned is None):
+            return None
+        return s.threshold
+
+    @property
+    def preconditioned_lambda_max(self) -> float | None:
+        """λ₁(P⁻¹H) of an Adam-family/RMSprop optimizer, if measured.
+
+        With param groups of different η, each group's η relative to the reference group's is
+        folded into ``P``.
+        """
+        ratio, threshold = self.stability_ratio, self.stability_threshold
+        if self.preconditioned is None or ratio is None or threshold is None:
+            return None
+        return ratio * threshold
+
+    @property
     def stability_ratio(self) -> float | None:
-        """``λ_max / threshold`` (``> 1``: past the edge of stability), if a threshold is known."""
+        """Sharpness over its threshold (``> 1``: past the edge of stability), if known.
+
+        λ_max over ``(2 + 2β)/η`` for SGD, λ₁(P⁻¹H) over ``(2 + 2β₁)/((1 − β₁)η)`` for Adam.
+        """
+        if self.preconditioned is not None:
+            return float(self.preconditioned.eigenvalues[0])
         t = self.stability_threshold
         return self.lambda_max / t if t else None
 
     @property
+    def raw_threshold(self) -> float | None:
+        """The threshold on the raw λ_max (SGD only), for plotting against the eigenvalues."""
+        s = self.stability
+        return s.threshold if s is not None and s.kind == "raw" else None
+
+    @property
     def solves(self) -> tuple[EigenResult, ...]:
-        """The eigensolves (top-k, then λ_min if computed)."""
-        return (self.top,) if self.bottom is None else (self.top, self.bottom)
+        """The eigensolves (top-k, then λ_min and the preconditioned solve if computed)."""
+        extra = (self.bottom, self.preconditioned)
+        return (self.top, *(r for r in extra if r is not None))
 
     @property
     def converged(self) -> bool:
@@ -86,16 +128,26 @@ class Sharpness(Probe):
 
     Thick-restart Lanczos (:func:`~lightning_landscape.lanczos`) on the round's Hessian operator,
     warm-started from the previous measurement's eigenvectors; with ``lambda_min`` a second solve
-    for the algebraically smallest eigenvalue (negative: a saddle direction). When the probed
-    parameters are updated by ``torch.optim.SGD`` (or SAM over it), λ_max is compared with that
-    optimizer's edge of stability ``(2 + 2β)/η`` for their param group; for adaptive optimizers
-    the raw λ_max does not set stability, and with several optimizers (a GAN) or param groups of
-    different thresholds there is no single one: then no ratio is logged (probe one optimizer's
-    parameters with the monitor's ``params=``).
+    for the algebraically smallest eigenvalue (negative: a saddle direction).
+
+    The sharpness is also measured in the optimizer's own terms
+    (:func:`~lightning_landscape.optim.probed_stability`). Under ``torch.optim.SGD`` (or SAM over
+    it) λ_max is compared with its edge of stability ``(2 + 2β)/η``. Under Adam, AdamW and
+    RMSprop (or SAM over them) the raw λ_max does not set stability: a third solve finds the
+    top eigenvalue of the preconditioned Hessian ``P^{-1/2} H P^{-1/2}`` with ``P`` the
+    optimizer's own bias-corrected preconditioner (each param group's η folded in, Adam's
+    coupled L2 added to H; AdamW's decoupled decay, which moves the threshold by under 1 %, is
+    left out), compared with ``(2 + 2β₁)/((1 − β₁)η)`` (``38/η`` at β₁ = 0.9) of the first
+    probed param group. Before the optimizer's first step it has no state: that solve is
+    skipped. With several optimizers (a GAN), SGD param groups of different thresholds or
+    another optimizer there is no threshold and no ratio is logged (probe one optimizer's
+    parameters with the monitor's ``params=``; :class:`UpdateCurvature` works with any).
 
     Logs ``landscape/lambda_max``, ``landscape/eigenvalues/<i>``, ``landscape/lambda_min``,
-    ``landscape/stability_ratio`` and ``landscape/stability_threshold`` (SGD),
-    ``landscape/probe_loss``, ``landscape/converged`` and ``landscape/max_residual``; with a
+    ``landscape/stability_ratio`` and ``landscape/stability_threshold`` (SGD: of λ_max; Adam:
+    of ``landscape/preconditioned_lambda_max``), ``landscape/preconditioned_lambda_max``
+    (Adam), ``landscape/probe_loss``, ``landscape/converged`` and ``landscape/max_residual``;
+    with a
     TensorBoard logger the histogram ``landscape/eigenvalues`` and, at epoch ends, the figure
     ``landscape/eigenvalue_trajectories``.
 
@@ -115,6 +167,8 @@ class Sharpness(Probe):
         histogram: log the eigenvalue histogram to TensorBoard.
         figure: log the eigenvalue-trajectory figure to TensorBoard at epoch ends.
         prog_bar: show the latest λ_max in Lightning's progress bar.
+        preconditioned: under an Adam-family or RMSprop optimizer, also solve for the
+            preconditioned sharpness (one more eigensolve of ``top_k = 1``).
         every_n_steps: see :class:`~lightning_landscape.probes.Cadence`.
         every_n_epochs: see :class:`~lightning_landscape.probes.Cadence`.
         on_train_start: see :class:`~lightning_landscape.probes.Cadence`.
@@ -152,6 +206,7 @@ class Sharpness(Probe):
         histogram: bool = True,
         figure: bool = True,
         prog_bar: bool = False,
+        preconditioned: bool = True,
         every_n_steps: int | None = 100,
         every_n_epochs: int | None = None,
         on_train_start: bool = True,
@@ -178,8 +233,11 @@ class Sharpness(Probe):
         self.histogram = flag("histogram", histogram)
         self.figure = flag("figure", figure)
         self.prog_bar = flag("prog_bar", prog_bar)
+        self.preconditioned = flag("preconditioned", preconditioned)
         self.warm_top: Tensor | None = None
         self.warm_min: Tensor | None = None
+        self.warm_pre: Tensor | None = None
+        self._noted = False
         self.trajectory: list[tuple[int, tuple[float, ...], float | None, float | None]] = []
         self._figured = 0
 
@@ -193,16 +251,16 @@ class Sharpness(Probe):
 
     # ------------------------------------------------------------------ measuring
     def run(self, ctx: ProbeContext) -> SharpnessResult:
-        """The top-k solve, the λ_min solve, and the probed parameters' stability threshold.
+        """The top-k solve, the λ_min solve, and the solve in the optimizer's terms.
 
-        The threshold is that of the optimizer and param group that update the probed
-        parameters (:func:`~lightning_landscape.optim.probed_threshold`).
+        The stability condition is that of the optimizer that updates the probed parameters
+        (:func:`~lightning_landscape.optim.probed_stability`).
         """
         op = ctx.operator()
 
-        def solve(k: int, which: str, start: Tensor | None, seed: int) -> EigenResult:
+        def solve(k: int, which: str, start: Tensor | None, seed: int, a: Any = op) -> EigenResult:
             return lanczos(
-                op,
+                a,
                 k,
                 which="smallest" if which == "smallest" else "largest",
                 tol=self.tol,
@@ -217,11 +275,22 @@ class Sharpness(Probe):
         bottom = None
         if self.lambda_min:
             bottom = solve(1, "smallest", self.warm_min, ctx.seed + _LAMBDA_MIN_SEED)
-        threshold = None
+        stability, pre = None, None
         if ctx.optimizers:  # the optimizer and param group that update the probed parameters
             probed = [p for _, p in select_parameters(ctx.model, ctx.params)]
-            threshold, _ = probed_threshold(ctx.optimizers, probed)
-        result = SharpnessResult(top, bottom, ctx.probe_loss(), threshold)
+            stability, _ = probed_stability(ctx.optimizers, probed)
+        if stability is not None and stability.kind == "preconditioned" and self.preconditioned:
+            if stability.scale is None:
+                if not self._noted:
+                    self._noted = True
+                    ctx.note(
+                        f"Sharpness: {stability.optimizer} has no state before its first step; "
+                        "landscape/preconditioned_lambda_max starts at the first probe after it."
+                    )
+            else:
+                scaled = ScaledOperator(op, stability.scale, stability.shift)
+                pre = solve(1, "largest", self.warm_pre, ctx.seed + _PRECONDITIONED_SEED, scaled)
+        result = SharpnessResult(top, bottom, ctx.probe_loss(), stability, pre)
         if self.is_finite(result) and not result.converged:
             ctx.warn(
                 f"eigenvalues at step {ctx.step} did not reach tol={self.tol} (max relative "
@@ -240,9 +309,9 @@ class Sharpness(Probe):
         super().record(result, step)
         self.warm_top = result.top.eigenvectors
         self.warm_min = None if result.bottom is None else result.bottom.eigenvectors
-        self.trajectory.append(
-            (step, result.eigenvalues, result.stability_threshold, result.lambda_min)
-        )
+        if result.preconditioned is not None:
+            self.warm_pre = result.preconditioned.eigenvectors
+        self.trajectory.append((step, result.eigenvalues, result.raw_threshold, result.lambda_min))
 
     # ------------------------------------------------------------------ reporting
     def scalars(self, result: SharpnessResult) -> dict[str, float]:
@@ -260,6 +329,8 @@ class Sharpness(Probe):
         if ratio is not None and threshold is not None:
             out[tags.STABILITY_RATIO] = ratio
             out[tags.STABILITY_THRESHOLD] = threshold
+        if result.preconditioned_lambda_max is not None:
+            out[tags.PRECONDITIONED_LAMBDA_MAX] = result.preconditioned_lambda_max
         return out
 
     def histograms(self, result: SharpnessResult) -> dict[str, Tensor]:
@@ -282,13 +353,16 @@ class Sharpness(Probe):
         return {tags.TRAJECTORIES_FIGURE: fig}
 
     def charts(self) -> Layout:
-        """λ_max with its threshold, the stability ratio, the spectrum, λ_min, the probe loss."""
+        """Sharpness with its threshold, the stability ratio, the spectrum, λ_min, the loss."""
         return {
             SHARPNESS: {
-                "λ_max and stability threshold (2+2β)/η": multiline(
+                "SGD: λ_max and its threshold (2+2β)/η": multiline(
                     tags.exact(tags.LAMBDA_MAX), tags.exact(tags.STABILITY_THRESHOLD)
                 ),
-                "stability ratio η·λ_max/(2+2β)  (1 = edge of stability)": multiline(
+                "Adam: preconditioned λ₁(P⁻¹H) and its threshold (2+2β₁)/((1−β₁)η)": multiline(
+                    tags.exact(tags.PRECONDITIONED_LAMBDA_MAX), tags.exact(tags.STABILITY_THRESHOLD)
+                ),
+                "stability ratio: sharpness / threshold  (1 = edge of stability)": multiline(
                     tags.exact(tags.STABILITY_RATIO), tags.exact(tags.CONTROL_RATIO)
                 ),
             },
@@ -308,7 +382,14 @@ class Sharpness(Probe):
         if result.bottom is not None:
             low = "converged" if result.bottom.all_converged else "NOT converged"
             rows.append(["λ_min", fmt(result.lambda_min), low])
-        if result.stability_ratio is not None:
+        if result.preconditioned_lambda_max is not None:
+            assert result.preconditioned is not None
+            pre = "converged" if result.preconditioned.all_converged else "NOT converged"
+            rows.append(["λ₁(P⁻¹H)", fmt(result.preconditioned_lambda_max), pre])
+            rows.append(
+                ["stability ratio", fmt(result.stability_ratio), "λ₁(P⁻¹H) / (2 + 2β₁)/((1 − β₁)η)"]
+            )
+        elif result.stability_ratio is not None:
             rows.append(["stability ratio", fmt(result.stability_ratio), "λ_max / (2 + 2β)/η"])
         return rows
 
@@ -321,6 +402,8 @@ class Sharpness(Probe):
             "converged": result.top.all_converged,
             "stability_threshold": result.stability_threshold,
             "stability_ratio": result.stability_ratio,
+            "preconditioned_lambda_max": result.preconditioned_lambda_max,
+            "optimizer": None if result.stability is None else result.stability.optimizer,
             "num_hvps": result.num_hvps,
             "seconds": sum(r.seconds for r in result.solves),
         }
@@ -338,6 +421,7 @@ class Sharpness(Probe):
         state["trajectory"] = list(self.trajectory)
         state["warm_top"] = self.warm_top.cpu() if keep and self.warm_top is not None else None
         state["warm_min"] = self.warm_min.cpu() if keep and self.warm_min is not None else None
+        state["warm_pre"] = self.warm_pre.cpu() if keep and self.warm_pre is not None else None
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -349,3 +433,4 @@ class Sharpness(Probe):
         self._figured = 0
         self.warm_top = state_dict.get("warm_top")
         self.warm_min = state_dict.get("warm_min")
+        self.warm_pre = state_dict.get("warm_pre")

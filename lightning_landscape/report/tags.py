@@ -29,10 +29,19 @@ EIGENVALUE_PATTERN = re.escape(EIGENVALUES) + r"/\d+$"  # every eigenvalue(i), f
 LAMBDA_MIN = _tag("lambda_min")
 STABILITY_RATIO = _tag("stability_ratio")
 STABILITY_THRESHOLD = _tag("stability_threshold")
+PRECONDITIONED_LAMBDA_MAX = _tag("preconditioned_lambda_max")  # λ₁(P⁻¹H), Adam-family
 PROBE_LOSS = _tag("probe_loss")
 CONVERGED = _tag("converged")
 MAX_RESIDUAL = _tag("max_residual")
 TRAJECTORIES_FIGURE = _tag("eigenvalue_trajectories")
+
+# Curvature along the optimizer's last step, and batch sharpness.
+UPDATE_CURVATURE = _tag("update", "curvature")
+UPDATE_OVERSHOOT = _tag("update", "overshoot")
+UPDATE_STEP_NORM = _tag("update", "step_norm")
+UPDATE_DESCENT = _tag("update", "descent")
+BATCH_SHARPNESS = _tag("batch_sharpness")
+BATCH_SHARPNESS_STDERR = _tag("batch_sharpness_stderr")
 
 # Trace and spectral density.
 TRACE = _tag("trace")

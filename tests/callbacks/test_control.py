@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from pathlib import Path
@@ -18,7 +19,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_landscape import ProbeReport
 from lightning_landscape.callbacks.control import SharpnessAdaptiveRho, StabilityLRGuard
 from tests._lightning import (
-    AdamModule,
     ClassifierModule,
     MemoryLogger,
     fit_with_lightning_cli,
@@ -150,22 +150,104 @@ def test_guard_param_groups_selection() -> None:
         StabilityLRGuard(param_groups=[2]).apply(opt, 30.0)
 
 
-def test_guard_refuses_adaptive_optimizers() -> None:
-    opt = torch.optim.Adam([nn.Parameter(torch.zeros(2))], lr=1e-3)
-    guard = StabilityLRGuard()
-    with pytest.raises(TypeError, match=r"Adam.*preconditioned Hessian"):
-        guard.on_landscape(_fake_trainer(opt), Any, _report(30.0))
-    assert float(opt.param_groups[0]["lr"]) == 1e-3
+def test_guard_refuses_optimizers_without_a_threshold_before_the_first_step() -> None:
+    class AdagradModule(ClassifierModule):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adagrad(self.parameters(), lr=self.lr)
 
-
-def test_guard_refuses_adam_before_the_first_step() -> None:
     guard = StabilityLRGuard()
     monitor = sharpness_monitor(5, 1, hooks=[guard])
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(**trainer_kwargs(callbacks=[monitor], max_steps=5))
-    with pytest.raises(TypeError, match="SGD-family optimizers only"):
-        trainer.fit(AdamModule(), make_dataloader())
+    with pytest.raises(TypeError, match=r"SGD, Adam, AdamW and RMSprop.*not Adagrad"):
+        trainer.fit(AdagradModule(), make_dataloader())
     assert trainer.global_step == 0 and monitor.history == []  # refused, not failed mid-run
+
+
+def test_guard_refuses_some_groups_of_an_adaptive_optimizer() -> None:
+    opt = torch.optim.AdamW(
+        [{"params": [nn.Parameter(torch.zeros(2))]}, {"params": [nn.Parameter(torch.zeros(2))]}]
+    )
+    with pytest.raises(ValueError, match="leave param_groups unset"):
+        StabilityLRGuard(param_groups=[0]).check(_fake_trainer(opt), Any)
+    StabilityLRGuard(param_groups=[0, 1]).check(_fake_trainer(opt), Any)  # all of them: fine
+
+
+def test_guard_acts_on_the_preconditioned_ratio_with_adam() -> None:
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(2))], lr=1e-3)
+    guard = StabilityLRGuard(target=0.5, recovery=3.0)
+    trainer = _fake_trainer(opt)
+    before_state = dataclasses.replace(_report(1e9), stability_ratio=None)
+    guard.on_landscape(trainer, Any, before_state)  # no optimizer state yet: nothing to act on
+    assert float(opt.param_groups[0]["lr"]) == 1e-3 and guard.scale == 1.0
+    # The raw λ_max is ignored under Adam: the preconditioned ratio sets the scale.
+    report = dataclasses.replace(
+        _report(1e9), stability_ratio=2.0, preconditioned_lambda_max=2.0 * 38 / 1e-3
+    )
+    guard.on_landscape(trainer, Any, report)
+    assert guard.scale == pytest.approx(0.25) and guard.last_ratio == pytest.approx(0.5)
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(2.5e-4)
+    # Measured again at the scaled rate: ratio 0.2 → the unscaled ratio is 0.8, recover to 0.5.
+    report = dataclasses.replace(report, stability_ratio=0.2)
+    guard.on_landscape(trainer, Any, report)
+    assert guard.scale == pytest.approx(0.5 / 0.8)
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(1e-3 * 0.5 / 0.8)
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        guard.apply_ratio(opt, float("nan"))
+
+
+class _AdamQuadratic(pl.LightningModule):
+    """``½ θᵀ diag(1..10) θ`` under Adam with a large ε and a linear warm-up.
+
+    With ``ε`` far above the gradients, ``P ≈ ε`` barely adapts, so past the edge the iterates
+    grow until the gradients reach ``ε`` (Adam's self-stabilisation through ``v`` kicks in only
+    then). The learning rate puts the steady-state preconditioned ratio at 1.5 × the edge:
+    ``η (1 − β₁) λ_max / ((2 + 2β₁) ε) = 1.5``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.ones(10, dtype=torch.float64))
+        self.register_buffer("curvatures", torch.linspace(1, 10, 10, dtype=torch.float64))
+        self.losses: list[float] = []
+
+    def loss(self) -> Tensor:
+        return 0.5 * (self.curvatures * self.theta**2).sum()
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self.loss()
+        self.losses.append(float(loss))
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        eps = 1e4
+        lr = 1.5 * (2 + 2 * 0.9) * eps / ((1 - 0.9) * 10.0)
+        opt = torch.optim.Adam(self.parameters(), lr=lr, eps=eps)
+        warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=30)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_guard_keeps_adam_below_its_edge_on_a_quadratic(guarded: bool) -> None:
+    from lightning_landscape import LandscapeMonitor, Sharpness
+
+    module = _AdamQuadratic()
+    sharp = Sharpness(top_k=1, lambda_min=False, every_n_steps=2, histogram=False, figure=False)
+    hooks = [StabilityLRGuard(target=0.9, log=False)] if guarded else []
+    monitor = LandscapeMonitor(
+        probes=[sharp], loss_fn=lambda m, b: m.loss(), num_probe_samples=2, hooks=hooks
+    )
+    data = DataLoader(TensorDataset(torch.zeros(4, 1)), batch_size=2)
+    trainer = pl.Trainer(**trainer_kwargs(callbacks=[monitor], max_steps=160))
+    trainer.fit(module, data)
+    ratios = [r.stability_ratio for r in monitor.history if r.stability_ratio is not None]
+    assert len(ratios) >= 70
+    if guarded:  # held below the edge; the loss falls by orders of magnitude
+        assert max(ratios) < 1.0
+        assert max(module.losses) < 2 * module.losses[0] and module.losses[-1] < 1e-3
+    else:  # past the edge: the loss blows up by six orders of magnitude before v catches up
+        assert max(ratios) > 1.1
+        assert max(module.losses) > 1e6 * module.losses[0]
 
 
 def test_guard_logs_on_rank_zero_only() -> None:
@@ -543,11 +625,14 @@ def test_rho_bad_args(kwargs: dict[str, Any], match: str) -> None:
         SharpnessAdaptiveRho(**kwargs)
 
 
-def test_rho_drives_sam_in_training() -> None:
+@pytest.mark.parametrize("base", ["SGD", "AdamW"])
+def test_rho_drives_sam_in_training(base: str) -> None:
     sam = pytest.importorskip("lightning_landscape.optim").SAM
 
     class SAMModule(ClassifierModule):
         def configure_optimizers(self) -> Any:
+            if base == "AdamW":
+                return sam(self.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-2)
             return sam(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9)
 
     hook = SharpnessAdaptiveRho(rho_min=0.01, rho_max=0.5, base_rho=0.05)
@@ -562,6 +647,9 @@ def test_rho_drives_sam_in_training() -> None:
     assert logger.steps(RHO) == [0, 3, 6, 9]
     assert _rhos(trainer.optimizers[0]) == [pytest.approx(expected[-1])]
     assert expected[-1] != pytest.approx(0.05)  # sharpness moved, so did ρ
+    if base == "AdamW":  # SAM over AdamW: the preconditioned ratio of its base optimizer
+        assert all(r.stability_ratio is not None for r in monitor.history[1:])
+        assert monitor.history[-1].stability_threshold == pytest.approx(3.8 / (0.1 * 1e-2))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,19 +14,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_landscape.callbacks.monitor as monitor_mod
 import lightning_landscape.probes.sharpness as sharpness_mod
 from lightning_landscape import (
+    BatchSharpness,
     CurvatureExponent,
     LandscapeMonitor,
     ProbeReport,
     Sharpness,
     Stabilization,
     Trace,
+    UpdateCurvature,
     hessian_eigenvalues,
 )
 from tests._lightning import (
@@ -112,6 +113,9 @@ def _probe_batch(n: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Te
     return x[:n], y[:n]
 
 
+STABILITY_THRESHOLD = "landscape/stability_threshold"
+
+
 def _num_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
@@ -179,6 +183,41 @@ def test_training_is_bit_identical(
         # The torchmetrics state after training is the same (probes restored it).
         assert torch.equal(m0.train_acc.tp, m1.train_acc.tp)
         assert m0.train_acc._update_count == m1.train_acc._update_count
+
+
+@pytest.mark.parametrize("module_cls", [AdamModule, ClassifierModule])
+def test_optimizer_aware_probes_leave_training_bit_identical(module_cls: type) -> None:
+    """Preconditioned sharpness, update curvature and batch sharpness change nothing either."""
+    runs = {}
+    for with_monitor in (False, True):
+        logger = MemoryLogger()
+        probes = [
+            Sharpness(2, every_n_steps=5),
+            UpdateCurvature(every_n_steps=5),
+            BatchSharpness(every_n_steps=5, max_batches=12),
+        ]
+        monitor = LandscapeMonitor(probes=probes, num_probe_samples=64)
+        module, trainer = _fit(
+            lambda: module_cls(lr=1e-2),
+            [monitor] if with_monitor else [],
+            loader_seed=None,
+            max_steps=12,
+            logger=logger,
+        )
+        runs[with_monitor] = (module, trainer, logger, monitor)
+    (m0, t0, log0, _), (m1, t1, log1, mon) = runs[False], runs[True]
+    _assert_same_state(m0, m1)
+    _assert_same_optimizer(t0, t1)
+    assert _user_records(log0) == _user_records(log1)
+    assert mon.num_failed == 0
+    assert log1.steps("landscape/update/curvature") == [5, 10, 12]  # 12: the end (max_steps)
+    assert log1.steps("landscape/batch_sharpness") == [0, 5, 10, 12]
+    assert all(v > 0 for _, v in log1.values("landscape/batch_sharpness_stderr"))
+    if module_cls is ClassifierModule:  # SGD: batch sharpness next to (2 + 2β)/η
+        threshold = (2 + 2 * 0.9) / 1e-2
+        assert all(v == pytest.approx(threshold) for _, v in log1.values(STABILITY_THRESHOLD))
+    else:  # Adam: the preconditioned sharpness from the first probe after its first step
+        assert log1.steps("landscape/preconditioned_lambda_max") == [5, 10, 12]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,10 +350,70 @@ def test_logged_keys_values_and_steps() -> None:
         assert at["landscape/probe_loss"] == report.probe_loss > 0
 
 
-def test_no_stability_ratio_with_adam() -> None:
+class _AdamWModule(ClassifierModule):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def test_adamw_run_logs_the_preconditioned_sharpness_of_dense_truth() -> None:
+    """λ₁(P⁻¹H), 38/η-type threshold and ratio of a float64 AdamW run against a dense solve."""
+    lr, beta1, beta2, eps = 1e-2, 0.9, 0.95, 1e-8
+    data = make_dataset(64, dtype=torch.float64)
+    probe = DataLoader(data, batch_size=64)
+    monitor = LandscapeMonitor(
+        probes=[Sharpness(2, tol=1e-8, every_n_steps=5)], probe_dataloader=probe
+    )
+    logger = MemoryLogger()
+    module = _AdamWModule(lr=lr, dropout=0.0, batch_norm=False)
+    _fit(lambda: module, [monitor], max_steps=10, logger=logger, precision="64-true")
+    assert _steps(monitor) == [0, 5, 10]
+    first, *later = monitor.history
+    assert first.stability_ratio is None and first.preconditioned_lambda_max is None  # no state
+    assert "landscape/preconditioned_lambda_max" in logger.keys()
+    assert logger.steps("landscape/stability_ratio") == [5, 10]
+
+    # Dense truth at the last probe (step 10, the optimizer's state after its 10th step).
+    (optimizer,) = module.trainer.optimizers
+    params = list(module.parameters())
+    x, y = data.tensors
+    hessian = torch.autograd.functional.hessian(
+        lambda flat: F.cross_entropy(
+            torch.func.functional_call(module, _unflatten(module, flat), (x,)), y
+        ),
+        torch.cat([p.detach().reshape(-1) for p in params]),
+    )
+    t = 10
+    v = torch.cat([optimizer.state[p]["exp_avg_sq"].reshape(-1) for p in params])
+    precond = (1 - beta1**t) * ((v / (1 - beta2**t)).sqrt() + eps)
+    threshold = (2 + 2 * beta1) / ((1 - beta1) * lr)
+    truth = torch.linalg.eigvals(hessian / precond[:, None]).real.max().item()  # λ₁(P⁻¹H)
+    last = later[-1]
+    assert last.stability_threshold == pytest.approx(threshold, rel=1e-12)
+    assert last.preconditioned_lambda_max == pytest.approx(truth, rel=1e-5)
+    assert last.stability_ratio == pytest.approx(truth / threshold, rel=1e-5)
+    assert last.lambda_max == pytest.approx(torch.linalg.eigvalsh(hessian).max().item(), rel=1e-6)
+    at_10 = {k: v for step, m in logger.records if step == 10 for k, v in m.items()}
+    assert at_10["landscape/preconditioned_lambda_max"] == last.preconditioned_lambda_max
+    assert at_10["landscape/stability_threshold"] == last.stability_threshold
+    assert at_10["landscape/stability_ratio"] == last.stability_ratio
+
+
+def _unflatten(module: torch.nn.Module, flat: Tensor) -> dict[str, Tensor]:
+    out, offset = {}, 0
+    for name, p in module.named_parameters():
+        out[name] = flat[offset : offset + p.numel()].view(p.shape)
+        offset += p.numel()
+    return out
+
+
+def test_no_stability_ratio_without_a_known_threshold() -> None:
+    class AdagradModule(ClassifierModule):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adagrad(self.parameters(), lr=self.lr)
+
     logger = MemoryLogger()
     monitor = sharpness_monitor(5, 2)
-    _fit(lambda: AdamModule(lr=1e-2), [monitor], max_steps=10, logger=logger)
+    _fit(AdagradModule, [monitor], max_steps=10, logger=logger)
     assert _steps(monitor) == [0, 5, 10]
     assert "landscape/lambda_max" in logger.keys()
     assert "landscape/stability_ratio" not in logger.keys()
@@ -322,67 +421,21 @@ def test_no_stability_ratio_with_adam() -> None:
     assert all(r.stability_ratio is None and r.stability_threshold is None for r in monitor.history)
 
 
-def test_adam_info_message_is_emitted(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_adam_and_unknown_optimizer_info_messages(monkeypatch: pytest.MonkeyPatch) -> None:
     messages: list[str] = []
     monkeypatch.setattr(monitor_mod, "rank_zero_info", lambda msg, *a, **k: messages.append(msg))
-    monitor = sharpness_monitor(5, 2)
-    _fit(lambda: AdamModule(lr=1e-2), [monitor], max_steps=5)
-    assert any("stability_ratio" in m for m in messages)
+    _fit(lambda: AdamModule(lr=1e-2), [sharpness_monitor(5, 2)], max_steps=10)
+    said = [m for m in messages if "first step" in m]
+    assert len(said) == 1 and "Adam" in said[0]  # once, at the step-0 probe
+    assert not any("is not logged" in m for m in messages)
 
+    class AdagradModule(ClassifierModule):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adagrad(self.parameters(), lr=self.lr)
 
-@pytest.mark.parametrize("log_histogram", [True, False])
-def test_tensorboard_event_file(tmp_path: Path, log_histogram: bool) -> None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
-    monitor = sharpness_monitor(5, 3, histogram=log_histogram)
-    _fit(ClassifierModule, [monitor], max_steps=10, logger=logger)
-    probe_steps = [0, 5, 10]
-    assert _steps(monitor) == probe_steps
-
-    acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0})
-    acc.Reload()
-    tags = acc.Tags()
-    for tag in (
-        "landscape/lambda_max",
-        "landscape/eigenvalues/0",
-        "landscape/eigenvalues/2",
-        "landscape/stability_ratio",
-        "landscape/cost/hvps",
-        "landscape/converged",
-    ):
-        assert tag in tags["scalars"], tag
-        assert [e.step for e in acc.Scalars(tag)] == probe_steps, tag
-    assert "train_loss" in tags["scalars"]
-    values = [e.value for e in acc.Scalars("landscape/lambda_max")]
-    assert values == pytest.approx([r.lambda_max for r in monitor.history], rel=1e-6)
-    if log_histogram:
-        assert "landscape/eigenvalues" in tags["histograms"]
-        hist = acc.Histograms("landscape/eigenvalues")
-        assert [h.step for h in hist] == probe_steps
-        for h, report in zip(hist, monitor.history, strict=True):
-            assert h.histogram_value.num == 3
-            assert h.histogram_value.max == pytest.approx(report.lambda_max, rel=1e-6)
-            assert h.histogram_value.min == pytest.approx(report.eigenvalues[-1], rel=1e-6)
-    else:
-        assert "landscape/eigenvalues" not in tags["histograms"]
-
-
-def test_prog_bar() -> None:
-    logger = MemoryLogger()
-    monitor = sharpness_monitor(5, 2, prog_bar=True)
-    _, trainer = _fit(ClassifierModule, [monitor], max_steps=10, logger=logger)
-    shown = trainer.progress_bar_metrics["landscape/lambda_max"]
-    assert shown == pytest.approx(monitor.history[-1].lambda_max, rel=1e-6)
-    # logger=False: the progress-bar value is not logged a second time.
-    assert logger.steps("landscape/lambda_max") == [0, 5, 10]
-
-
-def test_no_prog_bar_by_default() -> None:
-    monitor = sharpness_monitor(5, 2)
-    _, trainer = _fit(ClassifierModule, [monitor], max_steps=5)
-    assert "landscape/lambda_max" not in trainer.progress_bar_metrics
-    assert "landscape/lambda_max" not in trainer.callback_metrics
+    messages.clear()
+    _fit(AdagradModule, [sharpness_monitor(5, 2)], max_steps=5)
+    assert any("stability_ratio is not logged" in m and "Adagrad" in m for m in messages)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -921,7 +974,7 @@ def test_lightning_cli_yaml_one_liner_keeps_todays_defaults(tmp_path: Path) -> N
     monitor = fit_with_lightning_cli(
         tmp_path, {"every_n_steps": 5, "top_k": 2, "num_probe_samples": 64, "enabled": True}
     )
-    assert [type(p).__name__ for p in monitor.probes] == ["Sharpness", "Trace"]
+    assert [type(p).__name__ for p in monitor.probes] == ["Sharpness", "UpdateCurvature", "Trace"]
     sharpness = monitor.sharpness
     assert sharpness is not None and sharpness.top_k == 2 and sharpness.lambda_min
     assert _steps(monitor) == [0, 5, 10, 12]

@@ -22,6 +22,7 @@ from lightning_landscape import (
     Sharpness,
     StabilityLRGuard,
     Stabilization,
+    UpdateCurvature,
 )
 from lightning_landscape.cli.demo import ResNet18
 from tests._lightning import (
@@ -85,6 +86,7 @@ def test_gpt2_with_adamw_sharpness_alpha_delta2() -> None:
             Sharpness(2, every_n_steps=4),
             CurvatureExponent(4, every_n_steps=4),
             Stabilization(D=3, every_n_steps=4),
+            UpdateCurvature(every_n_steps=4),
         ],
         num_probe_samples=16,
     )
@@ -93,7 +95,16 @@ def test_gpt2_with_adamw_sharpness_alpha_delta2() -> None:
     assert trainer.global_step == 8
     assert [r.step for r in monitor.history] == [0, 4, 8]
     assert all(r.converged and math.isfinite(r.lambda_max) for r in monitor.history)
-    assert all(r.stability_ratio is None for r in monitor.history)  # AdamW: no raw threshold
+    # AdamW: the preconditioned ratio, from the first probe after the warm-up's lr of 0
+    assert monitor.history[0].stability_ratio is None
+    for r in monitor.history[1:]:
+        assert r.stability_ratio is not None and r.preconditioned_lambda_max is not None
+        assert r.stability_threshold == pytest.approx((2 + 2 * 0.9) / ((1 - 0.9) * 3e-3))
+        assert r.stability_ratio == pytest.approx(
+            r.preconditioned_lambda_max / r.stability_threshold
+        )
+    assert logger.steps("landscape/update/curvature") == [4, 8]  # no step behind step 0
+    assert all(math.isfinite(v) for _, v in logger.values("landscape/update/curvature"))
     assert monitor.num_failed == 0
     alpha = monitor.probe_named("alpha").last_result
     types = {name: r.layer_type for name, r in alpha.items()}
@@ -113,12 +124,19 @@ def test_gpt2_with_adamw_sharpness_alpha_delta2() -> None:
     assert delta2.k == 16 and math.isfinite(delta2.value)
 
 
-def test_guard_with_adamw_is_refused_before_the_first_step() -> None:
-    monitor = LandscapeMonitor(probes=[Sharpness(1, every_n_steps=4)], hooks=[StabilityLRGuard()])
+def test_guard_with_adamw_scales_the_learning_rate() -> None:
+    # force an action; the warm-up is a LambdaLR, which rewrites the rate: "closed_form"
+    guard = StabilityLRGuard(target=1e-6, min_scale=1e-9, recovery=1.0, scheduler="closed_form")
+    monitor = LandscapeMonitor(probes=[Sharpness(1, every_n_steps=4)], hooks=[guard])
     module = GPT2Module()
-    with pytest.raises(TypeError, match=r"SGD-family optimizers only.*AdamW"):
-        _fit(module, _token_loader(), monitor, max_steps=8)
-    assert module.trainer.global_step == 0 and monitor.history == []
+    trainer = _fit(module, _token_loader(), monitor, max_steps=8)
+    assert monitor.num_failed == 0 and trainer.global_step == 8
+    step4 = monitor.history[1]
+    assert step4.step == 4 and step4.stability_ratio is not None
+    assert guard.scale < 1.0 and guard.last_ratio is not None
+    assert guard.last_ratio <= 1e-6 * (1 + 1e-9)  # at the target when it cut, below after
+    (optimizer,) = trainer.optimizers
+    assert float(optimizer.param_groups[0]["lr"]) < 3e-3 * 1e-3
 
 
 # --------------------------------------------------------------------------------------------------

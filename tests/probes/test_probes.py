@@ -164,7 +164,15 @@ def test_probe_reports_rows_summaries_and_charts(mlp: Any) -> None:
 
 
 def test_builtin_names() -> None:
-    assert list(BUILTIN) == ["sharpness", "trace", "density", "alpha", "delta2", "slice"]
+    assert list(BUILTIN) == [
+        "sharpness",
+        "trace",
+        "batch_sharpness",
+        "density",
+        "alpha",
+        "delta2",
+        "slice",
+    ]
     assert all(cls.name == name for name, cls in BUILTIN.items())
 
 
