@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_landscape import LandscapeMonitor, Sharpness
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def digits(n: int = 512) -> TensorDataset:

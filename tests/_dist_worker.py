@@ -391,6 +391,7 @@ def scenario_trainer(rank: int, rec: Recorder, outdir: Path) -> None:
     from lightning.pytorch.strategies import DDPStrategy
 
     from tests._lightning import (
+        AdamModule,
         ClassifierModule,
         MemoryLogger,
         make_dataloader,
@@ -430,10 +431,12 @@ def scenario_trainer(rank: int, rec: Recorder, outdir: Path) -> None:
             if trainer.global_step % EVERY_N_STEPS == 0:
                 self._keep(trainer, pl_module)
 
-    def fit(name: str, mon: ll.LandscapeMonitor | None) -> dict[str, Any]:
+    def fit(
+        name: str, mon: ll.LandscapeMonitor | None, module_cls: type = ClassifierModule
+    ) -> dict[str, Any]:
         pl.seed_everything(0, verbose=False)
         spy = None if mon is None else ProbeSpy(mon)
-        module = ClassifierModule()
+        module = module_cls()
         logger = MemoryLogger()
         trainer = pl.Trainer(
             **trainer_kwargs(
@@ -487,6 +490,23 @@ def scenario_trainer(rank: int, rec: Recorder, outdir: Path) -> None:
                 num_probe_samples=NUM_PROBE_SAMPLES,
                 collective_timeout=30,
             ),
+        ),
+    )
+
+    # Adam: the preconditioned sharpness, the update's curvature (the probe gradient averaged over
+    # ranks) and batch sharpness (each rank draws a batch; the global batch's value).
+    aware = [
+        ll.Sharpness(TOP_K, tol=TOL, every_n_steps=EVERY_N_STEPS),
+        ll.UpdateCurvature(every_n_steps=EVERY_N_STEPS),
+        ll.BatchSharpness(8, min_batches=3, max_batches=6, every_n_steps=EVERY_N_STEPS),
+    ]
+    guarded(
+        rec,
+        "fit_adam",
+        lambda: fit(
+            "adam",
+            ll.LandscapeMonitor(probes=aware, num_probe_samples=NUM_PROBE_SAMPLES),
+            AdamModule,
         ),
     )
 

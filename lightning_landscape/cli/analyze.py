@@ -141,6 +141,7 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
         step=step,
         epoch=int(ckpt.get("epoch", 0) or 0),
         warn=warn,
+        batch_size=setup.train_batch_size,
     )
     summary: dict[str, Any] = {
         "command": "analyze",

@@ -148,8 +148,8 @@ class Sharpness(Probe):
     of ``landscape/preconditioned_lambda_max``), ``landscape/preconditioned_lambda_max``
     (Adam), ``landscape/probe_loss``, ``landscape/converged`` and ``landscape/max_residual``;
     with a
-    TensorBoard logger the histogram ``landscape/eigenvalues`` and, at epoch ends, the figure
-    ``landscape/eigenvalue_trajectories``.
+    TensorBoard logger the histogram ``landscape/eigenvalues`` and, at epoch ends, the figures
+    ``landscape/eigenvalue_trajectories`` and ``landscape/stability_ratio_trajectory``.
 
     Args:
         top_k: number of largest eigenvalues.
@@ -239,6 +239,7 @@ class Sharpness(Probe):
         self.warm_pre: Tensor | None = None
         self._noted = False
         self.trajectory: list[tuple[int, tuple[float, ...], float | None, float | None]] = []
+        self.ratios: list[tuple[int, float, str]] = []  # (step, stability ratio, kind)
         self._figured = 0
 
     def check(self, model: nn.Module, num_params: int) -> None:
@@ -312,6 +313,8 @@ class Sharpness(Probe):
         if result.preconditioned is not None:
             self.warm_pre = result.preconditioned.eigenvectors
         self.trajectory.append((step, result.eigenvalues, result.raw_threshold, result.lambda_min))
+        if result.stability_ratio is not None and result.stability is not None:
+            self.ratios.append((step, result.stability_ratio, result.stability.kind))
 
     # ------------------------------------------------------------------ reporting
     def scalars(self, result: SharpnessResult) -> dict[str, float]:
@@ -344,13 +347,17 @@ class Sharpness(Probe):
         return {tags.LAMBDA_MAX: self.last_result.lambda_max}
 
     def epoch_figures(self) -> dict[str, Figure]:
-        """The eigenvalue trajectories, when measurements were added since the last figure."""
+        """The eigenvalue and stability-ratio trajectories, if measured since the last figure."""
         if not self.figure or len(self.trajectory) < 2 or len(self.trajectory) == self._figured:
             return {}
         self._figured = len(self.trajectory)
         steps, eigenvalues, thresholds, lambda_min = zip(*self.trajectory, strict=True)
         fig = figures.eigenvalue_trajectories_figure(steps, eigenvalues, thresholds, lambda_min)
-        return {tags.TRAJECTORIES_FIGURE: fig}
+        out = {tags.TRAJECTORIES_FIGURE: fig}
+        if len(self.ratios) >= 2:
+            at, ratios, kinds = zip(*self.ratios, strict=True)
+            out[tags.STABILITY_FIGURE] = figures.stability_ratio_figure(at, ratios, kinds)
+        return out
 
     def charts(self) -> Layout:
         """Sharpness with its threshold, the stability ratio, the spectrum, λ_min, the loss."""
@@ -419,6 +426,7 @@ class Sharpness(Probe):
         keep = self.save_warm_start and self.warm_start
         state = super().state_dict()
         state["trajectory"] = list(self.trajectory)
+        state["ratios"] = list(self.ratios)
         state["warm_top"] = self.warm_top.cpu() if keep and self.warm_top is not None else None
         state["warm_min"] = self.warm_min.cpu() if keep and self.warm_min is not None else None
         state["warm_pre"] = self.warm_pre.cpu() if keep and self.warm_pre is not None else None
@@ -430,6 +438,7 @@ class Sharpness(Probe):
         self.trajectory = [
             (int(s), tuple(e), t, m) for s, e, t, m in state_dict.get("trajectory", [])
         ]
+        self.ratios = [(int(s), float(r), str(k)) for s, r, k in state_dict.get("ratios", [])]
         self._figured = 0
         self.warm_top = state_dict.get("warm_top")
         self.warm_min = state_dict.get("warm_min")

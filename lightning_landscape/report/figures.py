@@ -222,6 +222,43 @@ def eigenvalue_trajectories_figure(
     return fig
 
 
+def stability_ratio_figure(
+    steps: Sequence[int], ratios: Sequence[float], kinds: Sequence[str]
+) -> Figure:
+    """The stability ratio over training, with the edge of stability at 1.
+
+    Args:
+        steps: global steps of the probes that had a ratio.
+        ratios: the ratios (sharpness over the optimizer's threshold).
+        kinds: per probe, ``"raw"`` (SGD: η·λ_max/(2 + 2β)) or ``"preconditioned"`` (Adam:
+            λ₁(P⁻¹H) over (2 + 2β₁)/((1 − β₁)η)); names the quantity in the title.
+
+    Returns:
+        A matplotlib figure (not attached to pyplot).
+
+    Raises:
+        ValueError: if the sequences differ in length.
+
+    Example:
+        >>> fig = stability_ratio_figure([10, 20, 30], [0.5, 0.9, 1.02], ["raw"] * 3)
+        >>> fig.axes[0].get_title()
+        'stability ratio η·λ_max/(2+2β)  (1: edge of stability)'
+    """
+    if not len(steps) == len(ratios) == len(kinds):
+        raise ValueError("steps, ratios and kinds must have one entry per probe")
+    fig = Figure(figsize=(5.6, 3.2), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(list(steps), list(ratios), ".-", ms=3, lw=1.2, color=_POS_COLOR)
+    ax.axhline(1.0, ls="--", lw=0.9, color="k")
+    ax.set_ylim(bottom=0, top=max(1.2, 1.05 * max(ratios, default=1.0)))
+    quantity = {"raw": "η·λ_max/(2+2β)", "preconditioned": "λ₁(P⁻¹H)/((2+2β₁)/((1−β₁)η))"}
+    names = sorted({quantity.get(k, k) for k in kinds})
+    ax.set_title(f"stability ratio {' | '.join(names)}  (1: edge of stability)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("stability ratio")
+    return fig
+
+
 def _title(result: SliceResult, step: int | None) -> str:
     kind = result.directions
     if kind == "random":

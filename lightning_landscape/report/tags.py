@@ -34,6 +34,7 @@ PROBE_LOSS = _tag("probe_loss")
 CONVERGED = _tag("converged")
 MAX_RESIDUAL = _tag("max_residual")
 TRAJECTORIES_FIGURE = _tag("eigenvalue_trajectories")
+STABILITY_FIGURE = _tag("stability_ratio_trajectory")
 
 # Curvature along the optimizer's last step, and batch sharpness.
 UPDATE_CURVATURE = _tag("update", "curvature")

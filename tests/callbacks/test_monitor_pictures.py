@@ -72,6 +72,9 @@ def test_trajectory_figure_at_epoch_ends(tmp_path: Any) -> None:
     # epoch 1 ends at step 8 (last probe 6), epoch 2 at 16 (probe 15), train end adds step 16.
     assert [e.step for e in images] == [6, 15, 16]
     assert images[-1].encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
+    # SGD: the stability ratio's trajectory next to it (every probe has a ratio)
+    ratios = _events(logger).Images("landscape/stability_ratio_trajectory")
+    assert [e.step for e in ratios] == [6, 15, 16]
 
 
 def test_no_trajectory_figure_when_off(tmp_path: Any) -> None:

@@ -80,7 +80,7 @@ def runs(files: dict[str, Path]) -> Iterator[dict[str, subprocess.CompletedProce
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cfg, root = str(files["config"]), files["root"]
     a, b, other = str(files["a"]), str(files["b"]), str(files["other"])
-    all_probes = "eigen,trace,density,alpha,delta2,slice"
+    all_probes = "eigen,trace,batch_sharpness,density,alpha,delta2,slice"
     commands: dict[str, list[str]] = {
         "analyze": [
             *("analyze", a, "--config", cfg, "--device", "cpu", "--out", str(root / "an")),
@@ -143,7 +143,17 @@ def test_analyze_end_to_end(
     out = files["root"] / "an"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["global_step"] == 10 and summary["num_samples"] == 256
-    assert summary["probes"] == ["sharpness", "trace", "density", "delta2", "alpha", "slice"]
+    assert summary["probes"] == [
+        "sharpness",
+        "trace",
+        "batch_sharpness",
+        "density",
+        "delta2",
+        "alpha",
+        "slice",
+    ]
+    batch = summary["batch_sharpness"]  # batches of the config's training batch size
+    assert batch["batch_size"] == 16 and batch["num_batches"] >= 10 and batch["stderr"] > 0
     lam = summary["sharpness"]["lambda_max"]  # "eigen" on the command line is its old name
     assert lam == pytest.approx(_reference_lambda_max(files["a"], 3), rel=1e-3)
     eigenvalues = summary["sharpness"]["eigenvalues"]

@@ -393,6 +393,32 @@ def test_ddp_monitor_logs_once_from_rank_zero(trainer_run: Launch) -> None:
     assert _timeless(r0["history"]) == _timeless(r1["history"])
 
 
+def test_ddp_optimizer_aware_probes_agree_on_every_rank(trainer_run: Launch) -> None:
+    """Under DDP with Adam: preconditioned sharpness, update curvature and batch sharpness are
+    logged once from rank 0, and both ranks computed the same numbers."""
+    r0, r1 = trainer_run.both("fit_adam")
+    assert r0["num_failed"] == r1["num_failed"] == 0, r0["warnings"]
+    assert _timeless(r0["history"]) == _timeless(r1["history"])
+    records = dict(_landscape_records(r0["records"]))
+    assert _landscape_records(r1["records"]) == []
+    later = [step for step in records if step > 0]
+    assert later
+    for step in later:
+        metrics = records[step]
+        for key in (
+            "landscape/preconditioned_lambda_max",
+            "landscape/stability_ratio",
+            "landscape/update/curvature",
+            "landscape/batch_sharpness",
+            "landscape/batch_sharpness_stderr",
+        ):
+            assert key in metrics and math.isfinite(metrics[key]), (step, key)
+    first = records[0]
+    assert "landscape/preconditioned_lambda_max" not in first  # no Adam state at step 0
+    assert "landscape/update/curvature" not in first  # no step behind step 0
+    assert "landscape/batch_sharpness" in first
+
+
 def _load_state(launch: Launch, name: str, rank: int) -> dict[str, Any]:
     state: dict[str, Any] = torch.load(launch.outdir / f"state_{name}.rank{rank}.pt")
     return state

@@ -182,6 +182,11 @@ def test_trajectory_figure_only_when_new_points() -> None:
     sharp.trajectory = [(0, (2.0,), 4.0, -0.1), (5, (3.0,), 4.0, -0.2)]
     assert set(sharp.epoch_figures()) == {tags.TRAJECTORIES_FIGURE}
     assert sharp.epoch_figures() == {}  # nothing new since
+    sharp.trajectory.append((10, (3.5,), None, -0.2))
+    sharp.ratios = [(5, 0.4, "preconditioned"), (10, 0.9, "preconditioned")]
+    figs = sharp.epoch_figures()
+    assert set(figs) == {tags.TRAJECTORIES_FIGURE, tags.STABILITY_FIGURE}
+    assert "λ₁(P⁻¹H)" in figs[tags.STABILITY_FIGURE].axes[0].get_title()
     assert Sharpness(1, figure=False).epoch_figures() == {}
 
 
