@@ -5,7 +5,7 @@
 #   ./run.sh test [pytest args] lint, then the test suite
 #   ./run.sh lint               ruff check + ruff format --check + mypy
 #   ./run.sh fmt                apply ruff's fixes and formatting (the fix for a failing lint)
-#   ./run.sh bench [args...]    CPU benchmark against PyHessian / hessian-eigenthings
+#   ./run.sh bench [args...]    CPU benchmark against PyHessian / hessian-eigenthings / curvlinops
 #   ./run.sh setup              only create / update the virtualenv
 #
 # Set-up: creates .venv (with $PYTHON, default python3) if missing, installs torch==2.13.0 first if
@@ -93,6 +93,11 @@ ensure_bench_env() {
     write_torch_constraint
     log "installing lightning-landscape[bench]"
     pip_install -c "$CONSTRAINTS" -e ".[bench]"
+    # curvlinops-for-pytorch needs backpack-for-pytorch, which requires torchvision; torchvision's
+    # wheel for this torch is a CUDA build whose extension does not load (and breaks torchmetrics'
+    # import). curvlinops' Hessian path never imports torchvision, so both go in without deps.
+    pip_install -c "$CONSTRAINTS" --no-deps curvlinops-for-pytorch==3.0.1 backpack-for-pytorch
+    pip_install -c "$CONSTRAINTS" einops einconv opt-einsum linear_operator tqdm unfoldNd
     echo "$want" >"$BENCH_STAMP"
   fi
 }

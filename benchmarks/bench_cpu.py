@@ -10,6 +10,8 @@ model and each k the script times
   (maxIter=100, tol=1e-3), the object construction (one forward + backward) included;
 * hessian-eigenthings 1.0.0a5 Lanczos with its defaults (m = 2k steps) and with the tuned setting
   m = 4k + 20 with full reorthogonalisation (as in ``anchor_gpu.py``), if installed;
+* curvlinops 3.0.1 ``HessianLinearOperator(...).to_scipy()`` + SciPy ``eigsh(which="LA",
+  tol=1e-4)``, its documented top-k path, if installed;
 
 and compares the k algebraically largest eigenvalues with a reference ("truth") computed
 independently of all three libraries: a plain fully reorthogonalised Lanczos (two classical
@@ -458,6 +460,46 @@ def run_eigenthings(prob: Problem, k: int, tuned: bool) -> dict[str, Any]:
     }
 
 
+def _curvlinops() -> Any:
+    try:
+        import curvlinops
+        from scipy.sparse.linalg import eigsh  # noqa: F401
+    except Exception:
+        return None
+    return curvlinops
+
+
+def run_curvlinops(prob: Problem, k: int, tol: float = OUR_TOL) -> dict[str, Any]:
+    """curvlinops' documented top-k path: ``HessianLinearOperator(...).to_scipy()`` + ``eigsh``.
+
+    ``eigsh(which="LA", tol=tol)`` (ARPACK's defaults otherwise: ncv = max(2k + 1, 20)); the
+    operator is built inside the timing (one pass over the data checks determinism by default,
+    which is switched off here as for a fixed batch it only adds products).
+    """
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    cl = _curvlinops()
+    params = [p for p in prob.model.parameters() if p.requires_grad]
+    t0 = time.perf_counter()
+    op = cl.HessianLinearOperator(
+        prob.ph_model,
+        nn.CrossEntropyLoss(),
+        params,
+        [prob.ph_data],
+        check_deterministic=False,
+    ).to_scipy()
+    count = {"n": 0}
+
+    def counted(v: Any) -> Any:
+        count["n"] += 1
+        return op.matvec(v)
+
+    lin = LinearOperator(op.shape, matvec=counted, dtype=op.dtype)
+    vals = eigsh(lin, k=k, which="LA", tol=tol, return_eigenvectors=False)
+    secs = time.perf_counter() - t0
+    return {"seconds": secs, "hvps": count["n"], "vals": [float(v) for v in vals]}
+
+
 # ------------------------------------------------------------------------------------- harness
 def cpu_model() -> str:
     try:
@@ -513,7 +555,12 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def bench_problem(
-    prob: Problem, ks: list[int], args: argparse.Namespace, have_ph: bool, have_he: bool
+    prob: Problem,
+    ks: list[int],
+    args: argparse.Namespace,
+    have_ph: bool,
+    have_he: bool,
+    have_cl: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     n = prob.params
     print(f"\n== {prob.name}: {prob.desc}; {n} params; trained {prob.train}", flush=True)
@@ -550,6 +597,8 @@ def bench_problem(
         )
     if have_ph:
         methods.append(("PyHessian power (defaults)", lambda k: run_pyhessian(prob, k)))
+    if have_cl:
+        methods.append(("curvlinops + scipy eigsh", lambda k: run_curvlinops(prob, k)))
     if have_he:
         methods.append(
             ("eigenthings lanczos (defaults)", lambda k: run_eigenthings(prob, k, False))
@@ -648,6 +697,7 @@ def main() -> None:
 
     have_ph = not args.no_peers and _pyhessian() is not None
     have_he = not args.no_peers and _eigenthings() is not None
+    have_cl = not args.no_peers and _curvlinops() is not None
     meta = {
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "cpu": cpu_model(),
@@ -660,6 +710,7 @@ def main() -> None:
         "lightning_landscape_src_sha256_16": library_fingerprint(),
         "pyhessian": version_of("pyhessian") if have_ph else None,
         "hessian_eigenthings": version_of("hessian-eigenthings") if have_he else None,
+        "curvlinops": version_of("curvlinops-for-pytorch") if have_cl else None,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "ks": ks,
         "repeats": args.repeats,
@@ -672,6 +723,8 @@ def main() -> None:
         print("NOTE: pyhessian not importable; skipping it")
     if not args.no_peers and not have_he:
         print("NOTE: hessian_eigenthings not importable; skipping it")
+    if not args.no_peers and not have_cl:
+        print("NOTE: curvlinops (curvlinops-for-pytorch) not importable; skipping it")
 
     makers = {"resnet": make_cnn, "gpt": make_gpt}
     t_start = time.perf_counter()
@@ -679,7 +732,7 @@ def main() -> None:
     problems = []
     for name in args.models.split(","):
         prob = makers[name](args.quick, steps)
-        r, info = bench_problem(prob, ks, args, have_ph, have_he)
+        r, info = bench_problem(prob, ks, args, have_ph, have_he, have_cl)
         rows += r
         problems.append(info)
     meta["total_seconds"] = time.perf_counter() - t_start

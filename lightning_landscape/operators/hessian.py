@@ -243,31 +243,44 @@ class HessianOperator(CurvatureOperator):
 
     def _db_matmat(self, block: Tensor) -> Tensor:
         graphs = self._build_graphs() if self.retain_graph else None
-        out = torch.zeros_like(block)
+        out: Tensor | None = None
         with self._differentiable():
             for i, (w, batch) in enumerate(zip(self.weights, self.batches, strict=True)):
                 # Without retained graphs this batch's graph is built here and its last reference
                 # dropped (`del`) before the next batch's forward pass: one graph alive at a time.
                 live, grads = graphs[i] if graphs is not None else self._batch_graph(batch)
-                self._accumulate_products(out, w, live, grads, block)
+                out = self._accumulate_products(out, w, live, grads, block)
                 del live, grads
-        return out
+        return torch.zeros_like(block) if out is None else out
 
     def _accumulate_products(
-        self, out: Tensor, w: float, live: list[int], grads: tuple[Tensor, ...], block: Tensor
-    ) -> None:
-        """``out += w · H_batch @ block`` from one batch's gradient graph."""
+        self,
+        out: Tensor | None,
+        w: float,
+        live: list[int],
+        grads: tuple[Tensor, ...],
+        block: Tensor,
+    ) -> Tensor | None:
+        """``out + w · H_batch @ block`` from one batch's gradient graph (``out`` may be ``None``).
+
+        The first batch's product becomes the output itself (no zero-filled buffer, no scaled
+        copy): at 10⁷ parameters every avoided vector-sized temporary saves ~10 ms and 40 MB.
+        """
         if not live:
-            return  # the loss is at most linear in the probed parameters: H = 0
+            return out  # the loss is at most linear in the probed parameters: H = 0
         b = block.shape[1]
         if b == 1:
-            out[:, 0] += w * self._second_backward(live, grads, block[:, 0])
-            return
-        try:
-            out += w * self._second_backward(live, grads, block, batched=b)
-        except RuntimeError:  # an op without a batching rule: one vector at a time
-            for j in range(b):
-                out[:, j] += w * self._second_backward(live, grads, block[:, j])
+            hv = self._second_backward(live, grads, block[:, 0]).unsqueeze(1)
+        else:
+            try:
+                hv = self._second_backward(live, grads, block, batched=b)
+            except RuntimeError:  # an op without a batching rule: one vector at a time
+                hv = torch.stack(
+                    [self._second_backward(live, grads, block[:, j]) for j in range(b)], dim=1
+                )
+        if out is None:
+            return hv.mul_(w) if w != 1.0 else hv
+        return out.add_(hv, alpha=w)
 
     def _second_backward(
         self, live: list[int], grads: tuple[Tensor, ...], v: Tensor, batched: int | None = None

@@ -80,10 +80,12 @@ def _check_solution(
     assert bool((res.residuals <= tol).all())
     assert torch.equal(res.converged, res.residuals <= tol)
     assert res.eigenvectors is not None and res.eigenvectors.shape == (a.shape[0], k)
-    # The reported residuals are the true ones (up to rounding), not just claims.
+    # The reported residuals are the true ones, not just claims: up to rounding and the basis'
+    # orthogonality threshold ε^(3/4) (partial reorthogonalisation, see the solver's docstring).
     true = _true_residuals(a, res)
     assert bool((true <= 10 * tol).all()), true
-    torch.testing.assert_close(true, res.residuals, rtol=0.1, atol=1e-12)
+    floor = 2 * torch.finfo(F64).eps ** 0.75  # 3.7e-12
+    torch.testing.assert_close(true, res.residuals, rtol=0.1, atol=floor)
     gram = res.eigenvectors.T @ res.eigenvectors
     torch.testing.assert_close(gram, torch.eye(k, dtype=F64), rtol=0, atol=1e-10)
 

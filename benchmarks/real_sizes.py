@@ -1,0 +1,333 @@
+#!/usr/bin/env python
+"""Real sizes: top-k eigenvalues on an 11 M-parameter ResNet-18 against curvlinops, and memory on a
+27 M-parameter GPT against an AdamW training step.
+
+Speed (``--sections speed``): a torchvision-style ResNet-18 (7×7 stem, max-pool, [2, 2, 2, 2] basic
+blocks with BatchNorm, 10 classes: 11.18 M parameters; random init, ``eval()`` mode) on 16 random
+CIFAR-shape samples. For k = 1, 5, 20 in one process, float32, same batch:
+
+* ours: ``lightning_landscape.hessian_eigenvalues(model, loss, batch, k, tol=1e-4)`` (route
+  ``auto``), with the time spent inside Hessian-vector products measured separately, so that the
+  solver's own share ("overhead") is the rest;
+* curvlinops 3.0.1: ``HessianLinearOperator(...).to_scipy()`` + SciPy ``eigsh(k, which="LA",
+  tol=1e-4)``, its documented path.
+
+"agree" is the largest relative difference between our k eigenvalues and curvlinops'.
+
+Memory (``--sections memory``): a GPT (6 layers, d = 512, 8 heads, vocab 8192, explicit attention:
+27.3 M parameters) on 8 × 128 random tokens. Each method runs in a fresh child process after one
+AdamW step and one Hessian-vector product as a warm-up, then measured: peak RSS above the RSS just
+before the call (``/proc/self/clear_refs`` resets the high-water mark; glibc returns freed memory
+at once with ``MALLOC_MMAP_THRESHOLD_``). Methods: one AdamW training step (the reference), one
+Hessian-vector product, a λ_max solve (k = 1) and a top-5 solve, each ``hessian_eigenvalues(...,
+tol=1e-4, return_eigenvectors=True)``.
+
+    python benchmarks/real_sizes.py --out benchmarks/results_real_sizes.json
+    python benchmarks/real_sizes.py --quick     # < 60 s smoke run (small widths)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cpu import (
+    OUR_TOL,
+    Problem,
+    TinyGPT,
+    _curvlinops,
+    cpu_model,
+    gpt_loss,
+    library_fingerprint,
+    run_curvlinops,
+    version_of,
+)
+
+import lightning_landscape as ll
+from lightning_landscape import functional as ll_functional
+
+MiB = 2.0**20
+
+
+# --------------------------------------------------------------------------------------- models
+class BasicBlock(nn.Module):
+    """torchvision's ResNet basic block."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + identity)
+
+
+class TorchvisionResNet18(nn.Module):
+    """torchvision's ``resnet18`` layout (defined here: its wheel does not load on these CPUs)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 64) -> None:
+        super().__init__()
+        w = width
+        self.conv1 = nn.Conv2d(3, w, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        layers: list[nn.Module] = []
+        cin = w
+        for cout, stride in [(w, 1), (2 * w, 2), (4 * w, 2), (8 * w, 2)]:
+            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(8 * w, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layers(self.maxpool(F.relu(self.bn1(self.conv1(x)))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def cnn_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+class _Flat(nn.Module):
+    def __init__(self, gpt: nn.Module) -> None:
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, idx: Tensor) -> Tensor:
+        out: Tensor = self.gpt(idx)
+        return out.reshape(-1, out.shape[-1])
+
+
+def make_resnet18(quick: bool) -> Problem:
+    torch.manual_seed(0)
+    model = TorchvisionResNet18(width=16 if quick else 64).eval()
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
+    desc = "torchvision-style ResNet-18 (BN, eval), 16 x 3x32x32 random samples, random init"
+    return Problem("resnet18", desc, model, cnn_loss, batch, model, batch)
+
+
+def make_gpt27m(quick: bool) -> Problem:
+    vocab, t, d, heads, layers = (512, 32, 64, 4, 2) if quick else (8192, 128, 512, 8, 6)
+    torch.manual_seed(0)
+    model = TinyGPT(vocab, t, d, heads, layers).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, vocab, (8, t), generator=g)
+    y = torch.randint(0, vocab, (8, t), generator=g)
+    desc = (
+        f"GPT ({layers} x d={d}, {heads} heads, vocab {vocab}, explicit attention), 8 x {t} tokens"
+    )
+    return Problem("gpt27m", desc, model, gpt_loss, (x, y), _Flat(model).eval(), (x, y.reshape(-1)))
+
+
+MAKERS = {"resnet18": make_resnet18, "gpt27m": make_gpt27m}
+
+
+# ---------------------------------------------------------------------------------------- speed
+class _TimedOperator(ll.HessianOperator):
+    """Counts the seconds spent in Hessian-vector products of the last operator built."""
+
+    last: _TimedOperator | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hvp_seconds = 0.0
+        _TimedOperator.last = self
+
+    def _matmat(self, block: Tensor) -> Tensor:
+        t0 = time.perf_counter()
+        out = super()._matmat(block)
+        self.hvp_seconds += time.perf_counter() - t0
+        return out
+
+
+def run_ours_timed(prob: Problem, k: int) -> dict[str, Any]:
+    saved = ll_functional.HessianOperator
+    ll_functional.HessianOperator = _TimedOperator  # type: ignore[misc]
+    try:
+        t0 = time.perf_counter()
+        res = ll.hessian_eigenvalues(prob.model, prob.loss_fn, prob.batch, k, tol=OUR_TOL)
+        secs = time.perf_counter() - t0
+    finally:
+        ll_functional.HessianOperator = saved  # type: ignore[misc]
+    op = _TimedOperator.last
+    assert op is not None
+    return {
+        "seconds": secs,
+        "hvps": op.num_matvecs,
+        "hvp_seconds": op.hvp_seconds,
+        "overhead": 1.0 - op.hvp_seconds / secs,
+        "route": op.route,
+        "restarts": res.num_restarts,
+        "converged": bool(res.converged.all()),
+        "max_residual": float(res.residuals.max()),
+        "vals": res.eigenvalues.tolist(),
+    }
+
+
+def speed(prob: Problem, ks: list[int], peers: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    run_ours_timed(prob, 1)  # warm-up (lazy kernel set-up)
+    for k in ks:
+        ours = run_ours_timed(prob, k)
+        row: dict[str, Any] = {"model": prob.name, "params": prob.params, "k": k, "ours": ours}
+        if peers:
+            cl = run_curvlinops(prob, k)
+            a = sorted(ours["vals"], reverse=True)
+            b = sorted(cl["vals"], reverse=True)
+            row["curvlinops"] = cl
+            row["agree"] = max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
+            row["speedup_vs_curvlinops"] = cl["seconds"] / ours["seconds"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------- memory
+def _kib(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M).group(1))  # type: ignore[union-attr]
+
+
+def child(model_name: str, method: str, quick: bool) -> dict[str, Any]:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    prob = MAKERS[model_name](quick)
+    model, batch = prob.model, prob.batch
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step() -> None:
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        prob.loss_fn(model, batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.eval()
+
+    train_step()  # AdamW's state exists before anything is measured, for every method
+
+    def run() -> Any:
+        if method == "train_step":
+            return train_step()
+        if method == "one_hvp":
+            with ll.curvature_context(model):
+                op = ll.HessianOperator(model, prob.loss_fn, [batch])
+                out = op.matvec(torch.randn(op.size))
+                op.release()
+            return out
+        k = int(method.split("=")[1])
+        return ll.hessian_eigenvalues(
+            model, prob.loss_fn, batch, k, tol=OUR_TOL, return_eigenvectors=True
+        )
+
+    # Warm-up: one training step ran above; one Hessian-vector product sets up autograd's and the
+    # allocator's lazy state (a full warm-up solve would double the cost of the run).
+    with ll.curvature_context(model):
+        warm = ll.HessianOperator(model, prob.loss_fn, [batch])
+        warm.matvec(torch.randn(warm.size))
+        warm.release()
+    del warm
+    gc.collect()
+    base = _kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    t0 = time.perf_counter()
+    out = run()
+    secs = time.perf_counter() - t0
+    row = {"seconds": secs, "delta_mib": (_kib("VmHWM") - base) / 1024}
+    if hasattr(out, "num_hvps"):
+        row["hvps"] = out.num_hvps
+    return row
+
+
+def memory(model_name: str, quick: bool) -> list[dict[str, Any]]:
+    rows = []
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    for method in ("train_step", "one_hvp", "eig k=1", "eig k=5"):
+        cmd = [sys.executable, __file__, "--child", model_name, method]
+        cmd += ["--quick"] if quick else []
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        row: dict[str, Any] = {"model": model_name, "method": method}
+        if proc.returncode != 0 or not lines:
+            row["error"] = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        else:
+            row.update(json.loads(lines[-1][len("RESULT ") :]))
+        rows.append(row)
+    train = rows[0].get("delta_mib")
+    for row in rows:
+        if train and "delta_mib" in row:
+            row["ratio_vs_train_step"] = row["delta_mib"] / train
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sections", default="speed,memory", help="comma list: speed, memory")
+    ap.add_argument("--ks", default=None, help="comma list of k (default 1,5,20; quick: 1,3)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--no-peers", action="store_true", help="only lightning_landscape")
+    ap.add_argument("--out", default=None, help="write rows + metadata to this JSON path")
+    ap.add_argument("--quick", action="store_true", help="small smoke run (< 60 s)")
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        print("RESULT " + json.dumps(child(*args.child, args.quick)), flush=True)
+        return
+    ks = [int(k) for k in (args.ks or ("1,3" if args.quick else "1,5,20")).split(",")]
+    peers = not args.no_peers and _curvlinops() is not None
+    sections = args.sections.split(",")
+    meta = {
+        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "loadavg_start": os.getloadavg(),
+        "torch": torch.__version__,
+        "curvlinops": version_of("curvlinops-for-pytorch") if peers else None,
+        "scipy": version_of("scipy") if peers else None,
+        "lightning_landscape_src_sha256_16": library_fingerprint(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "tol": OUR_TOL,
+    }
+    print(json.dumps(meta), flush=True)
+    out: dict[str, Any] = {"meta": meta}
+    if "speed" in sections:
+        prob = make_resnet18(args.quick)
+        print(f"== speed: {prob.desc}; {prob.params} parameters", flush=True)
+        out["speed"] = speed(prob, ks, peers)
+    if "memory" in sections:
+        print("== memory: " + make_gpt27m(args.quick).desc, flush=True)
+        out["memory"] = memory("gpt27m", args.quick)
+    meta["loadavg_end"] = os.getloadavg()
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
