@@ -18,6 +18,12 @@ still carry over, and training is unchanged.
     python benchmarks/warm_start.py                       # 300 steps, probe every 20
     python benchmarks/warm_start.py --quick               # < 60 s smoke run
     python benchmarks/warm_start.py --variants --out benchmarks/results_warm_start.json
+    python benchmarks/warm_start.py --models resnet18 --ks 1 --no-cold --steps 200  # issue 16
+    python benchmarks/warm_start.py --models resnet18 --default-monitor --steps 120
+
+``--default-monitor`` instead trains with the default ``LandscapeMonitor()`` probes (top-5 sharpness
+with λ_min, update curvature, trace) every ``--every`` steps and reports a probe round's median
+seconds in units of the median training step.
 """
 
 from __future__ import annotations
@@ -89,6 +95,18 @@ def setup(name: str, steps: int, quick: bool) -> tuple[Module, DataLoader, DataL
         )
         net: nn.Module = SmallResNet(width=12 if quick else 16)
         return Module(net, cnn_loss, 0.05), loader, DataLoader(probe, batch_size=128), 0.0
+    if name == "resnet18":  # issue 16: real size, 16-sample probe batch
+        from real_sizes import TorchvisionResNet18
+
+        g = torch.Generator().manual_seed(4)
+        templates = torch.randn(10, 3, 32, 32, generator=g)  # a learnable synthetic task
+        y = torch.randint(0, 10, (16 * steps + 16,), generator=g)
+        x = templates[y] + 2.0 * torch.randn(len(y), 3, 32, 32, generator=g)
+        train = TensorDataset(x[:-16], y[:-16])
+        probe = TensorDataset(x[-16:], y[-16:])
+        net = TorchvisionResNet18(width=16 if quick else 64)
+        loader = DataLoader(train, batch_size=16)  # a fresh batch every step
+        return Module(net, cnn_loss, 0.05), loader, DataLoader(probe, batch_size=16), 0.0
     vocab, t = 61, 32
     net = TinyGPT(vocab, t, 48 if quick else 64, 4, 2)
     xs, ys = fib_mod_batch(32 * steps, t, vocab, torch.Generator().manual_seed(2))
@@ -199,6 +217,56 @@ def run(
     return row
 
 
+class _StepTimer(pl.Callback):
+    """Wall time of each training step alone (listed before the monitor, so its probes at
+    ``on_train_batch_end`` fall outside the interval)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.seconds.append(time.perf_counter() - self._t0)
+
+
+def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """A probe round of the default ``LandscapeMonitor()`` probes, in training steps."""
+    pl.seed_everything(0, verbose=False)
+    module, loader, probe, clip = setup(name, args.steps, args.quick)
+    monitor = ll.LandscapeMonitor(
+        every_n_steps=args.every, probe_dataloader=probe, tensorboard_layout=False
+    )
+    timer = _StepTimer()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=args.steps,
+        max_epochs=-1,
+        gradient_clip_val=clip or None,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer, monitor],
+    )
+    trainer.fit(module, loader)
+    step = statistics.median(timer.seconds[1:])
+    rounds = [r.seconds for r in monitor.history[1:]]  # after the first (cold) round
+    row = {
+        "model": name,
+        "probes": [type(p).__name__ for p in monitor.probes],
+        "median_step_seconds": step,
+        "round_seconds": [r.seconds for r in monitor.history],
+        "round_hvps": [r.num_hvps for r in monitor.history],
+        "median_round_seconds": statistics.median(rounds) if rounds else None,
+        "median_round_in_steps": statistics.median(rounds) / step if rounds else None,
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def variant_summary(row: dict[str, Any]) -> dict[str, Any]:
     vs = row.get("variants") or []
     out: dict[str, Any] = {}
@@ -214,10 +282,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300)")
     ap.add_argument("--every", type=int, default=None, help="probe cadence (default 20)")
-    ap.add_argument("--models", default="resnet,gpt", help="comma list from: resnet, gpt")
+    ap.add_argument(
+        "--models", default="resnet,gpt", help="comma list from: resnet, gpt, resnet18 (11.2 M)"
+    )
     ap.add_argument("--ks", default="1,20", help="comma list of top_k")
     ap.add_argument("--no-cold", action="store_true", help="skip the warm_start=False control")
     ap.add_argument("--variants", action="store_true", help="also try other start strategies")
+    ap.add_argument(
+        "--default-monitor",
+        action="store_true",
+        help="instead: the default LandscapeMonitor() probe round's cost in training steps",
+    )
     ap.add_argument("--out", default=None, help="write rows + metadata to this JSON path")
     ap.add_argument("--quick", action="store_true", help="small smoke run (< 60 s)")
     ap.add_argument(
@@ -254,6 +329,12 @@ def main() -> None:
         "tol": TOL,
         "criterion": args.criterion,
     }
+    if args.default_monitor:
+        drows = [run_default_monitor(name, args) for name in args.models.split(",")]
+        meta["loadavg_end"] = os.getloadavg()
+        if args.out:
+            Path(args.out).write_text(json.dumps({"meta": meta, "rows": drows}, indent=1) + "\n")
+        return
     rows, vrows = [], []
     for name in args.models.split(","):
         for k in ks:

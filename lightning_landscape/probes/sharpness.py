@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from matplotlib.figure import Figure
@@ -18,6 +18,8 @@ from ..solvers import Criterion, EigenResult, lanczos
 from .base import Probe, ProbeContext, Row, fmt, warm_vectors
 
 _CRITERIA: tuple[Criterion, ...] = ("residual", "eigenvalue")
+WarmStorage = Literal["device", "host", "bfloat16", "host_bfloat16"]
+_WARM_STORAGE: tuple[WarmStorage, ...] = ("device", "host", "bfloat16", "host_bfloat16")
 _LAMBDA_MIN_SEED = 7919  # the λ_min solve draws from another stream than the top-k solve
 _PRECONDITIONED_SEED = 104729  # and the preconditioned solve from a third
 
@@ -164,6 +166,14 @@ class Sharpness(Probe):
         warm_start: start each solve from the previous measurement's eigenvectors.
         save_warm_start: keep those vectors in checkpoints (``top_k + 1`` vectors of
             ``num_params`` numbers) so a resumed run continues exactly.
+        warm_start_storage: where the warm-start vectors wait between probes. They are the
+            only memory this probe holds between measurements: ``top_k`` vectors, plus one
+            for λ_min and one for the preconditioned sharpness, each of ``num_params`` numbers
+            (an eigensolve's Krylov basis is freed when it returns). ``"device"`` (default):
+            as computed, on the solver's device; ``"host"``: in host memory (frees accelerator
+            memory, costs one copy each way per probe); ``"bfloat16"`` / ``"host_bfloat16"``:
+            also rounded to bfloat16 (half the bytes; a start vector only needs to point the
+            right way, and the solve's tolerance is unchanged).
         histogram: log the eigenvalue histogram to TensorBoard.
         figure: log the eigenvalue-trajectory figure to TensorBoard at epoch ends.
         prog_bar: show the latest λ_max in Lightning's progress bar.
@@ -203,6 +213,7 @@ class Sharpness(Probe):
         max_hvps: int | None = None,
         warm_start: bool = True,
         save_warm_start: bool = True,
+        warm_start_storage: WarmStorage = "device",
         histogram: bool = True,
         figure: bool = True,
         prog_bar: bool = False,
@@ -230,6 +241,9 @@ class Sharpness(Probe):
             raise ValueError(f"max_basis must be at least top_k + 1 = {top_k + 1}, got {max_basis}")
         self.warm_start = flag("warm_start", warm_start)
         self.save_warm_start = flag("save_warm_start", save_warm_start)
+        self.warm_start_storage: WarmStorage = choice(
+            "warm_start_storage", warm_start_storage, _WARM_STORAGE
+        )
         self.histogram = flag("histogram", histogram)
         self.figure = flag("figure", figure)
         self.prog_bar = flag("prog_bar", prog_bar)
@@ -305,13 +319,24 @@ class Sharpness(Probe):
         loss = torch.isfinite(torch.tensor(result.probe_loss))
         return bool(loss) and all(r.is_finite for r in result.solves)
 
+    def _stored(self, vectors: Tensor | None) -> Tensor | None:
+        """``vectors`` as :attr:`warm_start_storage` keeps them between probes."""
+        if vectors is None or not self.warm_start:
+            return None
+        mode = self.warm_start_storage
+        if mode.startswith("host"):
+            vectors = vectors.cpu()
+        if mode.endswith("bfloat16"):
+            vectors = vectors.to(torch.bfloat16)
+        return vectors
+
     def record(self, result: SharpnessResult, step: int) -> None:
         """Keep the eigenvectors for the next warm start and the point for the trajectory."""
         super().record(result, step)
-        self.warm_top = result.top.eigenvectors
-        self.warm_min = None if result.bottom is None else result.bottom.eigenvectors
+        self.warm_top = self._stored(result.top.eigenvectors)
+        self.warm_min = None if result.bottom is None else self._stored(result.bottom.eigenvectors)
         if result.preconditioned is not None:
-            self.warm_pre = result.preconditioned.eigenvectors
+            self.warm_pre = self._stored(result.preconditioned.eigenvectors)
         self.trajectory.append((step, result.eigenvalues, result.raw_threshold, result.lambda_min))
         if result.stability_ratio is not None and result.stability is not None:
             self.ratios.append((step, result.stability_ratio, result.stability.kind))
