@@ -36,6 +36,7 @@ from ..operators import CurvatureOperator, default_max_basis
 from ._orthogonality import (
     DGKS,
     column_norms,
+    dot,
     orthogonality_threshold,
     project_out,
     project_out_block,
@@ -268,12 +269,19 @@ def _single_step(
     """
     v = basis[j]
     w = op.matmat(v.unsqueeze(1))[:, 0].contiguous()
-    if j == first:
-        h, _ = project_out(w, basis[: j + 1])
-        col = h.to(torch.float64).cpu()
+    if j == first:  # v_j's own coefficient by an accurate dot, then the rest of the basis
+        alpha = dot(v, w)
+        w.add_(v, alpha=-alpha)
+        col = torch.zeros(j + 1, dtype=torch.float64)
+        if j > 0:
+            h, _ = project_out(w, basis[:j])
+            col[:j] = h.to(torch.float64).cpu()
+        rest = dot(v, w)  # what rounding left along v_j
+        w.add_(v, alpha=-rest)
+        col[j] = alpha + rest
     else:
         w.add_(basis[j - 1], alpha=-beta_prev)
-        alpha = float(torch.dot(v, w))
+        alpha = dot(v, w)
         w.add_(v, alpha=-alpha)
         col = torch.zeros(j + 1, dtype=torch.float64)
         col[j - 1], col[j] = beta_prev, alpha

@@ -1,0 +1,58 @@
+"""The Lanczos solver's Gram–Schmidt kernels: accuracy in float32 at real sizes, DGKS pass."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lightning_landscape.solvers._orthogonality import (
+    column_norms,
+    orthogonality_threshold,
+    project_out,
+    project_out_block,
+    vector_norm,
+)
+
+
+def test_vector_norm_is_accurate_in_float32_at_ten_million_entries() -> None:
+    x = torch.randn(10_000_000, generator=torch.Generator().manual_seed(0))
+    exact = float(x.double().norm())
+    assert abs(vector_norm(x) - exact) / exact < 1e-5
+    block = torch.stack([x[:5_000_000], 2 * x[5_000_000:]], dim=1)
+    exact_cols = block.double().norm(dim=0)
+    torch.testing.assert_close(column_norms(block).double(), exact_cols, rtol=1e-5, atol=0)
+
+
+def _orthonormal_rows(j: int, n: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, j, generator=torch.Generator().manual_seed(seed)))
+    return q.T.contiguous()
+
+
+def test_project_out_takes_a_second_pass_when_the_first_cancels_most_of_w() -> None:
+    basis = _orthonormal_rows(8, 50_000, seed=1)
+    coeff = torch.randn(8, generator=torch.Generator().manual_seed(2))
+    tiny = 1e-4 * torch.randn(50_000, generator=torch.Generator().manual_seed(3))
+    w = basis.T @ coeff + tiny  # almost entirely inside the span: heavy cancellation
+    h, before = project_out(w, basis)
+    assert before == vector_norm(basis.T @ coeff + tiny)
+    torch.testing.assert_close(h, coeff + basis @ tiny, rtol=0, atol=1e-5)
+    # Orthogonal to the basis to rounding relative to what is left, not to what was removed.
+    assert float((basis @ w).abs().max()) < 1e-5 * vector_norm(w)
+
+
+def test_project_out_block_matches_the_vector_kernel() -> None:
+    basis = _orthonormal_rows(5, 20_000, seed=4).double()
+    w = torch.randn(20_000, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    expected = w - basis.T @ (basis @ w)
+    h, _ = project_out_block(w, basis)
+    torch.testing.assert_close(w, expected, rtol=0, atol=1e-12)
+    assert h.shape == (5, 3)
+
+
+def test_threshold_is_three_quarters_of_the_precision() -> None:
+    for dtype in (torch.float32, torch.float64):
+        eps = torch.finfo(dtype).eps
+        tau = orthogonality_threshold(eps)
+        assert math.isclose(tau, eps**0.75)
+        assert eps < tau < math.sqrt(eps)  # well inside semi-orthogonality
