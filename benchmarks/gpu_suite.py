@@ -157,10 +157,12 @@ def bench_model(
         )
         if args.curvlinops and k <= args.curvlinops_max_k:
             try:
-                from bench_cpu import Problem, run_curvlinops
+                from bench_cpu import FlatLogits, Problem, run_curvlinops
 
-                flat = _FlatCrit(model, crit)
-                prob = Problem(name, "", model, loss_fn, batch, flat, flat.data(batch))
+                flat = FlatLogits(model)  # what curvlinops sees: CrossEntropyLoss on flat logits
+                prob = Problem(
+                    name, "", model, loss_fn, batch, flat, (batch[0], batch[1].reshape(-1))
+                )
                 cl, secs, peak = timed(lambda k=k, p=prob: run_curvlinops(p, k, TOL), device)
                 emit(
                     what="curvlinops_eigsh",
@@ -187,22 +189,6 @@ def bench_model(
         )
         emit(what="delta2_stabilization", seconds=secs, peak_mib=peak)
     return rows
-
-
-class _FlatCrit(nn.Module):
-    """What curvlinops sees: ``CrossEntropyLoss()(model(x) flattened, y flattened)``."""
-
-    def __init__(self, model: nn.Module, crit: Any) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.model(x)
-        return out.reshape(-1, out.shape[-1])
-
-    @staticmethod
-    def data(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        return batch[0], batch[1].reshape(-1)
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:

@@ -33,7 +33,6 @@ import datetime as dt
 import gc
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -47,6 +46,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cpu import (
     OUR_TOL,
+    FlatLogits,
     Problem,
     TinyGPT,
     _curvlinops,
@@ -56,37 +56,22 @@ from bench_cpu import (
     run_curvlinops,
     version_of,
 )
+from memory import _reset_hwm, _status_kib
 
 import lightning_landscape as ll
 from lightning_landscape import functional as ll_functional
+from lightning_landscape.cli.demo import BasicBlock
 
 MiB = 2.0**20
 
 
 # --------------------------------------------------------------------------------------- models
-class BasicBlock(nn.Module):
-    """torchvision's ResNet basic block."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(y)) + identity)
-
-
 class TorchvisionResNet18(nn.Module):
-    """torchvision's ``resnet18`` layout (defined here: its wheel does not load on these CPUs)."""
+    """torchvision's ``resnet18`` layout (defined here: its wheel does not load on these CPUs).
+
+    The demo's :class:`~lightning_landscape.cli.demo.BasicBlock` is torchvision's basic block; what
+    differs from the demo's CIFAR ResNet-18 is the 7×7 stride-2 stem and the max-pool.
+    """
 
     def __init__(self, num_classes: int = 10, width: int = 64) -> None:
         super().__init__()
@@ -111,16 +96,6 @@ def cnn_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     return F.cross_entropy(model(batch[0]), batch[1])
 
 
-class _Flat(nn.Module):
-    def __init__(self, gpt: nn.Module) -> None:
-        super().__init__()
-        self.gpt = gpt
-
-    def forward(self, idx: Tensor) -> Tensor:
-        out: Tensor = self.gpt(idx)
-        return out.reshape(-1, out.shape[-1])
-
-
 def make_resnet18(quick: bool) -> Problem:
     torch.manual_seed(0)
     model = TorchvisionResNet18(width=16 if quick else 64).eval()
@@ -140,7 +115,9 @@ def make_gpt27m(quick: bool) -> Problem:
     desc = (
         f"GPT ({layers} x d={d}, {heads} heads, vocab {vocab}, explicit attention), 8 x {t} tokens"
     )
-    return Problem("gpt27m", desc, model, gpt_loss, (x, y), _Flat(model).eval(), (x, y.reshape(-1)))
+    return Problem(
+        "gpt27m", desc, model, gpt_loss, (x, y), FlatLogits(model).eval(), (x, y.reshape(-1))
+    )
 
 
 MAKERS = {"resnet18": make_resnet18, "gpt27m": make_gpt27m}
@@ -207,11 +184,6 @@ def speed(prob: Problem, ks: list[int], peers: bool) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------- memory
-def _kib(key: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M).group(1))  # type: ignore[union-attr]
-
-
 def child(model_name: str, method: str, quick: bool) -> dict[str, Any]:
     import warnings
 
@@ -252,12 +224,13 @@ def child(model_name: str, method: str, quick: bool) -> dict[str, Any]:
         warm.release()
     del warm
     gc.collect()
-    base = _kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
+    base = _status_kib("VmRSS")
+    if not _reset_hwm():
+        raise OSError("cannot reset the RSS high-water mark (/proc/self/clear_refs)")
     t0 = time.perf_counter()
     out = run()
     secs = time.perf_counter() - t0
-    row = {"seconds": secs, "delta_mib": (_kib("VmHWM") - base) / 1024}
+    row = {"seconds": secs, "delta_mib": (_status_kib("VmHWM") - base) / 1024}
     if hasattr(out, "num_hvps"):
         row["hvps"] = out.num_hvps
     return row

@@ -115,6 +115,21 @@ def setup(name: str, steps: int, quick: bool) -> tuple[Module, DataLoader, DataL
     return Module(net, gpt_loss, 0.1), loader, DataLoader(probe, batch_size=8), 1.0
 
 
+def _trainer(steps: int, clip: float, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """A quiet CPU ``Trainer`` for ``steps`` optimizer steps (gradient clipping if ``clip``)."""
+    return pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        max_epochs=-1,
+        gradient_clip_val=clip or None,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+
+
 class VariantSharpness(ll.Sharpness):
     """Also solves each probe's operator with other start strategies (results only recorded)."""
 
@@ -173,17 +188,7 @@ def run(
     monitor = ll.LandscapeMonitor(
         probes=[sharpness], probe_dataloader=probe, tensorboard_layout=False
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=args.steps,
-        max_epochs=-1,
-        gradient_clip_val=clip or None,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[monitor],
-    )
+    trainer = _trainer(args.steps, clip, [monitor])
     t0 = time.perf_counter()
     trainer.fit(module, loader)
     hist = monitor.history
@@ -240,17 +245,7 @@ def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
         every_n_steps=args.every, probe_dataloader=probe, tensorboard_layout=False
     )
     timer = _StepTimer()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=args.steps,
-        max_epochs=-1,
-        gradient_clip_val=clip or None,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer, monitor],
-    )
+    trainer = _trainer(args.steps, clip, [timer, monitor])
     trainer.fit(module, loader)
     step = statistics.median(timer.seconds[1:])
     rounds = [r.seconds for r in monitor.history[1:]]  # after the first (cold) round

@@ -19,7 +19,7 @@ Convergence is judged by Ritz residuals, ``‖A y − θ y‖ = ‖C_j s_j‖`` 
 no extra cost), against the spectral scale ``‖A‖`` (the largest Ritz value magnitude seen), so
 that eigenvalues at or near zero converge too; with ``criterion="eigenvalue"``, by the
 a-posteriori eigenvalue-error bound ``‖r‖² / gap`` built from the same residuals. Host
-synchronisation happens once per step, for the convergence check and the orthogonality estimate.
+synchronisation happens once per step, for the convergence check and the orthogonality measurement.
 """
 
 from __future__ import annotations
@@ -287,10 +287,11 @@ def _single_step(
         col[j - 1], col[j] = beta_prev, alpha
     proj[: j + 1, j] = col
     proj[j, : j + 1] = col
-    if not math.isfinite(float(col.abs().sum())):
+    row_sum = float(col.abs().sum())
+    if not math.isfinite(row_sum):
         return math.nan, tnorm
     beta = vector_norm(w)
-    tnorm = max(tnorm, float(col.abs().sum()) + beta)
+    tnorm = max(tnorm, row_sum + beta)
     if j + 1 >= n:  # the basis spans the whole space: the residual is zero
         return 0.0, tnorm
     if j > first:
