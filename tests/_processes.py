@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,3 +150,75 @@ def run_ranks(
     if any(p.returncode != 0 for p in procs):
         pytest.fail(f"a rank failed.\n{report}")
     return outputs
+
+
+@dataclass
+class Launch:
+    """What a two-rank torchrun launch left: its output and each rank's recorded checks."""
+
+    scenario: str
+    returncode: int
+    output: str
+    seconds: float
+    outdir: Path
+    ranks: dict[int, dict[str, Any]]
+
+    def get(self, rank: int, key: str) -> Any:
+        """The result of one check on one rank; fails with the launch's output if it is missing."""
+        data = self.ranks.get(rank, {})
+        assert key in data, f"rank {rank} did not record {key!r}.\n{self.tail()}"
+        value = data[key]
+        if isinstance(value, dict) and "crashed" in value:
+            pytest.fail(f"check {key!r} crashed on rank {rank}:\n{value['crashed']}")
+        return value
+
+    def both(self, key: str) -> tuple[Any, Any]:
+        return self.get(0, key), self.get(1, key)
+
+    def tail(self, chars: int = 6000) -> str:
+        return f"--- {self.scenario} launch output (tail) ---\n{self.output[-chars:]}"
+
+
+def torchrun_launch(
+    module_args: Sequence[str],
+    scenario: str,
+    outdir: Path,
+    records: Sequence[Path],
+    timeout: float,
+) -> Launch:
+    """``torchrun --standalone --nproc_per_node=2 <module_args>``, bounded by ``timeout`` seconds.
+
+    A launch still running at the timeout is killed with every process it started, and the test
+    fails with its output. ``records`` are the ranks' JSON files (rank order), read afterwards.
+    """
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",  # torchrun's store binds a port itself: no port picked here to race for
+        "--nproc_per_node=2",
+        "--monitor-interval=0.1",
+        *module_args,
+    ]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except BaseException as err:  # a hang, or pytest interrupted: leave nothing running
+        kill_tree(proc.pid)
+        output, _ = proc.communicate(timeout=30)
+        if not isinstance(err, subprocess.TimeoutExpired):
+            raise
+        pytest.fail(
+            f"the {scenario!r} launch hung: killed after {timeout:.0f} s.\n{output[-6000:]}"
+        )
+    seconds = time.perf_counter() - t0
+    ranks = {r: json.loads(p.read_text()) for r, p in enumerate(records) if p.exists()}
+    return Launch(scenario, proc.returncode, output, seconds, outdir, ranks)

@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -46,6 +46,13 @@ from ..operators import (
     split_batch,
 )
 from ..operators.distributed import count_failures, max_over_ranks
+from ..operators.sharded import (
+    check_fsdp2_parameters,
+    fsdp_modules,
+    is_sharded,
+    local_tensor,
+    reshard,
+)
 from ..optim.thresholds import probed_stability
 from ..probes import Probe, ProbeContext, Sharpness, Trace, UpdateCurvature
 from ..report import tags
@@ -63,12 +70,7 @@ from .hooks import (
 
 ProbeLossFn = Callable[[pl.LightningModule, Any], Tensor]
 _RESCHEDULE_EVERY = 25  # optimizer steps between agreed re-plans of an adaptive cadence (DDP)
-_UNSUPPORTED_STRATEGIES = {
-    "DeepSpeedStrategy",
-    "XLAStrategy",
-    "FSDPStrategy",
-    "ModelParallelStrategy",
-}
+_UNSUPPORTED_STRATEGIES = {"DeepSpeedStrategy", "XLAStrategy", "FSDPStrategy"}
 
 
 @contextlib.contextmanager
@@ -285,6 +287,7 @@ class LandscapeMonitor(Callback):
         self._budget = OverheadLedger()
         self._previous: tuple[int, Tensor] | None = None  # (step it precedes, flat parameters)
         self._batch_idx = -1
+        self._sharded = False  # FSDP2 (ModelParallelStrategy): set in setup
 
     @staticmethod
     def _check_probes(probes: Sequence[Probe]) -> list[Probe]:
@@ -340,16 +343,7 @@ class LandscapeMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or not self.enabled:
             return
-        strategy = trainer.strategy
-        # DeepSpeed and XLA subclass DDPStrategy but partition or compile differently.
-        unsupported = {c.__name__ for c in type(strategy).__mro__} & _UNSUPPORTED_STRATEGIES
-        if unsupported or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-            raise RuntimeError(
-                f"LandscapeMonitor supports single-device and DDP training; "
-                f"{type(strategy).__name__} shards or partitions the parameters (FSDP, "
-                "DeepSpeed, model parallel), which the monitor does not support yet. Use "
-                "strategy='ddp', or `enabled=False` for this run."
-            )
+        self._check_strategy(trainer)
         if trainer.world_size > self.num_probe_samples and self.probe_dataloader is None:
             raise ValueError(
                 f"num_probe_samples={self.num_probe_samples} is smaller than the "
@@ -385,10 +379,95 @@ class LandscapeMonitor(Callback):
                 "(e.g. precision='bf16-mixed' rather than 'bf16-true')."
             )
 
+    def _check_strategy(self, trainer: pl.Trainer) -> None:
+        """Refuse strategies (and, under FSDP2, probes and routes) the monitor cannot serve."""
+        strategy = trainer.strategy
+        names = {c.__name__ for c in type(strategy).__mro__}
+        if "FSDPStrategy" in names:
+            raise RuntimeError(
+                "LandscapeMonitor does not support FSDPStrategy (FSDP1): Lightning builds it only "
+                "on GPUs and this path has not been tested on one. Use FSDP2 instead, "
+                "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with "
+                "fully_shard in configure_model, or `enabled=False` for this run."
+            )
+        # DeepSpeed and XLA subclass DDPStrategy but partition or compile differently.
+        unsupported = names & _UNSUPPORTED_STRATEGIES
+        supported = (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)
+        if unsupported or not isinstance(strategy, supported):
+            raise RuntimeError(
+                f"LandscapeMonitor supports single-device, DDP and FSDP2 (ModelParallelStrategy) "
+                f"training; {type(strategy).__name__} partitions the parameters in a way the "
+                "monitor does not support. Use strategy='ddp' or ModelParallelStrategy, or "
+                "`enabled=False` for this run."
+            )
+        self._sharded = isinstance(strategy, ModelParallelStrategy)
+        if not self._sharded:
+            return
+        tensor_parallel = getattr(strategy, "_tensor_parallel_size", 1)  # "auto" until set up
+        if isinstance(tensor_parallel, int) and tensor_parallel > 1:
+            raise RuntimeError(
+                f"LandscapeMonitor under ModelParallelStrategy supports FSDP2 data parallelism "
+                f"only, not tensor parallelism (tensor_parallel_size={tensor_parallel}). Use "
+                "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)."
+            )
+        refused = [type(p).__name__ for p in self.probes if not p.supports_sharding]
+        if refused:
+            raise ValueError(
+                f"Under FSDP2 (ModelParallelStrategy) the monitor measures with sharded "
+                f"parameters, which {', '.join(refused)} cannot use (they need second-order "
+                "autograd or whole parameter tensors). Sharded runs support Sharpness (with the "
+                "preconditioned sharpness), Trace, SpectralDensity and UpdateCurvature."
+            )
+        if self.route not in ("auto", "finite_difference"):
+            raise ValueError(
+                f"route={self.route!r} needs second-order autograd, which does not reach FSDP2's "
+                "sharded parameters; under ModelParallelStrategy the products are finite "
+                "differences (route='auto' or 'finite_difference')."
+            )
+
+    def _check_sharded_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Under FSDP2, after ``configure_model``: every probed parameter sharded over one mesh."""
+        mesh = getattr(trainer.strategy, "device_mesh", None)
+        names = getattr(mesh, "mesh_dim_names", None) or ()
+        if mesh is not None and "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise RuntimeError(
+                "LandscapeMonitor under ModelParallelStrategy supports FSDP2 data parallelism "
+                f"only; this run has a tensor-parallel mesh of {mesh['tensor_parallel'].size()}. "
+                "Use ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)."
+            )
+        named = select_parameters(pl_module, self.params)
+        if not any(is_sharded(p) for _, p in named):
+            raise RuntimeError(
+                "LandscapeMonitor: under ModelParallelStrategy no probed parameter is sharded; "
+                "apply fully_shard to the model in configure_model (or use strategy='ddp')."
+            )
+        check_fsdp2_parameters(named)
+        # Each fully_shard call without mesh= builds its own (equal) default mesh: compare ranks.
+        meshes = {tuple(p.device_mesh.mesh.flatten().tolist()) for _, p in named}  # type: ignore[attr-defined]
+        if meshes != {tuple(range(trainer.world_size))}:
+            raise RuntimeError(
+                f"LandscapeMonitor: the probed parameters are sharded over the ranks "
+                f"{sorted(meshes)}; it supports one mesh over all {trainer.world_size} "
+                "processes (FSDP2 data parallelism)."
+            )
+        for module in fsdp_modules(pl_module):
+            policy = getattr(getattr(module, "_get_fsdp_state", lambda: None)(), "_mp_policy", None)
+            dtype = getattr(policy, "param_dtype", None)
+            if dtype is not None and dtype != torch.float32 and dtype != torch.float64:
+                rank_zero_warn(
+                    f"LandscapeMonitor: FSDP2 computes in {dtype} (MixedPrecisionPolicy "
+                    "param_dtype); the probes' finite differences of gradients in reduced "
+                    "precision are noise. Probe with param_dtype=None, or expect inaccurate "
+                    "curvature."
+                )
+                break
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled:
             return
+        if self._sharded:
+            self._check_sharded_model(trainer, pl_module)
         if self.sharpness is not None and trainer.optimizers:
             probed = [p for _, p in select_parameters(pl_module, self.params)]
             _, why = probed_stability(trainer.optimizers, probed)
@@ -464,6 +543,7 @@ class LandscapeMonitor(Callback):
             torch.no_grad(),
         ):
             check_scalar_loss(self._loss(pl_module, self._batches[0]))
+        reshard(pl_module)  # FSDP2 keeps a root gathered after a forward without backward
 
     def layout(self) -> Layout:
         """The custom-scalars layout of this monitor's probes (and hooks, and cost)."""
@@ -492,7 +572,8 @@ class LandscapeMonitor(Callback):
         if not any(self._wants_previous(trainer, p, step) for p in self.probes):
             return
         with torch.no_grad():
-            flat = [p.detach().reshape(-1) for _, p in select_parameters(pl_module, self.params)]
+            named = select_parameters(pl_module, self.params)
+            flat = [local_tensor(p).detach().reshape(-1) for _, p in named]
             buffer = None if self._previous is None else self._previous[1]
             numel = sum(t.numel() for t in flat)
             if buffer is None or buffer.numel() != numel or buffer.dtype != flat[0].dtype:
@@ -736,11 +817,13 @@ class LandscapeMonitor(Callback):
             note=lambda message: rank_zero_info(f"LandscapeMonitor: {message}"),
             previous=previous,
             batch_size=_train_batch_size(trainer),
+            sharded=self._sharded,
         )
         self.num_probes += 1
         measured: list[tuple[Probe, Any, float]] = []
         failed = False
         reported: list[BaseException] = []  # a failed shared operator is reported once
+        reshard(pl_module)  # FSDP2: probe the sharded parameters, not a stale gathered copy
         with (
             curvature_context(pl_module, norm_statistics=self.norm_statistics),
             silenced(pl_module),
@@ -767,6 +850,7 @@ class LandscapeMonitor(Callback):
                     measured.append((probe, result, time.perf_counter() - start))
             finally:
                 ctx.release()
+                reshard(pl_module)
         self._resolved_route = ctx.resolved_route or self._resolved_route
         return ctx, measured, failed
 

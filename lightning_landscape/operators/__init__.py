@@ -7,7 +7,13 @@ operator: the loss Hessian of a model (:class:`HessianOperator`), an explicit ma
 ranks' operators under data parallelism (:class:`DistributedOperator`).
 """
 
-from .base import CurvatureOperator, MatrixOperator, ScaledOperator, default_max_basis
+from .base import (
+    CurvatureOperator,
+    MatrixOperator,
+    ScaledOperator,
+    Sharding,
+    default_max_basis,
+)
 from .batches import (
     batch_size,
     iter_tensors,
@@ -34,6 +40,7 @@ __all__ = [
     "MatrixOperator",
     "ProbeFailure",
     "ScaledOperator",
+    "Sharding",
     "batch_size",
     "check_scalar_loss",
     "default_max_basis",

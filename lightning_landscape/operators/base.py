@@ -3,16 +3,42 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How an operator's vectors are split over processes (sharded data parallelism, FSDP2).
+
+    Each process holds its own slice of every vector (its shard of the probed parameters), of
+    length :attr:`CurvatureOperator.size`; the whole vector has :attr:`global_size` entries.
+    Solvers reduce every inner product over the shards with :attr:`reduce`, so all processes
+    take the same decisions and no process ever holds a whole vector.
+
+    Attributes:
+        global_size: the dimension of the whole operator (the sum of the shards' sizes).
+        rank: this process's index (seeds its private random numbers: the shards of a random
+            vector must be independent).
+        reduce: ``reduce(t)``: the elementwise sum of ``t`` over the processes (an all-reduce),
+            the same shape back.
+    """
+
+    global_size: int
+    rank: int
+    reduce: Callable[[Tensor], Tensor]
 
 
 class CurvatureOperator(abc.ABC):
     """A symmetric linear operator on flat vectors of length :attr:`size`.
 
     Subclasses implement :meth:`_matmat`; :meth:`matvec` and :meth:`matmat` validate shapes and
-    count applications in :attr:`num_matvecs`.
+    count applications in :attr:`num_matvecs`. :attr:`sharding` is ``None`` for an operator whose
+    vectors are whole on every process; a sharded operator (see :class:`Sharding`) acts on this
+    process's slices, and :attr:`size` is the length of a slice.
     """
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -20,6 +46,12 @@ class CurvatureOperator(abc.ABC):
         self.dtype = dtype
         self.device = device
         self.num_matvecs = 0
+        self.sharding: Sharding | None = None
+
+    @property
+    def global_size(self) -> int:
+        """The operator's dimension: :attr:`size`, or the whole vector's length when sharded."""
+        return self.size if self.sharding is None else self.sharding.global_size
 
     def matvec(self, v: Tensor) -> Tensor:
         """Apply the operator to one vector.
@@ -125,6 +157,7 @@ class ScaledOperator(CurvatureOperator):
         self, inner: CurvatureOperator, scale: Tensor, shift: Tensor | None = None
     ) -> None:
         super().__init__(inner.size, inner.dtype, inner.device)
+        self.sharding = inner.sharding  # the scale is over the same (local) entries
         if scale.shape != (inner.size,) or (shift is not None and shift.shape != scale.shape):
             raise ValueError(f"scale and shift must have shape ({inner.size},)")
         if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ..operators.sharded import local_tensor
 from .sam import SAM
 
 
@@ -183,7 +184,8 @@ def _preconditioned(
     for p in params:
         g = group_of.get(id(p))
         if g is None:  # not updated by this optimizer: it does not move
-            scales.append(torch.zeros(p.numel(), dtype=torch.float64, device=p.device))
+            size = local_tensor(p).numel()  # under FSDP2: this process's slice
+            scales.append(torch.zeros(size, dtype=torch.float64, device=p.device))
             shifts.append(scales[-1])
             continue
         group, state = optimizer.param_groups[g], optimizer.state.get(p, {})
@@ -221,7 +223,7 @@ def _adam_precond(group: dict[str, Any], state: dict[str, Any]) -> Tensor | None
         return None
     beta1, beta2 = (float(b) for b in group["betas"])
     eps = float(group["eps"])
-    root = (v.detach().to(torch.float64) / (1 - beta2**t)).sqrt()
+    root = (local_tensor(v).detach().to(torch.float64) / (1 - beta2**t)).sqrt()
     precond: Tensor = (1 - beta1**t) * (root + eps)
     return precond
 
@@ -231,9 +233,9 @@ def _rmsprop_precond(group: dict[str, Any], state: dict[str, Any]) -> Tensor | N
     v = state.get("square_avg")
     if not isinstance(v, Tensor):
         return None
-    v = v.detach().to(torch.float64)
+    v = local_tensor(v).detach().to(torch.float64)
     if group.get("centered"):
         mean = state.get("grad_avg")
         if isinstance(mean, Tensor):
-            v = v - mean.detach().to(torch.float64) ** 2
+            v = v - local_tensor(mean).detach().to(torch.float64) ** 2
     return v.clamp_min(0).sqrt() + float(group["eps"])

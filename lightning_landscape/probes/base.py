@@ -35,6 +35,7 @@ from ..operators import (
     select_parameters,
 )
 from ..operators.distributed import count_failures, weighted_mean, weighted_mean_tensor
+from ..operators.sharded import ShardedHessianOperator, check_fsdp2_parameters, local_tensor
 from ..report import tags
 from ..report.layout import Layout
 
@@ -111,6 +112,7 @@ class _RoundOperator(CurvatureOperator):
 
     def __init__(self, inner: CurvatureOperator, ctx: ProbeContext) -> None:
         super().__init__(inner.size, inner.dtype, inner.device)
+        self.sharding = inner.sharding
         self.inner = inner
         self.ctx = ctx
 
@@ -160,6 +162,11 @@ class ProbeContext:
             that precede a probe that asks for them, see :attr:`Probe.needs_previous`).
         batch_size: the training batch size (for
             :class:`~lightning_landscape.probes.BatchSharpness`), if known.
+        sharded: the probed parameters are sharded by FSDP2 (``fully_shard``): the operator is
+            then a :class:`~lightning_landscape.operators.ShardedHessianOperator` (finite
+            differences, whatever ``route`` says) on this process's slices of the vectors, and
+            :meth:`gradient` and :meth:`parameters_flat` return this process's slices. Only
+            probes with :attr:`Probe.supports_sharding` run on it.
 
     Attributes:
         results: the results of the probes already run in this round, by probe name.
@@ -187,6 +194,7 @@ class ProbeContext:
         note: Callable[[str], None] | None = None,
         previous: Tensor | None = None,
         batch_size: int | None = None,
+        sharded: bool = False,
     ) -> None:
         if not batches:
             raise ValueError("A probe context needs at least one probe batch.")
@@ -209,8 +217,9 @@ class ProbeContext:
         self._note = note
         self.previous = previous
         self.batch_size = batch_size
+        self.sharded = sharded
         self.results: dict[str, Any] = {}
-        self._local: HessianOperator | None = None
+        self._local: HessianOperator | ShardedHessianOperator | None = None
         self._op: CurvatureOperator | None = None
         self._failure: BaseException | None = None
         self._loss: float | None = None
@@ -251,17 +260,35 @@ class ProbeContext:
             raise self._failure
         if self._op is not None:
             return self._op
-        local: HessianOperator | None = None
+        local: HessianOperator | ShardedHessianOperator | None = None
         why: str | None = None
+        if self.sharded:  # agree on the set-up before the operator's first collective
+            try:
+                check_fsdp2_parameters(select_parameters(self.model, self.params))
+            except Exception as err:
+                why = f"failed ({type(err).__name__}: {err})"
+            if count_failures(why is not None, timeout=self.timeout):
+                self._failure = ProbeFailure(why or "failed on another rank")
+                raise self._failure
         try:
-            local = HessianOperator(
-                self.model,
-                self.loss_fn,
-                self.batches,
-                params=self.params,
-                route=self.route,
-                retain_graph=self.retain_graph,
-            )
+            if self.sharded:
+                local = ShardedHessianOperator(
+                    self.model,
+                    self.loss_fn,
+                    self.batches,
+                    params=self.params,
+                    weight=self.weight,
+                    timeout=self.timeout,
+                )
+            else:
+                local = HessianOperator(
+                    self.model,
+                    self.loss_fn,
+                    self.batches,
+                    params=self.params,
+                    route=self.route,
+                    retain_graph=self.retain_graph,
+                )
             if not math.isfinite(local.loss_value):
                 why = "has a NaN/inf loss on the probe data"
         except torch.OutOfMemoryError:
@@ -278,14 +305,24 @@ class ProbeContext:
         assert local is not None
         self._local = local
         op: CurvatureOperator = local
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.sharded:  # sharded: FSDP reduces the gradients
             weight = float(self.weight if self.weight is not None else 0.0)
             op = DistributedOperator(local, weight, timeout=self.timeout)
         self._op = _RoundOperator(op, self)
         return self._op
 
     def parameters_flat(self) -> Tensor:
-        """The probed parameters' current values, flat, in the operator's order (a copy)."""
+        """The probed parameters' current values, flat, in the operator's order (a copy).
+
+        When sharded, this process's slices of them.
+        """
+        if self.sharded:
+            return torch.cat(
+                [
+                    local_tensor(p).detach().reshape(-1)
+                    for _, p in select_parameters(self.model, self.params)
+                ]
+            )
         return torch.cat(
             [p.detach().reshape(-1) for _, p in select_parameters(self.model, self.params)]
         )
@@ -300,6 +337,8 @@ class ProbeContext:
         op = self.operator()
         assert self._local is not None
         local = self._local
+        if isinstance(local, ShardedHessianOperator):  # already the mean over every process
+            return local.gradient()
         weight = float(self.weight if self.weight is not None else 1.0)
         like = torch.empty(op.size, dtype=op.dtype, device=op.device)
         return weighted_mean_tensor(local.gradient, weight, like, timeout=self.timeout)
@@ -313,6 +352,9 @@ class ProbeContext:
         if self._loss is None:
             self.operator()
             assert self._local is not None
+            if isinstance(self._local, ShardedHessianOperator):  # already the global mean
+                self._loss = self._local.loss_value
+                return self._loss
             weight = float(self.weight if self.weight is not None else 1.0)
             self._loss = weighted_mean(self._local.loss_value, weight, timeout=self.timeout)
         return self._loss
@@ -345,6 +387,10 @@ class Probe(abc.ABC):
         needs_previous: whether it measures the step just taken: the monitor then copies the
             probed parameters just before each optimizer step that precedes one of its
             measurements (:attr:`ProbeContext.previous`).
+        supports_sharding: whether it runs on parameters sharded by FSDP2 (it uses only the
+            shared operator, :meth:`ProbeContext.gradient` and
+            :meth:`ProbeContext.parameters_flat`, reducing its own inner products over the
+            shards); the monitor refuses the others under sharded training.
         cadence: when the monitor runs it.
         last_result: the result of the last successful measurement (``None`` before).
         last_step: the global step of the last attempt (``-1`` before).
@@ -355,6 +401,7 @@ class Probe(abc.ABC):
     cost_group: ClassVar[str] = tags.COST
     order: ClassVar[int] = 50
     needs_previous: ClassVar[bool] = False
+    supports_sharding: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -36,6 +36,7 @@ class SpectralDensity(Probe):
     """
 
     name = "density"
+    supports_sharding = True
     order = 20
 
     def __init__(

@@ -165,7 +165,9 @@ class Sharpness(Probe):
         max_hvps: Hessian-vector-product budget per eigensolve.
         warm_start: start each solve from the previous measurement's eigenvectors.
         save_warm_start: keep those vectors in checkpoints (``top_k + 1`` vectors of
-            ``num_params`` numbers) so a resumed run continues exactly.
+            ``num_params`` numbers) so a resumed run continues exactly. Not under FSDP2, where
+            they are each process's slices and Lightning saves rank zero's callback state only
+            (a resumed sharded run starts its first solves cold).
         warm_start_storage: where the warm-start vectors wait between probes. They are the
             only memory this probe holds between measurements: ``top_k`` vectors, plus one
             for λ_min and one for the preconditioned sharpness, each of ``num_params`` numbers
@@ -200,6 +202,7 @@ class Sharpness(Probe):
     """
 
     name = "sharpness"
+    supports_sharding = True
     order = 0
 
     def __init__(
@@ -251,6 +254,7 @@ class Sharpness(Probe):
         self.warm_top: Tensor | None = None
         self.warm_min: Tensor | None = None
         self.warm_pre: Tensor | None = None
+        self._sharded = False
         self._noted = False
         self.trajectory: list[tuple[int, tuple[float, ...], float | None, float | None]] = []
         self.ratios: list[tuple[int, float, str]] = []  # (step, stability ratio, kind)
@@ -272,6 +276,7 @@ class Sharpness(Probe):
         (:func:`~lightning_landscape.optim.probed_stability`).
         """
         op = ctx.operator()
+        self._sharded = op.sharding is not None
 
         def solve(k: int, which: str, start: Tensor | None, seed: int, a: Any = op) -> EigenResult:
             return lanczos(
@@ -448,7 +453,8 @@ class Sharpness(Probe):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """The step guard, the trajectory and (with ``save_warm_start``) the warm vectors."""
-        keep = self.save_warm_start and self.warm_start
+        # Sharded vectors are this process's slices; Lightning saves rank zero's state only.
+        keep = self.save_warm_start and self.warm_start and not self._sharded
         state = super().state_dict()
         state["trajectory"] = list(self.trajectory)
         state["ratios"] = list(self.ratios)

@@ -40,6 +40,7 @@ class Trace(Probe):
     """
 
     name = "trace"
+    supports_sharding = True
     order = 10
 
     def __init__(

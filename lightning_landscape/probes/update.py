@@ -9,6 +9,7 @@ from typing import Any
 
 from ..report import tags
 from ..report.layout import SHARPNESS, Layout, multiline
+from ..solvers._orthogonality import dot, vector_norm
 from .base import Probe, ProbeContext, Row, fmt
 
 
@@ -81,6 +82,7 @@ class UpdateCurvature(Probe):
     """
 
     name = "update"
+    supports_sharding = True
     order = 5
     needs_previous = True
 
@@ -110,13 +112,14 @@ class UpdateCurvature(Probe):
         start = time.perf_counter()
         u = ctx.parameters_flat().to(dtype=op.dtype, device=op.device)
         u = u - ctx.previous.to(dtype=op.dtype, device=op.device)
-        uu = float(u @ u)
+        sh = op.sharding  # inner products over every process's slices when sharded
+        uu = dot(u, u, sh)
         if uu == 0.0:
             return None  # no step (e.g. a learning rate of 0, or a skipped step)
-        uhu = float(u @ (op @ u))
+        uhu = dot(u, op @ u, sh)
         g = ctx.gradient()
-        gu = float(g @ u)
-        gnorm = float(g.norm())
+        gu = dot(g, u, sh)
+        gnorm = vector_norm(g, sh)
         return UpdateCurvatureResult(
             curvature=uhu / uu,
             overshoot=uhu / (-2.0 * gu) if gu < 0 else None,

@@ -17,6 +17,11 @@ Hessian-vector product on a CPU. The kernels therefore count passes:
 Dot products and norms of long float32 vectors go through :func:`dot` (chunks summed in float64):
 ``torch.linalg.vector_norm`` of a float32 vector of 10⁷ entries was measured 4e-4 off on the CPU
 and a plain ``torch.dot`` of it with itself 9e-5, enough to bias a Ritz value at ``tol=1e-4``.
+
+Every reduction over the vector dimension takes an optional ``sharding``
+(:class:`~lightning_landscape.operators.Sharding`): vectors split over processes (FSDP) are then
+reduced locally and summed over the processes, one all-reduce per call. Without it the code is
+exactly the single-process one.
 """
 
 from __future__ import annotations
@@ -26,19 +31,28 @@ import math
 import torch
 from torch import Tensor
 
+from ..operators import CurvatureOperator, Sharding
+
 DGKS = 1.0 / math.sqrt(2.0)  # a second Gram–Schmidt pass when ‖w_after‖ < DGKS · ‖w_before‖
 
 
 _CHUNK = 1 << 18  # float32 dot products of this length are accurate to ~1e-7 relative
 
 
-def dot(x: Tensor, y: Tensor) -> float:
-    """``xᵀy`` of two vectors, accurate in float32 at any length.
+def private_generator(op: CurvatureOperator, seed: int) -> torch.Generator:
+    """A generator on ``op``'s device for a solver's random vectors, seeded by ``seed``.
 
-    One float32 ``torch.dot`` over 10⁷ entries was measured 9e-5 off for ``xᵀx`` on the CPU
-    (``torch.linalg.vector_norm`` 4e-4): enough to bias a Ritz value at ``tol=1e-4``. Chunks of
-    2¹⁸ entries (errors ≤ 4e-7) are summed in float64 instead; the cost is that of one dot.
+    When the operator is sharded each process draws its own slice of a random vector, so the
+    seed is offset by the process's rank: identical slices would make the vector's entries
+    dependent (a biased Hutchinson estimate), not merely a different random vector.
     """
+    generator = torch.Generator(device=op.device)
+    offset = 0 if op.sharding is None else (op.sharding.rank + 1) * 1_000_003
+    generator.manual_seed(seed + offset)
+    return generator
+
+
+def _local_dot(x: Tensor, y: Tensor) -> float:
     n = x.numel()
     if n <= _CHUNK or x.dtype == torch.float64:
         return float(torch.dot(x, y))
@@ -47,21 +61,98 @@ def dot(x: Tensor, y: Tensor) -> float:
     )
 
 
-def vector_norm(x: Tensor) -> float:
+def all_sum(values: list[float], sharding: Sharding | None) -> list[float]:
+    """Per-process partial sums summed over the shards (``values`` itself when not sharded)."""
+    if sharding is None:
+        return values
+    return sharding.reduce(torch.tensor(values, dtype=torch.float64)).tolist()  # type: ignore[no-any-return]
+
+
+def dot(x: Tensor, y: Tensor, sharding: Sharding | None = None) -> float:
+    """``xᵀy`` of two vectors, accurate in float32 at any length.
+
+    One float32 ``torch.dot`` over 10⁷ entries was measured 9e-5 off for ``xᵀx`` on the CPU
+    (``torch.linalg.vector_norm`` 4e-4): enough to bias a Ritz value at ``tol=1e-4``. Chunks of
+    2¹⁸ entries (errors ≤ 4e-7) are summed in float64 instead; the cost is that of one dot.
+    """
+    if sharding is None:
+        return _local_dot(x, y)
+    return all_sum([_local_dot(x, y)], sharding)[0]
+
+
+def vector_norm(x: Tensor, sharding: Sharding | None = None) -> float:
     """``‖x‖₂`` of a vector through :func:`dot` (accurate in float32 at 10⁷ entries)."""
-    return math.sqrt(max(dot(x, x), 0.0))
+    return math.sqrt(max(dot(x, x, sharding), 0.0))
 
 
-def column_norms(x: Tensor) -> Tensor:
+def column_norms(x: Tensor, sharding: Sharding | None = None) -> Tensor:
     """Column norms of an ``(n, b)`` block, each through :func:`vector_norm`.
 
     (Not through the Gram matrix ``xᵀx``: that float32 GEMM over 5·10⁶ rows was measured 3e-3 off.)
     """
-    norms = [vector_norm(x[:, i].contiguous()) for i in range(x.shape[1])]
+    columns = (x[:, i].contiguous() for i in range(x.shape[1]))
+    squares = all_sum([_local_dot(c, c) for c in columns], sharding)
+    norms = [math.sqrt(max(s, 0.0)) for s in squares]
     return torch.tensor(norms, dtype=x.dtype, device=x.device)
 
 
-def project_out(w: Tensor, basis: Tensor) -> tuple[Tensor, float]:
+def coefficients(basis: Tensor, w: Tensor, sharding: Sharding | None = None) -> Tensor:
+    """``basis @ w``: the inner products of the rows of ``basis`` with ``w`` (a vector or block)."""
+    h = basis @ w
+    if sharding is None:
+        return h
+    return sharding.reduce(h.to(torch.float64)).to(dtype=h.dtype, device=h.device)
+
+
+def orthonormal_columns(block: Tensor, sharding: Sharding | None = None) -> tuple[Tensor, Tensor]:
+    """``Q, R`` with orthonormal columns ``Q`` spanning an ``(n, b)`` block's, ``block = QR``.
+
+    Not sharded: Householder QR (``torch.linalg.qr``). Sharded: CholeskyQR2 (the Gram matrix
+    reduced over the shards in float64, twice, one all-reduce each); for a block that is
+    numerically rank deficient (the Cholesky factorisation fails), Gram–Schmidt column by column
+    (twice), where a column that adds no new direction becomes zero with a zero diagonal entry of
+    ``R``, which callers treat as a breakdown.
+    """
+    if sharding is None:
+        q, r = torch.linalg.qr(block)
+        return q, r
+    eps = torch.finfo(block.dtype).eps
+    q, r_total = block, torch.eye(block.shape[1], dtype=torch.float64)
+    for _ in range(2):
+        wide = q.to(torch.float64)
+        gram = sharding.reduce((wide.T @ wide).cpu())
+        del wide
+        chol, info = torch.linalg.cholesky_ex(gram, upper=True)
+        diag = chol.diagonal()
+        # Conditioning beyond 1/√ε leaves CholeskyQR2's columns far from orthogonal.
+        if int(info) != 0 or bool((diag <= math.sqrt(eps) * diag.max()).any()):
+            return _gram_schmidt_columns(block, sharding)
+        q = q @ torch.linalg.inv(chol).to(dtype=q.dtype, device=q.device)
+        r_total = chol @ r_total
+    return q, r_total.to(dtype=block.dtype, device=block.device)
+
+
+def _gram_schmidt_columns(block: Tensor, sharding: Sharding | None) -> tuple[Tensor, Tensor]:
+    """Gram–Schmidt (twice) column by column; a dependent column becomes zero, ``R[i, i] = 0``."""
+    b = block.shape[1]
+    q = torch.zeros_like(block)
+    r = torch.zeros(b, b, dtype=torch.float64)
+    scale = float(column_norms(block, sharding).max()) if b else 0.0
+    for i in range(b):
+        x = block[:, i].clone()
+        for _ in range(2):
+            if i:
+                h = coefficients(q[:, :i].T, x, sharding)
+                x -= q[:, :i] @ h
+                r[:i, i] += h.to(torch.float64).cpu()
+        norm = vector_norm(x, sharding)
+        if norm > 100 * torch.finfo(block.dtype).eps * max(scale, 1e-300):
+            q[:, i] = x / norm
+            r[i, i] = norm
+    return q, r.to(dtype=block.dtype, device=block.device)
+
+
+def project_out(w: Tensor, basis: Tensor, sharding: Sharding | None = None) -> tuple[Tensor, float]:
     """Remove from ``w`` (a vector ``(n,)``, in place) its components along the rows of ``basis``.
 
     One classical Gram–Schmidt pass, and a second only when the first cancelled more than
@@ -71,32 +162,35 @@ def project_out(w: Tensor, basis: Tensor) -> tuple[Tensor, float]:
     Args:
         w: the vector, overwritten.
         basis: ``(j, n)`` orthonormal rows.
+        sharding: how the vectors are split over processes (``None``: whole here).
 
     Returns:
         ``(h, before)``: the total coefficients ``basis @ w_original`` (``(j,)``, ``w``'s dtype)
         and ``‖w‖`` before the projection.
     """
-    before = vector_norm(w)
-    h = basis @ w
+    before = vector_norm(w, sharding)
+    h = coefficients(basis, w, sharding)
     w.addmv_(basis.T, h, alpha=-1.0)
-    if vector_norm(w) < DGKS * before:
-        h2 = basis @ w
+    if vector_norm(w, sharding) < DGKS * before:
+        h2 = coefficients(basis, w, sharding)
         w.addmv_(basis.T, h2, alpha=-1.0)
         h += h2
     return h, before
 
 
-def project_out_block(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
+def project_out_block(
+    w: Tensor, basis: Tensor, sharding: Sharding | None = None
+) -> tuple[Tensor, Tensor]:
     """:func:`project_out` for an ``(n, b)`` block (in place).
 
     Returns:
         ``(h, before)``: coefficients ``(j, b)`` and the column norms before the projection.
     """
-    before = column_norms(w)
-    h = basis @ w
+    before = column_norms(w, sharding)
+    h = coefficients(basis, w, sharding)
     w.addmm_(basis.T, h, alpha=-1.0)
-    if bool((column_norms(w) < DGKS * before).any()):
-        h2 = basis @ w
+    if bool((column_norms(w, sharding) < DGKS * before).any()):
+        h2 = coefficients(basis, w, sharding)
         w.addmm_(basis.T, h2, alpha=-1.0)
         h += h2
     return h, before

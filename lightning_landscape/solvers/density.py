@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .._validate import integer
 from ..operators import CurvatureOperator
+from ._orthogonality import private_generator
 from .results import DensityResult
 
 _BREAKDOWN_REL = 100.0  # β <= min(100 ε, 1e-3) · ‖T‖ ends a run: an invariant subspace was found
@@ -36,6 +37,11 @@ def _lanczos_runs(
     (fewer than ``m`` after a breakdown), the products spent, and whether everything was finite.
     """
     n, b = starts.shape
+    sh = op.sharding
+
+    def summed(t: Tensor) -> Tensor:  # partial inner products summed over the shards
+        return t if sh is None else sh.reduce(t.to(torch.float64)).to(t.dtype)
+
     eps = torch.finfo(starts.dtype).eps
     rel_tol = min(_BREAKDOWN_REL * eps, 1e-3)
     basis = torch.empty(b, m, n, dtype=starts.dtype, device=starts.device)
@@ -52,12 +58,15 @@ def _lanczos_runs(
         w = op.matmat(basis[:, j].T if every else basis[idx, j].T).T  # (a, n)
         num_hvps += len(active)
         vs = basis[:, : j + 1] if every else basis[idx, : j + 1]  # (a, j+1, n)
-        h = torch.bmm(vs, w.unsqueeze(2))  # (a, j+1, 1)
+        h = summed(torch.bmm(vs, w.unsqueeze(2)))  # (a, j+1, 1)
         w = w - torch.bmm(h.transpose(1, 2), vs).squeeze(1)
-        h2 = torch.bmm(vs, w.unsqueeze(2))
+        h2 = summed(torch.bmm(vs, w.unsqueeze(2)))
         w = w - torch.bmm(h2.transpose(1, 2), vs).squeeze(1)
         diag = (h + h2)[:, j, 0].to(torch.float64).cpu()
-        norms = w.norm(dim=1).to(torch.float64).cpu()  # the one host sync per step
+        if sh is None:
+            norms = w.norm(dim=1).to(torch.float64).cpu()  # the one host sync per step
+        else:
+            norms = sh.reduce((w.to(torch.float64) ** 2).sum(dim=1).cpu()).sqrt()
         if not bool(torch.isfinite(diag).all() and torch.isfinite(norms).all()):
             return alpha, beta, lengths, num_hvps, False
         rows = torch.tensor(active)
@@ -72,7 +81,8 @@ def _lanczos_runs(
             if bool(broke[i]):
                 lengths[r] = j + 1
             else:
-                basis[r, j + 1] = w[i] / w[i].norm()
+                norm = w[i].norm() if sh is None else float(norms[i])
+                basis[r, j + 1] = w[i] / norm
                 still.append(r)
         active = still
         if not active:
@@ -145,12 +155,11 @@ def spectral_density(
     num_runs = integer("num_runs", num_runs)
     lanczos_steps = integer("lanczos_steps", lanczos_steps)
     parallel_runs = integer("parallel_runs", parallel_runs)
-    n, dtype, device = op.size, op.dtype, op.device
+    n, dtype, device = op.global_size, op.dtype, op.device
     m = min(lanczos_steps, n)
     if generator is None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-    bits = torch.randint(0, 2, (n, num_runs), device=device, generator=generator)
+        generator = private_generator(op, seed)
+    bits = torch.randint(0, 2, (op.size, num_runs), device=device, generator=generator)
     starts = (bits.to(dtype) * 2 - 1) / n**0.5
 
     nodes = torch.full((num_runs, m), float("nan"), dtype=torch.float64)

@@ -32,12 +32,15 @@ import torch
 from torch import Tensor
 
 from .._validate import choice, integer, optional_integer, real
-from ..operators import CurvatureOperator, default_max_basis
+from ..operators import CurvatureOperator, Sharding, default_max_basis
 from ._orthogonality import (
     DGKS,
+    coefficients,
     column_norms,
     dot,
     orthogonality_threshold,
+    orthonormal_columns,
+    private_generator,
     project_out,
     project_out_block,
     vector_norm,
@@ -110,10 +113,11 @@ def _start_block(
     generator: torch.Generator,
     start: Tensor | None,
     noise: float,
+    sharding: Sharding | None = None,
 ) -> Tensor:
     """Orthonormal ``(n, b)`` start block: random, or warm vectors summed round-robin + noise."""
     rand = torch.randn(n, b, dtype=dtype, device=device, generator=generator)
-    rand = rand / rand.norm(dim=0, keepdim=True)
+    rand = rand / column_norms(rand, sharding)
     block = rand
     if start is not None:
         warm = start.to(device=device, dtype=dtype)
@@ -121,19 +125,21 @@ def _start_block(
             warm = warm.unsqueeze(1)
         if warm.ndim != 2 or warm.shape[0] != n:
             raise ValueError(f"start vectors must have {n} rows, got shape {tuple(start.shape)}")
-        cols = warm / warm.norm(dim=0, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+        cols = warm / column_norms(warm, sharding).clamp_min(torch.finfo(dtype).tiny)
         groups = torch.zeros(n, b, dtype=dtype, device=device)
         groups.index_add_(1, torch.arange(cols.shape[1], device=device) % b, cols)
-        filled = groups.norm(dim=0) > 0
-        groups = torch.where(filled, groups / groups.norm(dim=0).clamp_min(1e-300), rand)
+        norms = column_norms(groups, sharding)
+        groups = torch.where(norms > 0, groups / norms.clamp_min(1e-300), rand)
         block = groups + noise * rand
         if not torch.isfinite(block).all():
             block = rand
-    q: Tensor = torch.linalg.qr(block)[0]
-    return q / column_norms(q)  # unit columns to the accuracy of a dot product
+    q = orthonormal_columns(block, sharding)[0]
+    return q / column_norms(q, sharding)  # unit columns to the accuracy of a dot product
 
 
-def _orthonormalize(w: Tensor, basis: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def _orthonormalize(
+    w: Tensor, basis: Tensor, generator: torch.Generator, sharding: Sharding | None = None
+) -> tuple[Tensor, Tensor]:
     """Orthonormalise the columns of ``w`` (already orthogonal to ``basis`` rows).
 
     Returns ``(q, c)`` with orthonormal ``q`` (n, b), orthogonal to ``basis``, and ``c = qᵀ w``.
@@ -142,16 +148,17 @@ def _orthonormalize(w: Tensor, basis: Tensor, generator: torch.Generator) -> tup
     is merely ill-conditioned (``R`` with a small diagonal) is projected against the basis once
     more, since ``q = w R⁻¹`` amplifies what rounding left of the basis in ``w``.
     """
+    sh = sharding
     eps = torch.finfo(w.dtype).eps
-    scale = float(column_norms(w).max()) if w.numel() else 0.0
+    scale = float(column_norms(w, sh).max()) if w.shape[1] else 0.0
     if w.shape[1] == 1:
-        norm = vector_norm(w[:, 0])
+        norm = vector_norm(w[:, 0], sh)
         if norm > 100 * eps * max(scale, 1e-300) and scale > 0.0:
             q = w / norm
-            return q, (q.T @ w).to(torch.float64)
+            return q, coefficients(q.T, w, sh).to(torch.float64)
         diag = torch.zeros(1)
     else:
-        q, r = torch.linalg.qr(w)
+        q, r = orthonormal_columns(w, sh)
         diag = r.diagonal().abs()
     if bool((diag <= 100 * eps * max(scale, 1e-300)).any()) or scale == 0.0:
         cols: list[Tensor] = []
@@ -159,21 +166,21 @@ def _orthonormalize(w: Tensor, basis: Tensor, generator: torch.Generator) -> tup
             x = w[:, i].clone()
             for attempt in range(3):
                 for _ in range(2):
-                    x = x - basis.T @ (basis @ x)
+                    x = x - basis.T @ coefficients(basis, x, sh)
                     for c in cols:
-                        x = x - c * (c @ x)
-                norm = vector_norm(x)
+                        x = x - c * dot(c, x, sh)
+                norm = vector_norm(x, sh)
                 if norm > 100 * eps * max(scale, 1e-300) or attempt == 2:
                     break
                 x = torch.randn(w.shape[0], dtype=w.dtype, device=w.device, generator=generator)
-                scale = max(scale, vector_norm(x))
-            cols.append(x / vector_norm(x))
+                scale = max(scale, vector_norm(x, sh))
+            cols.append(x / vector_norm(x, sh))
         q = torch.stack(cols, dim=1)
     elif float(diag.min()) < math.sqrt(eps) * float(diag.max()):
-        q = q - basis.T @ (basis @ q)
-        q, _ = torch.linalg.qr(q)
-    q = q / column_norms(q)
-    return q, (q.T @ w).to(torch.float64)
+        q = q - basis.T @ coefficients(basis, q, sh)
+        q, _ = orthonormal_columns(q, sh)
+    q = q / column_norms(q, sh)
+    return q, coefficients(q.T, w, sh).to(torch.float64)
 
 
 def _non_finite(
@@ -267,21 +274,22 @@ def _single_step(
     inner products with the basis exceeds ``threshold`` (the coefficients of such a
     reorthogonalisation are rounding corrections and stay out of ``proj``).
     """
+    sh = op.sharding
     v = basis[j]
     w = op.matmat(v.unsqueeze(1))[:, 0].contiguous()
     if j == first:  # v_j's own coefficient by an accurate dot, then the rest of the basis
-        alpha = dot(v, w)
+        alpha = dot(v, w, sh)
         w.add_(v, alpha=-alpha)
         col = torch.zeros(j + 1, dtype=torch.float64)
         if j > 0:
-            h, _ = project_out(w, basis[:j])
+            h, _ = project_out(w, basis[:j], sh)
             col[:j] = h.to(torch.float64).cpu()
-        rest = dot(v, w)  # what rounding left along v_j
+        rest = dot(v, w, sh)  # what rounding left along v_j
         w.add_(v, alpha=-rest)
         col[j] = alpha + rest
     else:
         w.add_(basis[j - 1], alpha=-beta_prev)
-        alpha = dot(v, w)
+        alpha = dot(v, w, sh)
         w.add_(v, alpha=-alpha)
         col = torch.zeros(j + 1, dtype=torch.float64)
         col[j - 1], col[j] = beta_prev, alpha
@@ -290,14 +298,14 @@ def _single_step(
     row_sum = float(col.abs().sum())
     if not math.isfinite(row_sum):
         return math.nan, tnorm
-    beta = vector_norm(w)
+    beta = vector_norm(w, sh)
     tnorm = max(tnorm, row_sum + beta)
     if j + 1 >= n:  # the basis spans the whole space: the residual is zero
         return 0.0, tnorm
     if j > first:
         # The true inner products with the whole basis (one pass); the corrective pass only when
         # one of them exceeds the orthogonality threshold.
-        h = basis[: j + 1] @ w
+        h = coefficients(basis[: j + 1], w, sh)
         over = (h.abs() > threshold * beta).nonzero().flatten().tolist()
         if over:
             if 3 * len(over) > j + 1:  # many offenders: one pass over the whole basis
@@ -305,12 +313,12 @@ def _single_step(
             else:  # against the offending vectors only (usually the converged Ritz directions)
                 for i in over:
                     w.add_(basis[i], alpha=-float(h[i]))
-            if vector_norm(w) < DGKS * beta:  # most of w cancelled: rounding may remain
-                project_out(w, basis[: j + 1])
-            beta = vector_norm(w)
+            if vector_norm(w, sh) < DGKS * beta:  # most of w cancelled: rounding may remain
+                project_out(w, basis[: j + 1], sh)
+            beta = vector_norm(w, sh)
     eps = torch.finfo(w.dtype).eps
     if beta <= 100 * eps * max(tnorm, 1e-300):  # breakdown: an invariant subspace was found
-        q, _ = _orthonormalize(torch.zeros_like(w).unsqueeze(1), basis[: j + 1], generator)
+        q, _ = _orthonormalize(torch.zeros_like(w).unsqueeze(1), basis[: j + 1], generator, sh)
         basis[j + 1] = q[:, 0]
         return 0.0, tnorm
     torch.div(w, beta, out=basis[j + 1])
@@ -333,7 +341,7 @@ def _block_step(
     """
     w = op.matmat(basis[j : j + b].T).contiguous()  # (n, b)
     v_prev = basis[: j + b]
-    h, _ = project_out_block(w, v_prev)
+    h, _ = project_out_block(w, v_prev, op.sharding)
     h = h.to(torch.float64).cpu()
     proj[: j + b, j : j + b] = h
     proj[j : j + b, : j + b] = h.T
@@ -341,7 +349,7 @@ def _block_step(
     proj[j : j + b, j : j + b] = 0.5 * (diag + diag.T)
     if j + b >= n or not bool(torch.isfinite(h).all()):
         return torch.zeros(b, b, dtype=torch.float64)
-    q, c = _orthonormalize(w, v_prev, generator)
+    q, c = _orthonormalize(w, v_prev, generator, op.sharding)
     basis[j + b : j + 2 * b] = q.T
     return c.cpu()
 
@@ -458,7 +466,8 @@ def lanczos(
         [100.0, 99.0]
     """
     t_start = time.perf_counter()
-    n, dtype, device = op.size, op.dtype, op.device
+    local, dtype, device, sh = op.size, op.dtype, op.device, op.sharding
+    n = op.global_size
     m = _validate(k, n, which, tol, max_basis, criterion)
     optional_integer("block_size", block_size)
     b = 1 if block_size is None else max(1, min(block_size, n - m, m - k))
@@ -468,18 +477,17 @@ def lanczos(
             f"max_hvps={max_hvps} cannot reach k={k} Ritz pairs with blocks of {b}: "
             f"use max_hvps >= {k + b - 1}."
         )
-    if start is not None and (start.ndim not in (1, 2) or start.shape[0] != n):
-        raise ValueError(f"start vectors must have {n} rows, got shape {tuple(start.shape)}")
-    if m >= n and budget >= n:
+    if start is not None and (start.ndim not in (1, 2) or start.shape[0] != local):
+        raise ValueError(f"start vectors must have {local} rows, got shape {tuple(start.shape)}")
+    if m >= n and budget >= n and sh is None:
         return _dense_solve(op, k, which, tol, return_eigenvectors, t_start, criterion)
     if generator is None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
+        generator = private_generator(op, seed)
     sign = 1.0 if which == "largest" else -1.0
 
-    basis = torch.empty(m + b, n, dtype=dtype, device=device)  # rows are Lanczos vectors
+    basis = torch.empty(m + b, local, dtype=dtype, device=device)  # rows are Lanczos vectors
     proj = torch.zeros(m, m, dtype=torch.float64)  # V^T A V, on the host
-    basis[:b] = _start_block(n, b, dtype, device, generator, start, start_noise).T
+    basis[:b] = _start_block(local, b, dtype, device, generator, start, start_noise, sh).T
     coupling = torch.zeros(b, b, dtype=torch.float64)
     threshold = orthogonality_threshold(torch.finfo(dtype).eps)
 
@@ -549,7 +557,7 @@ def lanczos(
         keep_cols = order[:keep]
         y = s_vecs[:, keep_cols].to(device=device, dtype=dtype)  # (j, keep)
         chunk = 1 << 20
-        for c0 in range(0, n, chunk):
+        for c0 in range(0, local, chunk):
             basis[:keep, c0 : c0 + chunk] = y.T @ basis[:j, c0 : c0 + chunk]
         basis[keep : keep + b] = basis[j : j + b]
         cpl = coupling @ s_vecs[j - b : j, keep_cols]  # (b, keep)
@@ -559,8 +567,8 @@ def lanczos(
         proj[:keep, keep : keep + b] = cpl.T
         if b == 1:  # the residual was only orthogonal to ε^(3/4): make it so to rounding
             q = basis[keep]
-            project_out(q, basis[:keep])
-            q.div_(vector_norm(q))
+            project_out(q, basis[:keep], sh)
+            q.div_(vector_norm(q, sh))
         j = first = keep
         restarts += 1
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..operators import CurvatureOperator
+from ._orthogonality import all_sum, coefficients, orthonormal_columns, private_generator
 from .results import TraceResult
 
 
@@ -61,25 +62,32 @@ def hutchpp_trace(
     if num_hvps < 3:
         raise ValueError(f"Hutch++ needs num_hvps >= 3, got {num_hvps}")
     t_start = time.perf_counter()
-    n = op.size
+    n, local, sh = op.global_size, op.size, op.sharding
     if generator is None:
-        generator = torch.Generator(device=op.device)
-        generator.manual_seed(seed)
+        generator = private_generator(op, seed)
     like = torch.empty(0, dtype=op.dtype, device=op.device)
     s = min(num_hvps // 3, n)
-    sketch = op.matmat(_rademacher(n, s, like, generator))
-    q, _ = torch.linalg.qr(sketch)
+    sketch = op.matmat(_rademacher(local, s, like, generator))
+    q, r = orthonormal_columns(sketch, sh)
+    for _ in range(3):  # sharded: a dependent sketch column comes back zero; draw a new one
+        dead = r.diagonal() == 0
+        if sh is None or not bool(dead.any()):
+            break
+        fresh = _rademacher(local, int(dead.sum()), like, generator)
+        q, r = orthonormal_columns(torch.cat([q[:, ~dead], fresh], dim=1), sh)
     aq = op.matmat(q)
-    exact_part = float(torch.sum(q * aq))
+    exact_part = all_sum([float(torch.sum(q * aq))], sh)[0]
     used = 2 * s
     if s >= n:
         return TraceResult(exact_part, 0.0, used, 0, "hutch++", time.perf_counter() - t_start)
     g = num_hvps - used
-    probes = _rademacher(n, g, like, generator)
-    probes = probes - q @ (q.T @ probes)
+    probes = _rademacher(local, g, like, generator)
+    probes = probes - q @ coefficients(q.T, probes, sh)
     ag = op.matmat(probes)
     used += g
     samples = torch.sum(probes * ag, dim=0).to(torch.float64).cpu()
+    if sh is not None:
+        samples = sh.reduce(samples)
     remainder = float(samples.mean())
     stderr = float(samples.std(unbiased=True) / math.sqrt(g)) if g > 1 else float("nan")
     return TraceResult(

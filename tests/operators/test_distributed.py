@@ -12,19 +12,15 @@ launch also waits ``SLEEP_S`` for the collective-timeout check.
   products, NaN on one rank, helpers, rejected configurations) and the collective timeout.
 * ``trainer`` launch: ``LandscapeMonitor`` in ``Trainer(strategy="ddp", devices=2)`` under torchrun.
 
-The FSDP/DeepSpeed refusal and the single-process fall-backs run in this process.
+The FSDP1/DeepSpeed refusals and the single-process fall-backs run in this process (FSDP2:
+``tests/test_fsdp.py``).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import subprocess
-import sys
-import time
 import types
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +51,7 @@ from lightning_landscape.operators.distributed import (
 from tests import _dist_worker as W
 from tests._lightning import ClassifierModule, make_dataloader, make_dataset, trainer_kwargs
 from tests._models import KINDS, make_model, mlp_batch
-from tests._processes import kill_tree, worker_env
+from tests._processes import Launch, torchrun_launch
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH_TIMEOUT_S = 120.0
@@ -67,71 +63,14 @@ RANKS = (0, 1)
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Launch:
-    scenario: str
-    returncode: int
-    output: str
-    seconds: float
-    outdir: Path
-    ranks: dict[int, dict[str, Any]]
-
-    def get(self, rank: int, key: str) -> Any:
-        """The result of one check on one rank; fails with the launch's output if it is missing."""
-        data = self.ranks.get(rank, {})
-        assert key in data, f"rank {rank} did not record {key!r}.\n{self.tail()}"
-        value = data[key]
-        if isinstance(value, dict) and "crashed" in value:
-            pytest.fail(f"check {key!r} crashed on rank {rank}:\n{value['crashed']}")
-        return value
-
-    def both(self, key: str) -> tuple[Any, Any]:
-        return self.get(0, key), self.get(1, key)
-
-    def tail(self, chars: int = 6000) -> str:
-        return f"--- {self.scenario} launch output (tail) ---\n{self.output[-chars:]}"
-
-
 def _launch(scenario: str, outdir: Path) -> Launch:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",  # torchrun's store binds a port itself: no port picked here to race for
-        "--nproc_per_node=2",
-        "--monitor-interval=0.1",
-        "-m",
-        "tests._dist_worker",
+    return torchrun_launch(
+        ["-m", "tests._dist_worker", scenario, str(outdir)],
         scenario,
-        str(outdir),
-    ]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=worker_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        outdir,
+        [outdir / f"{scenario}.rank{r}.json" for r in RANKS],
+        LAUNCH_TIMEOUT_S,
     )
-    try:
-        output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except BaseException as err:  # a hang, or pytest interrupted: leave nothing running
-        kill_tree(proc.pid)
-        output, _ = proc.communicate(timeout=30)
-        if not isinstance(err, subprocess.TimeoutExpired):
-            raise
-        pytest.fail(
-            f"the {scenario!r} launch hung: killed after {LAUNCH_TIMEOUT_S:.0f} s.\n"
-            f"{output[-6000:]}"
-        )
-    seconds = time.perf_counter() - t0
-    ranks = {}
-    for rank in RANKS:
-        path = outdir / f"{scenario}.rank{rank}.json"
-        if path.exists():
-            ranks[rank] = json.loads(path.read_text())
-    return Launch(scenario, proc.returncode, output, seconds, outdir, ranks)
 
 
 @pytest.fixture(scope="module")
@@ -609,24 +548,20 @@ def test_monitor_refuses_fsdp_in_a_trainer() -> None:
     except ValueError as err:
         assert "requires a GPU" in str(err)
         pytest.skip(f"Lightning cannot build FSDP on CPU here ({err}); see the stub tests")
-    with pytest.raises(RuntimeError, match=r"FSDPStrategy.*strategy='ddp'"):
+    with pytest.raises(RuntimeError, match=r"FSDPStrategy \(FSDP1\)"):
         trainer.fit(ClassifierModule(), make_dataloader())
 
 
-@pytest.mark.parametrize("strategy_cls", [FSDPStrategy, ModelParallelStrategy])
-def test_monitor_refuses_sharding_strategies_in_setup(strategy_cls: type) -> None:
-    with pytest.raises(
-        RuntimeError,
-        match=rf"supports single-device and DDP training; {strategy_cls.__name__} shards or "
-        r"partitions the parameters.*Use strategy='ddp', or `enabled=False`",
-    ):
-        _setup_with(strategy_cls())
-    _setup_with(strategy_cls(), enabled=False)  # a disabled monitor does not object
+def test_monitor_refuses_fsdp1_in_setup() -> None:
+    with pytest.raises(RuntimeError, match=r"FSDPStrategy \(FSDP1\).*`enabled=False`"):
+        _setup_with(FSDPStrategy())
+    _setup_with(FSDPStrategy(), enabled=False)  # a disabled monitor does not object
 
 
-def test_monitor_accepts_single_device_and_ddp_in_setup() -> None:
+def test_monitor_accepts_single_device_ddp_and_fsdp2_in_setup() -> None:
     _setup_with(SingleDeviceStrategy(torch.device("cpu")))
     _setup_with(DDPStrategy())
+    _setup_with(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
 
 
 def test_monitor_refuses_deepspeed_in_setup() -> None:
