@@ -23,9 +23,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._validate import real
+from .._validate import choice, real
 from .base import CurvatureOperator, Sharding
 from .batches import batch_size, normal_tensors
+from .differences import FD_ORDERS, GradientDifference
 from .distributed import ProbeFailure, all_reduce, count_failures
 from .hessian import HVPRoute
 from .loss import LossFn, check_scalar_loss
@@ -115,13 +116,13 @@ class ShardedHessianOperator(CurvatureOperator):
     :func:`~lightning_landscape.operators.select_parameters` order (:attr:`size` entries here,
     :attr:`global_size` in all); solvers reduce their inner products through :attr:`sharding`.
 
-    A product costs two forward and backward passes per probe batch (FSDP's all-gathers and
-    reduce-scatters included) and two scalar all-reduces. Its accuracy is that of a central
-    difference with ``ε = fd_eps · max(‖θ‖, 1) / ‖v‖`` (norms over the whole vectors, so every
-    process takes the same step): an error of order ``ε²·‖∇³L‖`` plus rounding of order
-    ``u·‖∇L‖/ε`` (``u`` the unit roundoff); see the README for measured values against the exact
-    single-process route. Parameters are perturbed in place and restored bit-for-bit after every
-    product; ``.grad`` of every parameter is saved and put back around each gradient.
+    A product costs four forward and backward passes per probe batch (two with ``fd_order=2``;
+    two more per halving of the step, which the step control keeps for later products),
+    FSDP's all-gathers and reduce-scatters included, and two scalar all-reduces. The step is
+    ``ε = fd_eps · max(‖θ‖, 1) / ‖v‖`` (norms over the whole vectors, so every process takes the
+    same step); see the README for measured errors against the exact single-process route.
+    Parameters are perturbed in place and restored bit-for-bit after every product; ``.grad`` of
+    every parameter is saved and put back around each gradient.
 
     FSDP's reduce-scatter averages the processes' gradients, so each process scales its loss by
     ``world · weight / total weight`` before the backward pass; every process runs the same
@@ -136,6 +137,12 @@ class ShardedHessianOperator(CurvatureOperator):
         weight: this process's weight (default: its number of probe samples).
         fd_eps: relative finite-difference step (default ``ε_mach^(1/3)`` of the dtype, about
             4.9e-3 in float32).
+        fd_order: ``4`` (default): Richardson-extrapolated central differences with step
+            control, four gradients per vector (two more per halving of the step); ``2``: one
+            central difference, two gradients, but an error of order ``ε²`` that reached 3e-2
+            along the top eigenvector of a small GPT-2 (see
+            :class:`~lightning_landscape.operators.differences.GradientDifference`).
+        fd_rtol: the step control's tolerance (order 4).
         group: the process group FSDP shards over (default: the default group).
         timeout: bound on this operator's own all-reduces (FSDP's collectives use the process
             group's timeout).
@@ -160,6 +167,8 @@ class ShardedHessianOperator(CurvatureOperator):
         params: Sequence[str] | Sequence[Tensor] | None = None,
         weight: float | None = None,
         fd_eps: float | None = None,
+        fd_order: int = 4,
+        fd_rtol: float = 0.02,
         group: Any | None = None,
         timeout: datetime.timedelta | None = None,
     ) -> None:
@@ -199,6 +208,8 @@ class ShardedHessianOperator(CurvatureOperator):
         if fd_eps is not None:
             real("fd_eps", fd_eps, low=0)
         self.fd_eps = fd_eps if fd_eps is not None else torch.finfo(self.dtype).eps ** (1 / 3)
+        self.fd_order = choice("fd_order", fd_order, FD_ORDERS)
+        self.difference = GradientDifference(self.fd_order, real("fd_rtol", fd_rtol, low=0))
         self.route: HVPRoute = "finite_difference"
         self.loss_value = self._evaluate_loss()
 
@@ -299,13 +310,14 @@ class ShardedHessianOperator(CurvatureOperator):
             return torch.zeros_like(v)
         step = self.fd_eps * max(math.sqrt(theta_sq), 1.0) / norm
         pieces = torch.split(v, [t.numel() for t in self.locals])
-        grads = []
-        for sign in (1.0, -1.0):
+
+        def gradient_at(s: float) -> Tensor:
             with torch.no_grad():
                 for local, orig, piece in zip(self.locals, saved, pieces, strict=True):
-                    local.copy_(orig).add_(piece.view_as(local), alpha=sign * step)
-            grads.append(self._gradient())
-        return (grads[0] - grads[1]) / (2.0 * step)
+                    local.copy_(orig).add_(piece.view_as(local), alpha=s)
+            return self._gradient()
+
+        return self.difference(gradient_at, step, lambda t: math.sqrt(self._norm_squared([t])))
 
     def release(self) -> None:
         """Nothing is retained between products (kept for the operator interface)."""
