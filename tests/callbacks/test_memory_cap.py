@@ -343,7 +343,7 @@ def test_finite_difference_peak_is_one_micro_batch(kind: str) -> None:
     with curvature_context(model):
         whole, _, _ = _probe(model, loss_fn, [batch], route="finite_difference")
         capped, live_at_forward, _ = _probe(model, loss_fn, pieces, route="finite_difference")
-    assert live_at_forward == [0] * (2 * 4 * 2 * len(pieces))  # 2 gradients per vector
+    assert live_at_forward == [0] * (4 * 4 * 2 * len(pieces))  # 4 gradients per vector (order 4)
     assert capped.live == 0
     assert capped.peak <= 0.25 * whole.peak
 
