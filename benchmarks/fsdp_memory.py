@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import subprocess
@@ -35,22 +34,11 @@ sys.path.insert(0, str(ROOT))
 
 import lightning_landscape as ll  # noqa: E402
 from benchmarks.bench_cpu import TinyGPT, gpt_loss  # noqa: E402
-from benchmarks.memory import _reset_hwm, _status_kib  # noqa: E402
+from benchmarks.memory import peak_above_baseline  # noqa: E402
 from lightning_landscape.operators.sharded import ShardedHessianOperator  # noqa: E402
 
 SEQUENCES, TOKENS = 2, 64
 OUT = Path(__file__).with_name("results_fsdp_memory.json")
-
-
-def peak_mib(fn: Any) -> tuple[float, float, Any]:
-    """(peak RSS above the current RSS in MiB, seconds, fn's value)."""
-    gc.collect()
-    base = _status_kib("VmRSS")
-    if not _reset_hwm():
-        raise OSError("cannot reset the RSS high-water mark (/proc/self/clear_refs)")
-    t0 = time.perf_counter()
-    value = fn()
-    return (_status_kib("VmHWM") - base) / 1024, time.perf_counter() - t0, value
 
 
 def worker(quick: bool, out: Path) -> None:
@@ -80,14 +68,14 @@ def worker(quick: bool, out: Path) -> None:
         opt.zero_grad(set_to_none=True)
 
     train_step()  # AdamW's state exists before anything is measured
-    step_mib, step_s, _ = peak_mib(train_step)
+    step_mib, step_s, _ = peak_above_baseline(train_step)
 
     def probe() -> Any:
         with ll.curvature_context(model):
             op = ShardedHessianOperator(model, gpt_loss, [mine])
             return op.size, ll.lanczos(op, k=1, tol=1e-3, return_eigenvectors=False)
 
-    probe_mib, probe_s, (size, res) = peak_mib(probe)
+    probe_mib, probe_s, (size, res) = peak_above_baseline(probe)
     row = {
         "world": world,
         "rank": rank,

@@ -86,6 +86,21 @@ def _reset_hwm() -> bool:
         return False
 
 
+def peak_above_baseline(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """Run ``fn``: the peak resident memory above the current one (MiB), seconds, its value.
+
+    Raises:
+        OSError: where the high-water mark cannot be reset (``/proc/self/clear_refs``).
+    """
+    gc.collect()
+    base = _status_kib("VmRSS")
+    if not _reset_hwm():
+        raise OSError("cannot reset the RSS high-water mark (/proc/self/clear_refs)")
+    t0 = time.perf_counter()
+    value = fn()
+    return (_status_kib("VmHWM") - base) / 1024, time.perf_counter() - t0, value
+
+
 def _to(batch: Any, device: torch.device) -> Any:
     return tuple(t.to(device) for t in batch)
 

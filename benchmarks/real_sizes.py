@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
 import os
 import subprocess
@@ -56,7 +55,7 @@ from bench_cpu import (
     run_curvlinops,
     version_of,
 )
-from memory import _reset_hwm, _status_kib
+from memory import peak_above_baseline
 
 import lightning_landscape as ll
 from lightning_landscape import functional as ll_functional
@@ -223,14 +222,8 @@ def child(model_name: str, method: str, quick: bool) -> dict[str, Any]:
         warm.matvec(torch.randn(warm.size))
         warm.release()
     del warm
-    gc.collect()
-    base = _status_kib("VmRSS")
-    if not _reset_hwm():
-        raise OSError("cannot reset the RSS high-water mark (/proc/self/clear_refs)")
-    t0 = time.perf_counter()
-    out = run()
-    secs = time.perf_counter() - t0
-    row = {"seconds": secs, "delta_mib": (_status_kib("VmHWM") - base) / 1024}
+    delta_mib, secs, out = peak_above_baseline(run)
+    row = {"seconds": secs, "delta_mib": delta_mib}
     if hasattr(out, "num_hvps"):
         row["hvps"] = out.num_hvps
     return row

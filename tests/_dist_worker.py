@@ -97,6 +97,15 @@ def outcome(fn: Callable[[], Any]) -> dict[str, Any]:
     return {"value": value, "seconds": time.perf_counter() - t0}
 
 
+def fit_outcome(trainer: Any, module: Any, loader: Any) -> dict[str, Any]:
+    """``outcome(trainer.fit(...))`` plus the monitor's warnings raised meanwhile."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = outcome(lambda: trainer.fit(module, loader))
+    res["warnings"] = [str(w.message) for w in caught if "LandscapeMonitor" in str(w.message)]
+    return res
+
+
 def guarded(rec: Recorder, key: str, fn: Callable[[], Any]) -> None:
     """Record ``fn()`` under ``key``; an unexpected exception is recorded with its traceback."""
     try:
@@ -450,9 +459,7 @@ def scenario_trainer(rank: int, rec: Recorder, outdir: Path) -> None:
             )
         )
         loader = make_dataloader(make_dataset(), batch_size=16)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            res = outcome(lambda: trainer.fit(module, loader))
+        res = fit_outcome(trainer, module, loader)
         state = {"model": module.state_dict()}
         if trainer.optimizers:
             state["optimizer"] = trainer.optimizers[0].state_dict()
@@ -465,7 +472,6 @@ def scenario_trainer(rank: int, rec: Recorder, outdir: Path) -> None:
             global_rank=trainer.global_rank,
             strategy=type(trainer.strategy).__name__,
             records=logger.records,
-            warnings=[str(w.message) for w in caught if "LandscapeMonitor" in str(w.message)],
         )
         if mon is not None:
             res.update(

@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from torch import Tensor, nn
 import lightning_landscape as ll
 from lightning_landscape.operators import HessianOperator
 from lightning_landscape.operators.sharded import ShardedHessianOperator, local_tensor
-from tests._dist_worker import Recorder, guarded, outcome
+from tests._dist_worker import Recorder, fit_outcome, guarded
 
 IN, HIDDEN, CLASSES = 6, 12, 3
 SIZES = (7, 13)  # the operator check's uneven shards of the union
@@ -247,10 +246,7 @@ def scenario(rank: int, rec: Recorder, outdir: Path) -> None:
             )
         )
         loader = make_dataloader(make_dataset(), batch_size=16)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            res = outcome(lambda: trainer.fit(module, loader))
-        res["warnings"] = [str(w.message) for w in caught if "LandscapeMonitor" in str(w.message)]
+        res = fit_outcome(trainer, module, loader)
         if "error" in res:
             return res
         shards = {n: local_tensor(p).detach().clone() for n, p in module.named_parameters()}

@@ -15,9 +15,12 @@ over (the difference grows instead of shrinking, once it is small enough to be a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor
+
+from .._validate import choice, real
 
 FD_ORDERS = (2, 4)
 Gradient = Callable[[float], Tensor]  # s ↦ ∇L(θ + s v), flat
@@ -31,6 +34,9 @@ class GradientDifference:
     """``Hv`` from gradients at ``θ + s v``, with the step control described in the module.
 
     Args:
+        dtype: the parameters' dtype (sets the default ``fd_eps``).
+        fd_eps: relative nominal step (default ``ε_mach^(1/3)`` of ``dtype``, about 4.9e-3 in
+            float32): ``h = fd_eps · max(‖θ‖, 1) / ‖v‖``.
         order: ``4`` (default): Richardson-extrapolated central differences with step control,
             four gradients per product when the step is kept, two more per halving; ``2``: one
             central difference at the given step, two gradients, no control.
@@ -39,29 +45,38 @@ class GradientDifference:
         max_halvings: bound on the halvings of one product.
 
     Attributes:
+        eps: the relative nominal step.
         scale: the factor on the nominal step kept from the last product (order 4).
         halvings: halvings so far (all products).
         gradients: gradients evaluated so far.
 
     Raises:
-        ValueError: for another order or a non-positive ``rtol``.
+        ValueError: for another order, or a non-positive ``fd_eps`` or ``rtol``.
 
     Example:
         >>> import torch
         >>> a = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
         >>> theta, v = torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor([1.0, 0.0])
         >>> grad = lambda s: a @ (theta + s * v.double()) + (theta + s * v.double()) ** 3
-        >>> hv = GradientDifference()(grad, 1e-2, lambda t: float(t.norm()))
+        >>> hv = GradientDifference(torch.float64)(grad, 1e-2, lambda t: float(t.norm()))
         >>> [round(x, 6) for x in hv.tolist()]  # H v = (A + diag(3θ²)) v
         [2.75, 1.0]
     """
 
-    def __init__(self, order: int = 4, rtol: float = 0.02, max_halvings: int = 16) -> None:
-        if order not in FD_ORDERS:
-            raise ValueError(f"fd_order must be one of {FD_ORDERS}, got {order!r}")
-        if not rtol > 0:
-            raise ValueError(f"rtol must be positive, got {rtol!r}")
-        self.order, self.rtol, self.max_halvings = order, float(rtol), int(max_halvings)
+    def __init__(
+        self,
+        dtype: torch.dtype,
+        fd_eps: float | None = None,
+        order: int = 4,
+        rtol: float = 0.02,
+        max_halvings: int = 16,
+    ) -> None:
+        if fd_eps is not None:
+            real("fd_eps", fd_eps, low=0)
+        self.eps = fd_eps if fd_eps is not None else torch.finfo(dtype).eps ** (1 / 3)
+        self.order = choice("fd_order", order, FD_ORDERS)
+        self.rtol = real("fd_rtol", rtol, low=0)
+        self.max_halvings = int(max_halvings)
         self.scale = 1.0
         self.halvings = 0
         self.gradients = 0
@@ -69,6 +84,44 @@ class GradientDifference:
     def _central(self, gradient_at: Gradient, h: float) -> Tensor:
         self.gradients += 2
         return (gradient_at(h) - gradient_at(-h)) / (2.0 * h)
+
+    def hvp(
+        self,
+        tensors: Sequence[Tensor],
+        saved: Sequence[Tensor],
+        v: Tensor,
+        pieces: Sequence[Tensor],
+        gradient: Callable[[], Tensor],
+        theta: float,
+        norm: Norm,
+    ) -> Tensor:
+        """``Hv`` by moving ``tensors`` in place to ``saved + s · pieces`` and back.
+
+        Args:
+            tensors: the probed parameters (or this process's slices of them), moved in place;
+                the caller restores them
+                (:func:`~lightning_landscape.operators.restored_parameters`).
+            saved: their original values.
+            v: the flat vector.
+            pieces: ``v`` cut like ``tensors`` (views).
+            gradient: the flat gradient at the parameters' current values.
+            theta: ``‖θ‖`` (over every shard when sharded).
+            norm: how to take a flat vector's norm (reduced over the shards when sharded).
+
+        Returns:
+            The flat approximation of ``Hv`` (zeros for ``v = 0``).
+        """
+        size = norm(v)
+        if size == 0.0:
+            return torch.zeros_like(v)
+
+        def gradient_at(s: float) -> Tensor:
+            with torch.no_grad():
+                for t, orig, piece in zip(tensors, saved, pieces, strict=True):
+                    t.copy_(orig).add_(piece, alpha=s)
+            return gradient()
+
+        return self(gradient_at, self.eps * max(theta, 1.0) / size, norm)
 
     def __call__(self, gradient_at: Gradient, step: float, norm: Norm) -> Tensor:
         """The approximation of ``Hv``.

@@ -107,7 +107,7 @@ def count_failures(
     """
     if distributed_world(group) == 1:
         return int(failed)
-    device = _collective_device(group)
+    device = collective_device(group)
     flag = torch.tensor([1.0 if failed else 0.0], dtype=torch.float64, device=device)
     return round(float(all_reduce(flag, group, timeout).item()))
 
@@ -128,7 +128,7 @@ def weighted_mean(
     """
     if distributed_world(group) == 1:
         return value
-    device = _collective_device(group)
+    device = collective_device(group)
     both = torch.tensor([value * weight, weight], dtype=torch.float64, device=device)
     all_reduce(both, group, timeout)
     return float(both[0] / both[1])
@@ -167,7 +167,7 @@ def weighted_mean_tensor(
     except Exception as err:
         error, local = err, torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
     tail = torch.tensor([weight, 1.0 if error is not None else 0.0], dtype=like.dtype)
-    packed = torch.cat([local, tail.to(local.device)]).to(_collective_device(group))
+    packed = torch.cat([local, tail.to(local.device)]).to(collective_device(group))
     reduced = all_reduce(packed, group, timeout).to(like.device)
     if error is not None:
         raise ProbeFailure(f"this rank's computation failed: {error}") from error
@@ -191,11 +191,12 @@ def max_over_ranks(
     """
     if distributed_world(group) == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=_collective_device(group))
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device(group))
     return float(all_reduce(t, group, timeout, op=dist.ReduceOp.MAX)[0])
 
 
-def _collective_device(group: Any | None) -> torch.device:
+def collective_device(group: Any | None) -> torch.device:
+    """Where ``group``'s collectives take their tensors: the current GPU for NCCL, else the CPU."""
     backend = dist.get_backend(group)
     if backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

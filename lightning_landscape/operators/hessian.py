@@ -11,10 +11,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .._validate import choice, integer, real
+from .._validate import choice, integer
 from .base import CurvatureOperator
 from .batches import batch_size, normal_tensors
-from .differences import FD_ORDERS, GradientDifference
+from .differences import GradientDifference
 from .loss import LossFn, LossModule, check_scalar_loss
 from .params import differentiable, restored_parameters, select_parameters
 
@@ -157,11 +157,7 @@ class HessianOperator(CurvatureOperator):
         self.shapes = [p.shape for p in self.params]
         self.numels = [p.numel() for p in self.params]
         self.max_block = max_block
-        if fd_eps is not None:
-            real("fd_eps", fd_eps, low=0)
-        self.fd_eps = fd_eps if fd_eps is not None else torch.finfo(self.dtype).eps ** (1 / 3)
-        self.fd_order = choice("fd_order", fd_order, FD_ORDERS)
-        self.difference = GradientDifference(self.fd_order, real("fd_rtol", fd_rtol, low=0))
+        self.difference = GradientDifference(self.dtype, fd_eps, fd_order, fd_rtol)
         self.route: HVPRoute = route
         self.calibrate = calibrate
         self.retain_graph = len(batches) == 1 if retain_graph is None else retain_graph
@@ -328,21 +324,20 @@ class HessianOperator(CurvatureOperator):
             theta = float(torch.sqrt(sum((t.double() ** 2).sum() for t in saved)))  # type: ignore[arg-type]
             for j in range(block.shape[1]):
                 v = block[:, j]
-                norm = float(v.norm())
-                if norm == 0.0:
-                    out[:, j] = 0.0
-                    continue
-                pieces = self.split(v)
-
-                def gradient_at(s: float, pieces: list[Tensor] = pieces) -> Tensor:
-                    with torch.no_grad():
-                        for p, orig, piece in zip(self.params, saved, pieces, strict=True):
-                            p.copy_(orig).add_(piece, alpha=s)
-                    return self._gradient()
-
-                step = self.fd_eps * max(theta, 1.0) / norm
-                out[:, j] = self.difference(gradient_at, step, lambda t: float(t.norm()))
+                out[:, j] = self.difference.hvp(
+                    self.params, saved, v, self.split(v), self._gradient, theta, _norm
+                )
         return out
+
+    @property
+    def fd_eps(self) -> float:
+        """The finite-difference route's relative nominal step."""
+        return self.difference.eps
+
+    @property
+    def fd_order(self) -> int:
+        """The finite-difference route's scheme (2 or 4)."""
+        return self.difference.order
 
     def _flat_or_zero(self, hv: Sequence[Tensor | None], batched: int | None = None) -> Tensor:
         parts = []
@@ -472,6 +467,10 @@ class HessianOperator(CurvatureOperator):
         """Free retained autograd graphs and traced functions (call when done probing)."""
         self._graphs = None
         self._func_hvps = None
+
+
+def _norm(t: Tensor) -> float:
+    return float(t.norm())
 
 
 def _synchronizer(device: torch.device) -> Callable[[], None]:

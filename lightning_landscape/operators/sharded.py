@@ -23,11 +23,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._validate import choice, real
 from .base import CurvatureOperator, Sharding
 from .batches import batch_size, normal_tensors
-from .differences import FD_ORDERS, GradientDifference
-from .distributed import ProbeFailure, all_reduce, count_failures
+from .differences import GradientDifference
+from .distributed import ProbeFailure, all_reduce, collective_device, count_failures
 from .hessian import HVPRoute
 from .loss import LossFn, check_scalar_loss
 from .params import restored_parameters, select_parameters
@@ -205,33 +204,24 @@ class ShardedHessianOperator(CurvatureOperator):
             self.batches.append(self.batches[-1])
             self.scales.append(0.0)
         self.sharding = Sharding(global_size, dist.get_rank(group), self._sum)
-        if fd_eps is not None:
-            real("fd_eps", fd_eps, low=0)
-        self.fd_eps = fd_eps if fd_eps is not None else torch.finfo(self.dtype).eps ** (1 / 3)
-        self.fd_order = choice("fd_order", fd_order, FD_ORDERS)
-        self.difference = GradientDifference(self.fd_order, real("fd_rtol", fd_rtol, low=0))
+        self.difference = GradientDifference(self.dtype, fd_eps, fd_order, fd_rtol)
         self.route: HVPRoute = "finite_difference"
         self.loss_value = self._evaluate_loss()
 
     # ------------------------------------------------------------------ collectives
     def _sum(self, tensor: Tensor, op: Any = None) -> Tensor:
         """All-reduce (sum by default) over the group, bounded by :attr:`timeout`."""
-        backend = dist.get_backend(self.group)
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else None
-        moved = tensor.detach().to(device or "cpu", copy=True)  # all_reduce works in place
+        moved = tensor.detach().to(collective_device(self.group), copy=True)  # reduced in place
         return all_reduce(moved, self.group, self.timeout, op=op).to(tensor.device)
 
     # ------------------------------------------------------------------ passes
-    def _reshard(self) -> None:
-        reshard(self.model)
-
     def _evaluate_loss(self) -> float:
         local = 0.0
         with torch.no_grad():
             for scale, batch in zip(self.scales, self.batches, strict=True):
                 loss = check_scalar_loss(self.loss_fn(self.model, batch))
                 local += scale * float(loss)
-        self._reshard()
+        reshard(self.model)
         return float(self._sum(torch.tensor([local], dtype=torch.float64))[0]) / self.world
 
     def _gradient(self) -> Tensor:
@@ -258,7 +248,7 @@ class ShardedHessianOperator(CurvatureOperator):
         finally:
             for p, g in zip(every, saved, strict=True):
                 p.grad = g
-            self._reshard()
+            reshard(self.model)
 
     def gradient(self) -> Tensor:
         """This process's slice of the probe loss' gradient (the weighted mean over processes).
@@ -290,35 +280,27 @@ class ShardedHessianOperator(CurvatureOperator):
         error: BaseException | None = None
         try:
             with restored_parameters(self.locals) as saved:
-                theta = self._norm_squared(saved)
+                theta = self._norm(saved)
+                sizes = [t.numel() for t in self.locals]
                 for j in range(block.shape[1]):
-                    out[:, j] = self._product(block[:, j], saved, theta)
+                    v = block[:, j]
+                    parts = torch.split(v, sizes)
+                    pieces = [p.view_as(t) for p, t in zip(parts, self.locals, strict=True)]
+                    out[:, j] = self.difference.hvp(
+                        self.locals, saved, v, pieces, self._gradient, theta, self._vector_norm
+                    )
         except Exception as err:  # keep the schedule of collectives: agree, then raise
             error = err
-        finally:
-            self._reshard()
         self._agree(error, "Hessian-vector product")
         return out
 
-    def _norm_squared(self, tensors: Sequence[Tensor]) -> float:
+    def _norm(self, tensors: Sequence[Tensor]) -> float:
+        """The norm of the whole vector whose slices here are ``tensors`` (one all-reduce)."""
         local = math.fsum(float((t.double() ** 2).sum()) for t in tensors)
-        return float(self._sum(torch.tensor([local], dtype=torch.float64))[0])
+        return math.sqrt(float(self._sum(torch.tensor([local], dtype=torch.float64))[0]))
 
-    def _product(self, v: Tensor, saved: list[Tensor], theta_sq: float) -> Tensor:
-        norm = math.sqrt(self._norm_squared([v]))
-        if norm == 0.0:
-            return torch.zeros_like(v)
-        step = self.fd_eps * max(math.sqrt(theta_sq), 1.0) / norm
-        pieces = torch.split(v, [t.numel() for t in self.locals])
-
-        def gradient_at(s: float) -> Tensor:
-            with torch.no_grad():
-                for local, orig, piece in zip(self.locals, saved, pieces, strict=True):
-                    local.copy_(orig).add_(piece.view_as(local), alpha=s)
-            return self._gradient()
-
-        return self.difference(gradient_at, step, lambda t: math.sqrt(self._norm_squared([t])))
+    def _vector_norm(self, v: Tensor) -> float:
+        return self._norm([v])
 
     def release(self) -> None:
-        """Nothing is retained between products (kept for the operator interface)."""
-        self._reshard()
+        """Nothing is retained between products: every gradient reshards (operator interface)."""

@@ -316,16 +316,8 @@ class ProbeContext:
 
         When sharded, this process's slices of them.
         """
-        if self.sharded:
-            return torch.cat(
-                [
-                    local_tensor(p).detach().reshape(-1)
-                    for _, p in select_parameters(self.model, self.params)
-                ]
-            )
-        return torch.cat(
-            [p.detach().reshape(-1) for _, p in select_parameters(self.model, self.params)]
-        )
+        named = select_parameters(self.model, self.params)
+        return torch.cat([local_tensor(p).detach().reshape(-1) for _, p in named])
 
     def gradient(self) -> Tensor:
         """The gradient of the probe loss (the sample-weighted mean over every rank), flat.
