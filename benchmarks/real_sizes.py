@@ -13,6 +13,10 @@ CIFAR-shape samples. For k = 1, 5, 20 in one process, float32, same batch:
   tol=1e-4)``, its documented path.
 
 "agree" is the largest relative difference between our k eigenvalues and curvlinops'.
+``--sections probe-size``: ours alone for k = 1, 5 at the monitor's default probe size (256
+samples), where a product is dearer and the solver's share correspondingly smaller.
+``--sections compiled``: seconds per product of our two eager exact routes against
+``torch.compile`` of the whole ``torch.func`` product, and the compile time.
 
 Memory (``--sections memory``): a GPT (6 layers, d = 512, 8 heads, vocab 8192, explicit attention:
 27.3 M parameters) on 8 × 128 random tokens. Each method runs in a fresh child process after one
@@ -20,9 +24,13 @@ AdamW step and one Hessian-vector product as a warm-up, then measured: peak RSS 
 before the call (``/proc/self/clear_refs`` resets the high-water mark; glibc returns freed memory
 at once with ``MALLOC_MMAP_THRESHOLD_``). Methods: one AdamW training step (the reference), one
 Hessian-vector product, a λ_max solve (k = 1) and a top-5 solve, each ``hessian_eigenvalues(...,
-tol=1e-4, return_eigenvectors=True)``.
+tol=1e-4, return_eigenvectors=True)``; then the same with the memory caps: micro-batches of one
+sequence (``micro_batch_size=1``) and the Krylov basis bounded in bytes (``max_basis_bytes``: 8
+parameter vectors for λ_max, 13 for the top 5).
 
-    python benchmarks/real_sizes.py --out benchmarks/results_real_sizes.json
+    python benchmarks/real_sizes.py --sections speed,compiled,memory \
+        --out benchmarks/results_real_sizes.json
+    python benchmarks/real_sizes.py --sections probe-size --out benchmarks/results_probe_size.json
     python benchmarks/real_sizes.py --quick     # < 60 s smoke run (small widths)
 """
 
@@ -95,12 +103,17 @@ def cnn_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     return F.cross_entropy(model(batch[0]), batch[1])
 
 
-def make_resnet18(quick: bool) -> Problem:
+def make_resnet18(quick: bool, samples: int = 16) -> Problem:
     torch.manual_seed(0)
     model = TorchvisionResNet18(width=16 if quick else 64).eval()
     g = torch.Generator().manual_seed(1)
-    batch = (torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
-    desc = "torchvision-style ResNet-18 (BN, eval), 16 x 3x32x32 random samples, random init"
+    batch = (
+        torch.randn(samples, 3, 32, 32, generator=g),
+        torch.randint(0, 10, (samples,), generator=g),
+    )
+    desc = (
+        f"torchvision-style ResNet-18 (BN, eval), {samples} x 3x32x32 random samples, random init"
+    )
     return Problem("resnet18", desc, model, cnn_loss, batch, model, batch)
 
 
@@ -138,6 +151,12 @@ class _TimedOperator(ll.HessianOperator):
         out = super()._matmat(block)
         self.hvp_seconds += time.perf_counter() - t0
         return out
+
+    def _matvec_into(self, v: Tensor, out: Tensor) -> Tensor:  # Lanczos' single-vector steps
+        t0, before = time.perf_counter(), self.hvp_seconds
+        result = super()._matvec_into(v, out)
+        self.hvp_seconds = before + time.perf_counter() - t0  # once, if it went through _matmat
+        return result
 
 
 def run_ours_timed(prob: Problem, k: int) -> dict[str, Any]:
@@ -182,6 +201,57 @@ def speed(prob: Problem, ks: list[int], peers: bool) -> list[dict[str, Any]]:
     return rows
 
 
+# ------------------------------------------------------------------------------------- compiled
+def compiled(prob: Problem, repeats: int = 3) -> dict[str, Any]:
+    """Seconds per product on the ResNet-18: our two eager exact routes against ``torch.compile``
+    of the whole ``torch.func`` product (forward-over-reverse, as curvlinops compiles it), and
+    the compile time itself. ``auto`` would take a compiled route only where it measured
+    faster."""
+    from torch.func import functional_call, grad, jvp
+
+    model, batch = prob.model, prob.batch
+    names = [n for n, _ in model.named_parameters()]
+    primals = tuple(p.detach() for p in model.parameters())
+
+    def loss_of(*ps: Tensor) -> Tensor:  # cnn_loss through functional_call
+        logits = functional_call(model, dict(zip(names, ps, strict=True)), (batch[0],))
+        return F.cross_entropy(logits, batch[1])
+
+    grad_fn = grad(loss_of, argnums=tuple(range(len(primals))))
+
+    def hvp(*tangents: Tensor) -> tuple[Tensor, ...]:
+        return tuple(jvp(grad_fn, primals, tangents)[1])
+
+    def per_product(fn: Any, *args: Any) -> float:
+        fn(*args)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn(*args)
+        return (time.perf_counter() - t0) / repeats
+
+    g = torch.Generator().manual_seed(5)
+    tangents = tuple(torch.randn(p.shape, generator=g) for p in primals)
+    row: dict[str, Any] = {"model": prob.name, "params": prob.params}
+    with ll.curvature_context(model):
+        for route in ("double_backward", "functorch"):
+            op = ll.HessianOperator(model, prob.loss_fn, [batch], route=route)
+            v = torch.cat([t.reshape(-1) for t in tangents])
+            row[route] = per_product(op.matvec, v)
+            op.release()
+        row["functorch_traced"] = per_product(hvp, *tangents)
+        t0 = time.perf_counter()
+        fast = torch.compile(hvp)
+        reference = hvp(*tangents)
+        result = fast(*tangents)
+        row["compile_seconds"] = time.perf_counter() - t0
+        row["compiled"] = per_product(fast, *tangents)
+        row["compiled_rel_diff"] = max(
+            float((a - b).norm() / b.norm()) for a, b in zip(result, reference, strict=True)
+        )
+    print(json.dumps(row), flush=True)
+    return row
+
+
 # --------------------------------------------------------------------------------------- memory
 def child(model_name: str, method: str, quick: bool) -> dict[str, Any]:
     import warnings
@@ -201,18 +271,32 @@ def child(model_name: str, method: str, quick: bool) -> dict[str, Any]:
 
     train_step()  # AdamW's state exists before anything is measured, for every method
 
+    # "<name> [k=K] [micro=M] [basis=V]": micro-batches of M samples (graphs built one at a time)
+    # and a Krylov basis of V vectors (max_basis_bytes = V vectors, the "+ 1" included).
+    name, *opts = method.split()
+    kw = dict(opt.split("=") for opt in opts)
+    micro = int(kw["micro"]) if "micro" in kw else None
+    batches = [batch] if micro is None else ll.split_batch(batch, micro)
+
     def run() -> Any:
-        if method == "train_step":
+        if name == "train_step":
             return train_step()
-        if method == "one_hvp":
+        if name == "one_hvp":
             with ll.curvature_context(model):
-                op = ll.HessianOperator(model, prob.loss_fn, [batch])
+                op = ll.HessianOperator(model, prob.loss_fn, batches)
                 out = op.matvec(torch.randn(op.size))
                 op.release()
             return out
-        k = int(method.split("=")[1])
+        vector = sum(p.numel() * p.element_size() for p in model.parameters())
         return ll.hessian_eigenvalues(
-            model, prob.loss_fn, batch, k, tol=OUR_TOL, return_eigenvectors=True
+            model,
+            prob.loss_fn,
+            batch,
+            int(kw["k"]),
+            tol=OUR_TOL,
+            return_eigenvectors=True,
+            micro_batch_size=micro,
+            max_basis_bytes=int(kw["basis"]) * vector if "basis" in kw else None,
         )
 
     # Warm-up: one training step ran above; one Hessian-vector product sets up autograd's and the
@@ -229,10 +313,23 @@ def child(model_name: str, method: str, quick: bool) -> dict[str, Any]:
     return row
 
 
+# The default solves, then the memory caps: micro-batches of one sequence and a basis bounded
+# in bytes (8 vectors for λ_max, 13 for the top 5).
+METHODS = (
+    "train_step",
+    "one_hvp",
+    "eig k=1",
+    "eig k=5",
+    "one_hvp micro=1",
+    "eig k=1 micro=1 basis=8",
+    "eig k=5 micro=1 basis=13",
+)
+
+
 def memory(model_name: str, quick: bool) -> list[dict[str, Any]]:
     rows = []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    for method in ("train_step", "one_hvp", "eig k=1", "eig k=5"):
+    for method in METHODS:
         cmd = [sys.executable, __file__, "--child", model_name, method]
         cmd += ["--quick"] if quick else []
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -253,7 +350,11 @@ def memory(model_name: str, quick: bool) -> list[dict[str, Any]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sections", default="speed,memory", help="comma list: speed, memory")
+    ap.add_argument(
+        "--sections",
+        default="speed,memory",
+        help="comma list: speed, memory, compiled, probe-size",
+    )
     ap.add_argument("--ks", default=None, help="comma list of k (default 1,5,20; quick: 1,3)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--no-peers", action="store_true", help="only lightning_landscape")
@@ -286,6 +387,14 @@ def main() -> None:
         prob = make_resnet18(args.quick)
         print(f"== speed: {prob.desc}; {prob.params} parameters", flush=True)
         out["speed"] = speed(prob, ks, peers)
+    if "probe-size" in sections:  # the monitor's default probe data: 256 samples, ours only
+        prob = make_resnet18(args.quick, samples=32 if args.quick else 256)
+        print(f"== solver share at the monitor's probe size: {prob.desc}", flush=True)
+        out["probe_size"] = speed(prob, ks[:2], peers=False)
+    if "compiled" in sections:
+        prob = make_resnet18(args.quick)
+        print(f"== compiled HVP: {prob.desc}", flush=True)
+        out["compiled"] = compiled(prob)
     if "memory" in sections:
         print("== memory: " + make_gpt27m(args.quick).desc, flush=True)
         out["memory"] = memory("gpt27m", args.quick)

@@ -160,7 +160,7 @@ class VariantSharpness(ll.Sharpness):
             variants["top1_only"] = {"start": start[:, :1]}
             variants["block_4"] = {"block_size": 4, "max_basis": 2 * k + 12}
         for name, kw in variants.items():
-            kw = {"tol": TOL, "start": start, "seed": ctx.seed, **kw}
+            kw = {"tol": self.tol, "start": start, "seed": ctx.seed, **kw}
             res = lanczos(op, k, **kw)
             row[name], row[name + "_conv"] = res.num_hvps, res.all_converged
             ref = out.top.eigenvalues  # the tol 1e-4 values: how far off is this variant?
@@ -177,7 +177,7 @@ def run(
     cls = VariantSharpness if variants else ll.Sharpness
     sharpness = cls(
         k,
-        tol=TOL,
+        tol=args.tol,
         criterion=args.criterion,
         lambda_min=False,
         warm_start=warm,
@@ -237,6 +237,20 @@ class _StepTimer(pl.Callback):
         self.seconds.append(time.perf_counter() - self._t0)
 
 
+def _count_products(probe: ll.Probe, counts: list[int]) -> None:
+    """Record the products each measurement of ``probe`` spends on the round's operator."""
+    run = probe.run
+
+    def counted(ctx: Any) -> Any:
+        op = ctx.operator()
+        before = op.num_matvecs
+        out = run(ctx)
+        counts.append(op.num_matvecs - before)
+        return out
+
+    probe.run = counted  # type: ignore[method-assign]
+
+
 def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """A probe round of the default ``LandscapeMonitor()`` probes, in training steps."""
     pl.seed_everything(0, verbose=False)
@@ -245,6 +259,9 @@ def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
         every_n_steps=args.every, probe_dataloader=probe, tensorboard_layout=False
     )
     timer = _StepTimer()
+    per_probe: dict[str, list[int]] = {type(p).__name__: [] for p in monitor.probes}
+    for probe in monitor.probes:
+        _count_products(probe, per_probe[type(probe).__name__])
     trainer = _trainer(args.steps, clip, [timer, monitor])
     trainer.fit(module, loader)
     step = statistics.median(timer.seconds[1:])
@@ -255,6 +272,7 @@ def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "median_step_seconds": step,
         "round_seconds": [r.seconds for r in monitor.history],
         "round_hvps": [r.num_hvps for r in monitor.history],
+        "probe_hvps": per_probe,
         "median_round_seconds": statistics.median(rounds) if rounds else None,
         "median_round_in_steps": statistics.median(rounds) / step if rounds else None,
     }
@@ -297,6 +315,9 @@ def main() -> None:
         help="lanczos stopping rule of the monitor's solves (default residual)",
     )
     ap.add_argument(
+        "--tol", type=float, default=TOL, help=f"the λ_max probes' tolerance (default {TOL})"
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -321,7 +342,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "steps": args.steps,
         "every_n_steps": args.every,
-        "tol": TOL,
+        "tol": args.tol,
         "criterion": args.criterion,
     }
     if args.default_monitor:

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ._validate import optional_integer
 from .context import curvature_context
 from .operators import (
     CurvatureOperator,
@@ -22,6 +23,7 @@ from .operators import (
     HVPRoute,
     LossFn,
     batch_size,
+    split_batch,
 )
 from .operators.distributed import distributed_world
 from .solvers import hutchpp_trace, lanczos
@@ -39,14 +41,19 @@ def _hessian(
     eval_mode: bool,
     distributed: bool | None,
     timeout: datetime.timedelta | None,
+    micro_batch_size: int | None = None,
 ) -> Iterator[CurvatureOperator]:
     """A Hessian operator on one batch, inside the curvature context, released on exit.
 
     Inside an initialised process group with more than one rank (unless ``distributed`` is
     False) every rank's batch is a shard and the operator is the sample-weighted mean over ranks.
+    With ``micro_batch_size`` the batch is split into micro-batches whose graphs are built one at
+    a time (the memory of one micro-batch, one extra forward and backward pass per product).
     """
+    optional_integer("micro_batch_size", micro_batch_size)
+    batches = [batch] if micro_batch_size is None else split_batch(batch, micro_batch_size)
     with curvature_context(model, eval_mode=eval_mode):
-        local = HessianOperator(model, loss_fn, [batch], params=params, route=route)
+        local = HessianOperator(model, loss_fn, batches, params=params, route=route)
         try:
             use_dist = distributed_world() > 1 if distributed is None else distributed
             if use_dist:
@@ -68,6 +75,7 @@ def hessian_eigenvalues(
     which: Which = "largest",
     params: Sequence[str] | Sequence[Tensor] | None = None,
     max_basis: int | None = None,
+    max_basis_bytes: int | None = None,
     max_hvps: int | None = None,
     start: Tensor | None = None,
     return_eigenvectors: bool = False,
@@ -76,6 +84,7 @@ def hessian_eigenvalues(
     eval_mode: bool = True,
     distributed: bool | None = None,
     timeout: datetime.timedelta | None = None,
+    micro_batch_size: int | None = None,
 ) -> EigenResult:
     """Extreme eigenvalues of the loss Hessian on one probe batch.
 
@@ -98,6 +107,7 @@ def hessian_eigenvalues(
             λ_min).
         params: parameter subset: names, ``fnmatch`` patterns or tensors.
         max_basis: bound on the Krylov basis (memory ``(max_basis + 1) × num_params``).
+        max_basis_bytes: the same bound in bytes (``max_basis`` is lowered to fit).
         max_hvps: Hessian-vector-product budget; pairs not converged by then are flagged.
         start: warm-start vector(s), e.g. ``previous.eigenvectors``.
         return_eigenvectors: keep the ``(num_params, k)`` eigenvectors in the result.
@@ -109,6 +119,11 @@ def hessian_eigenvalues(
             of all ranks' shards (one all-reduce per Hessian-vector product). ``None``: yes
             when called inside an initialised process group with more than one rank.
         timeout: bound on each collective wait under ``distributed``.
+        micro_batch_size: memory cap: split ``batch`` into micro-batches of at most this many
+            samples, whose gradient graphs are built one at a time on every product (peak
+            memory of one micro-batch instead of the whole batch, at one extra forward and
+            backward pass per micro-batch per product). The Hessian is the same (for models
+            whose forward pass does not couple samples, e.g. no train-mode BatchNorm).
 
     Returns:
         An :class:`~lightning_landscape.results.EigenResult`; check ``.converged``.
@@ -116,7 +131,8 @@ def hessian_eigenvalues(
     Raises:
         ValueError: for k < 1 or larger than the number of parameters, tol <= 0, an unknown
             ``which``/``criterion``/``route``, unknown parameter names, no trainable
-            parameters, or a loss that is not a scalar.
+            parameters, a loss that is not a scalar, or an invalid ``max_basis_bytes`` or
+            ``micro_batch_size``.
         TypeError: if ``loss_fn`` does not return a tensor.
 
     Example:
@@ -129,7 +145,9 @@ def hessian_eigenvalues(
         >>> ll.hessian_eigenvalues(model, loss_fn, x, k=2, tol=1e-6).eigenvalues
         tensor([9., 4.], dtype=torch.float64)
     """
-    with _hessian(model, loss_fn, batch, params, route, eval_mode, distributed, timeout) as op:
+    with _hessian(
+        model, loss_fn, batch, params, route, eval_mode, distributed, timeout, micro_batch_size
+    ) as op:
         return lanczos(
             op,
             k,
@@ -137,6 +155,7 @@ def hessian_eigenvalues(
             tol=tol,
             criterion=criterion,
             max_basis=max_basis,
+            max_basis_bytes=max_basis_bytes,
             max_hvps=max_hvps,
             start=start,
             seed=seed,
@@ -156,6 +175,7 @@ def hessian_trace(
     eval_mode: bool = True,
     distributed: bool | None = None,
     timeout: datetime.timedelta | None = None,
+    micro_batch_size: int | None = None,
 ) -> TraceResult:
     """Trace of the loss Hessian on one probe batch, by Hutch++ with a standard error.
 
@@ -173,6 +193,11 @@ def hessian_trace(
             of all ranks' shards (one all-reduce per Hessian-vector product). ``None``: yes
             when called inside an initialised process group with more than one rank.
         timeout: bound on each collective wait under ``distributed``.
+        micro_batch_size: memory cap: split ``batch`` into micro-batches of at most this many
+            samples, whose gradient graphs are built one at a time on every product (peak
+            memory of one micro-batch instead of the whole batch, at one extra forward and
+            backward pass per micro-batch per product). The Hessian is the same (for models
+            whose forward pass does not couple samples, e.g. no train-mode BatchNorm).
 
     Returns:
         A :class:`~lightning_landscape.results.TraceResult`.
@@ -191,5 +216,7 @@ def hessian_trace(
         >>> round(ll.hessian_trace(model, loss_fn, x, num_hvps=9).trace, 4)  # 1 + 4 + 9
         14.0
     """
-    with _hessian(model, loss_fn, batch, params, route, eval_mode, distributed, timeout) as op:
+    with _hessian(
+        model, loss_fn, batch, params, route, eval_mode, distributed, timeout, micro_batch_size
+    ) as op:
         return hutchpp_trace(op, num_hvps, seed=seed)

@@ -212,6 +212,8 @@ def check_cost_model(rank: int) -> dict[str, Any]:
 
     op.matmat = counting(op.matmat)  # type: ignore[method-assign]
     op.matvec = counting(op.matvec)  # type: ignore[method-assign]
+    into = op.matvec_into
+    op.matvec_into = lambda v, out: counting(lambda x: into(x, out))(v)  # type: ignore[method-assign]
     lanczos(op, 3, tol=1e-8)  # single vectors
     lanczos(op, 2, block_size=3, max_basis=30, tol=1e-6)  # blocks of 3
     hutchpp_trace(op, 12)  # blocks of 4

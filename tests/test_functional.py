@@ -4,6 +4,7 @@ the guarantee that a probe leaves the model, its gradients and every RNG untouch
 from __future__ import annotations
 
 import functools
+import math
 import random
 import re
 
@@ -70,6 +71,23 @@ def test_eigenvalues_match_dense_hessian(
     assert res.num_hvps < n  # the Lanczos path, not a dense solve
     assert res.eigenvectors is None  # not requested
     _assert_eigenvalues_close(res.eigenvalues, _expected(kind, k, which), float(values.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_micro_batches_and_a_byte_bounded_basis_give_the_same_eigenvalues(kind: str) -> None:
+    """The memory caps change how the products are computed, not the Hessian."""
+    model, loss_fn, batch = make_model(kind)
+    values = _spectrum(kind)[0]
+    vector = values.numel() * next(model.parameters()).dtype.itemsize
+    res = hessian_eigenvalues(
+        model, loss_fn, batch, 3, tol=1e-10, micro_batch_size=3, max_basis_bytes=9 * vector
+    )
+    assert res.all_converged
+    scale = float(values.abs().max())
+    _assert_eigenvalues_close(res.eigenvalues, _expected(kind, 3, "largest"), scale)
+    whole = hessian_trace(model, loss_fn, batch, num_hvps=12).trace
+    micro = hessian_trace(model, loss_fn, batch, num_hvps=12, micro_batch_size=3).trace
+    assert math.isclose(micro, whole, rel_tol=1e-9)  # same random probes, same operator
 
 
 def test_dense_path_when_max_basis_covers_the_space() -> None:
@@ -296,6 +314,8 @@ def _per_sample_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
         ({"route": "jacfwd"}, ValueError, "route"),
         ({"loss_fn": _per_sample_loss}, ValueError, "scalar"),
         ({"loss_fn": lambda m, b: 1.0}, TypeError, "Tensor"),
+        ({"micro_batch_size": 0}, ValueError, "micro_batch_size"),
+        ({"max_basis_bytes": 8}, ValueError, "max_basis_bytes=8 holds 0 vectors"),
     ],
 )
 def test_hessian_eigenvalues_errors(kwargs: dict, exc: type, match: str) -> None:  # type: ignore[type-arg]

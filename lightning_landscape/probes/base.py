@@ -123,6 +123,13 @@ class _RoundOperator(CurvatureOperator):
             self.ctx._failure = err
             raise
 
+    def _matvec_into(self, v: Tensor, out: Tensor) -> Tensor:
+        try:
+            return self.inner.matvec_into(v, out)
+        except (ProbeFailure, torch.OutOfMemoryError) as err:
+            self.ctx._failure = err
+            raise
+
 
 class ProbeContext:
     """What the probes of one round measure on.

@@ -162,6 +162,8 @@ class Sharpness(Probe):
             residual at most ``√tol``; cheaper when only eigenvalues matter, see
             :func:`~lightning_landscape.lanczos`).
         max_basis: bound on the Krylov basis (memory ``(max_basis + 1) × num_params``).
+        max_basis_bytes: the same bound in bytes (per process under FSDP2): ``max_basis`` is
+            lowered to fit; see :func:`~lightning_landscape.lanczos`.
         max_hvps: Hessian-vector-product budget per eigensolve.
         warm_start: start each solve from the previous measurement's eigenvectors.
         save_warm_start: keep those vectors in checkpoints (``top_k + 1`` vectors of
@@ -213,6 +215,7 @@ class Sharpness(Probe):
         tol: float = 1e-3,
         criterion: Criterion = "residual",
         max_basis: int | None = None,
+        max_basis_bytes: int | None = None,
         max_hvps: int | None = None,
         warm_start: bool = True,
         save_warm_start: bool = True,
@@ -237,6 +240,7 @@ class Sharpness(Probe):
         self.tol = real("tol", tol, low=0, high=1, high_open=True)
         self.criterion: Criterion = choice("criterion", criterion, _CRITERIA)
         self.max_basis = optional_integer("max_basis", max_basis)
+        self.max_basis_bytes = optional_integer("max_basis_bytes", max_basis_bytes)
         self.max_hvps = optional_integer("max_hvps", max_hvps)
         if self.max_hvps is not None and self.max_hvps < top_k:
             raise ValueError(f"max_hvps must be at least top_k = {top_k}, got {max_hvps}")
@@ -286,6 +290,7 @@ class Sharpness(Probe):
                 tol=self.tol,
                 criterion=self.criterion,
                 max_basis=self.max_basis,
+                max_basis_bytes=self.max_basis_bytes,
                 max_hvps=self.max_hvps,
                 start=warm_vectors(start if self.warm_start else None, op.size, op.device),
                 seed=seed,

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .._validate import integer
+from .._validate import flag, integer
 from ..report import tags
 from ..report.layout import SPECTRUM, Layout, multiline
-from ..solvers import TraceResult, hutchpp_trace
+from ..solvers import TraceResult, deflated_trace, hutchpp_trace
 from .base import Probe, ProbeContext, Row, fmt
+from .sharpness import SharpnessResult
 
 
 class Trace(Probe):
@@ -19,8 +20,17 @@ class Trace(Probe):
     ``landscape/trace`` and ``landscape/trace_stderr``; trust the estimate when the standard
     error is far below ``|trace|`` (raise ``num_hvps`` otherwise).
 
+    When a :class:`~lightning_landscape.probes.Sharpness` probe measured in the same round and
+    all its top-k pairs converged, their eigenvectors replace Hutch++'s sketch
+    (:func:`~lightning_landscape.solvers.deflated_trace`): the trace over their span is the sum
+    of the top-k eigenvalues, and only Hutch++'s Hutchinson share of the budget
+    (``num_hvps − 2⌊num_hvps/3⌋`` products, 10 of the default 30) is spent on the rest. The
+    default monitor's round thus pays 10 products for its trace instead of 30.
+
     Args:
         num_hvps: Hessian-vector products (at least 3).
+        reuse_eigenvectors: use the same round's converged sharpness eigenvectors as above
+            (``False``: always Hutch++ with the whole budget).
         every_n_steps: see :class:`~lightning_landscape.probes.Cadence`.
         every_n_epochs: see :class:`~lightning_landscape.probes.Cadence`.
         on_train_start: see :class:`~lightning_landscape.probes.Cadence`.
@@ -47,6 +57,7 @@ class Trace(Probe):
         self,
         num_hvps: int = 30,
         *,
+        reuse_eigenvectors: bool = True,
         every_n_steps: int | None = 100,
         every_n_epochs: int | None = None,
         on_train_start: bool = True,
@@ -59,10 +70,20 @@ class Trace(Probe):
             on_train_end=on_train_end,
         )
         self.num_hvps = integer("num_hvps", num_hvps, minimum=3)
+        self.reuse_eigenvectors = flag("reuse_eigenvectors", reuse_eigenvectors)
 
     def run(self, ctx: ProbeContext) -> TraceResult:
-        """Hutch++ on the round's operator."""
-        return hutchpp_trace(ctx.operator(), self.num_hvps, seed=ctx.seed)
+        """Hutch++ on the round's operator, or Hutchinson off the round's sharpness eigenvectors."""
+        op = ctx.operator()
+        sharpness = ctx.results.get("sharpness") if self.reuse_eigenvectors else None
+        if isinstance(sharpness, SharpnessResult):
+            top = sharpness.top
+            if top.eigenvectors is not None and top.all_converged and top.is_finite:
+                probes = self.num_hvps - 2 * (self.num_hvps // 3)
+                return deflated_trace(
+                    op, top.eigenvectors, top.eigenvalues, max(probes, 2), seed=ctx.seed
+                )
+        return hutchpp_trace(op, self.num_hvps, seed=ctx.seed)
 
     def is_finite(self, result: TraceResult) -> bool:
         """Whether the estimate is finite."""
@@ -81,7 +102,8 @@ class Trace(Probe):
 
     def rows(self, result: TraceResult) -> list[Row]:
         """The estimate with its standard error."""
-        note = f"± {fmt(result.stderr, 3)} (Hutch++, {result.num_hvps} HVPs)"
+        how = "Hutch++" if result.method == "hutch++" else "deflated Hutchinson"
+        note = f"± {fmt(result.stderr, 3)} ({how}, {result.num_hvps} HVPs)"
         return [["trace", fmt(result.trace), note]]
 
     def summary(self, result: TraceResult) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from .density import spectral_density
 from .lanczos import Criterion, lanczos
 from .results import DensityResult, EigenResult, TraceResult, Which
-from .trace import hutchpp_trace
+from .trace import deflated_trace, hutchpp_trace
 
 __all__ = [
     "Criterion",
@@ -11,6 +11,7 @@ __all__ = [
     "EigenResult",
     "TraceResult",
     "Which",
+    "deflated_trace",
     "hutchpp_trace",
     "lanczos",
     "spectral_density",

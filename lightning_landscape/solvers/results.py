@@ -82,7 +82,8 @@ class TraceResult:
             whole space).
         num_hvps: operator applications spent.
         num_samples: random probe vectors used by the Hutchinson part of the estimator.
-        method: ``"hutch++"``.
+        method: ``"hutch++"``, or ``"deflated"`` (Hutchinson off known eigenpairs, see
+            :func:`~lightning_landscape.solvers.deflated_trace`).
         seconds: wall-clock time.
     """
 

@@ -38,7 +38,7 @@ from lightning.pytorch.strategies import (
 from lightning_landscape import (
     LandscapeMonitor,
     curvature_context,
-    hutchpp_trace,
+    deflated_trace,
     lanczos,
 )
 from lightning_landscape.operators import HessianOperator
@@ -449,7 +449,10 @@ def _single_process_probe(state: dict[str, torch.Tensor]) -> dict[str, float]:
         op = HessianOperator(module, loss_fn, shards, route="double_backward", retain_graph=True)
         top = lanczos(op, W.TOP_K, tol=W.TOL, seed=0)
         bottom = lanczos(op, 1, which="smallest", tol=W.TOL, seed=7919)
-        trace = hutchpp_trace(op, W.TRACE_HVPS, seed=0)
+        # The monitor's Trace takes the round's converged sharpness pairs as its sketch.
+        assert top.eigenvectors is not None
+        probes = W.TRACE_HVPS - 2 * (W.TRACE_HVPS // 3)
+        trace = deflated_trace(op, top.eigenvectors, top.eigenvalues, probes, seed=0)
         probe_loss = op.loss_value
     assert top.all_converged and bottom.all_converged
     return {

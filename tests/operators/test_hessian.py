@@ -136,6 +136,36 @@ def test_matvec_and_matmat_agree_column_by_column() -> None:
         torch.testing.assert_close(whole, cols, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("route", ["functorch", "double_backward", "finite_difference"])
+@pytest.mark.parametrize("retain_graph", [True, False])
+def test_matvec_into_is_matvec_written_in_place(route: str, retain_graph: bool) -> None:
+    """Several weighted batches (the in-place sum over them), an unused parameter (no row)."""
+    torch.manual_seed(0)
+    model = _MLPWithUnused().double().eval()
+    b1, b2 = mlp_batch(6, seed=1), mlp_batch(10, seed=2)
+    v = _randn(sum(p.numel() for p in model.parameters()), 1, seed=5)[:, 0]
+    with curvature_context(model):
+        kw = {"retain_graph": retain_graph} if route == "double_backward" else {}
+        op = HessianOperator(model, classification_loss, [b1, b2], route=route, **kw)
+        expected = op.matvec(v)
+        out = torch.full_like(v, float("nan"))  # overwritten, not added to
+        assert op.matvec_into(v, out) is out
+        assert op.num_matvecs == 2
+    rtol = 1e-5 if route == "finite_difference" else 1e-12
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=1e-12)
+
+
+def test_matvec_into_shape_errors() -> None:
+    op = MatrixOperator(torch.diag(torch.arange(1.0, 6.0, dtype=F64)))
+    v = torch.ones(5, dtype=F64)
+    out = torch.empty(5, dtype=F64)
+    torch.testing.assert_close(op.matvec_into(v, out), torch.arange(1.0, 6.0, dtype=F64))
+    for bad_v, bad_out in ((torch.ones(4), out), (v, torch.empty(6)), (v, torch.empty(5, 1))):
+        with pytest.raises(ValueError, match=r"matvec_into expects vectors of shape \(5,\)"):
+            op.matvec_into(bad_v.double(), bad_out.double())
+    assert op.num_matvecs == 1
+
+
 # --------------------------------------------------------------------------------------------------
 # Parameter subsets
 # --------------------------------------------------------------------------------------------------

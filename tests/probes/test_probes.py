@@ -80,6 +80,25 @@ def test_trace_and_density_match_the_dense_trace(mlp: Any) -> None:
     assert SpectralDensity().scalars(density) == {tags.NEGATIVE_MASS: density.negative_mass()}
 
 
+def test_trace_reuses_converged_sharpness_pairs_only(mlp: Any) -> None:
+    model, loss_fn, batch, evals = mlp
+    exact = float(evals.sum())
+    ctx = _ctx(model, loss_fn, batch)
+    ctx.results["sharpness"] = Sharpness(5, tol=1e-9, lambda_min=False).run(ctx)
+    reused = Trace(30).run(ctx)
+    assert (reused.method, reused.num_hvps, reused.num_samples) == ("deflated", 10, 10)
+    assert abs(reused.trace - exact) <= 4 * reused.stderr
+    hutchpp = Trace(30, reuse_eigenvectors=False).run(ctx)
+    assert (hutchpp.method, hutchpp.num_hvps) == ("hutch++", 30)
+    # A solve that did not converge is not trusted as a sketch.
+    ctx = _ctx(model, loss_fn, batch)
+    ctx.results["sharpness"] = Sharpness(5, tol=1e-12, max_hvps=6, lambda_min=False).run(ctx)
+    assert not ctx.results["sharpness"].top.all_converged
+    assert Trace(30).run(ctx).method == "hutch++"
+    with pytest.raises(ValueError, match="reuse_eigenvectors"):
+        Trace(reuse_eigenvectors=1)  # type: ignore[arg-type]
+
+
 def test_one_operator_per_round_and_delta2_reuses_the_sharpness_vectors(mlp: Any) -> None:
     model, loss_fn, batch, _ = mlp
     ctx = _ctx(model, loss_fn, batch)
@@ -87,8 +106,10 @@ def test_one_operator_per_round_and_delta2_reuses_the_sharpness_vectors(mlp: Any
     ctx.results["sharpness"] = sharp.run(ctx)
     op = ctx.operator()
     assert ctx.operator() is op  # built once, shared
-    Trace(9).run(ctx)
-    assert op.num_matvecs == ctx.results["sharpness"].num_hvps + 9
+    # The trace takes the converged sharpness pairs as its sketch: 9 - 2·3 = 3 products.
+    trace = Trace(9).run(ctx)
+    assert trace.method == "deflated" and trace.num_hvps == 3
+    assert op.num_matvecs == ctx.results["sharpness"].num_hvps + 3
     # Δ₂ with D = 3 on the same batch: H^(k) differs from H (k < n), but the solve starts from
     # the round's sharpness eigenvectors, so it agrees with a direct call given that start.
     k = ll.operators.batch_size(batch) - 1

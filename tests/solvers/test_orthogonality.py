@@ -11,6 +11,7 @@ from lightning_landscape.solvers._orthogonality import (
     orthogonality_threshold,
     project_out,
     project_out_block,
+    semi_orthogonality,
     vector_norm,
 )
 
@@ -50,9 +51,13 @@ def test_project_out_block_matches_the_vector_kernel() -> None:
     assert h.shape == (5, 3)
 
 
-def test_threshold_is_three_quarters_of_the_precision() -> None:
+def test_reorthogonalisation_levels() -> None:
     for dtype in (torch.float32, torch.float64):
         eps = torch.finfo(dtype).eps
         tau = orthogonality_threshold(eps)
         assert math.isclose(tau, eps**0.75)
-        assert eps < tau < math.sqrt(eps)  # well inside semi-orthogonality
+        assert math.isclose(semi_orthogonality(eps, 0.5), math.sqrt(eps))
+        assert math.isclose(semi_orthogonality(eps, 1e-30), tau)
+        mid = math.sqrt(tau * math.sqrt(eps))
+        assert math.isclose(semi_orthogonality(eps, mid), mid)  # the tolerance in between
+        assert eps < tau < semi_orthogonality(eps, mid)

@@ -11,7 +11,16 @@ import pytest
 import torch
 from torch import Tensor
 
-from lightning_landscape import MatrixOperator, TraceResult, hessian_trace, hutchpp_trace
+from lightning_landscape import (
+    HessianOperator,
+    MatrixOperator,
+    TraceResult,
+    curvature_context,
+    deflated_trace,
+    hessian_eigenvalues,
+    hessian_trace,
+    hutchpp_trace,
+)
 from tests._models import KINDS, dense_hessian, make_model, random_orthogonal
 
 F64 = torch.float64
@@ -44,6 +53,56 @@ def test_hutchpp_is_unbiased_within_its_standard_error() -> None:
         assert res.method == "hutch++"
         assert res.stderr > 0
         assert abs(res.trace - exact) <= 4 * res.stderr, (seed, res.trace, exact, res.stderr)
+
+
+def _top_pairs(a: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    values, vectors = torch.linalg.eigh(a)
+    return vectors[:, -k:], values[-k:]
+
+
+def test_deflated_trace_is_unbiased_and_beats_hutchinson() -> None:
+    a, exact = _psd_decaying()
+    vectors, values = _top_pairs(a, 5)
+    errors = []
+    for seed in range(10):
+        res = deflated_trace(MatrixOperator(a), vectors, values, 10, seed=seed)
+        assert (res.method, res.num_hvps, res.num_samples) == ("deflated", 10, 10)
+        assert abs(res.trace - exact) <= 4 * res.stderr, (seed, res.trace, exact, res.stderr)
+        errors.append(abs(res.trace - exact))
+    plain = [abs(_hutchinson(a, 10, seed=100 + s) - exact) for s in range(10)]
+    assert np.mean(errors) < 0.1 * np.mean(plain)  # the top 5 carry most of the variance
+
+
+def test_deflated_trace_is_exact_when_the_pairs_span_the_space() -> None:
+    a, exact = _psd_decaying(n=12)
+    vectors, values = _top_pairs(a, 12)
+    res = deflated_trace(MatrixOperator(a), vectors, values, 4)
+    assert res.trace == pytest.approx(exact, rel=1e-12)
+    assert res.stderr == pytest.approx(0.0, abs=1e-12)
+
+
+def test_deflated_trace_with_ritz_pairs_of_a_model_hessian() -> None:
+    model, loss_fn, batch = make_model("mlp")
+    exact = float(torch.linalg.eigvalsh(dense_hessian(model, loss_fn, batch).detach()).sum())
+    top = hessian_eigenvalues(model, loss_fn, batch, 4, tol=1e-6, return_eigenvectors=True)
+    assert top.eigenvectors is not None
+    with curvature_context(model):
+        op = HessianOperator(model, loss_fn, [batch])
+        res = deflated_trace(op, top.eigenvectors, top.eigenvalues, 20, seed=3)
+    assert abs(res.trace - exact) <= 4 * res.stderr, (res.trace, exact, res.stderr)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((torch.eye(6)[:, :2], torch.ones(2), 1), "num_hvps >= 2"),
+        ((torch.eye(6)[:5, :2], torch.ones(2), 4), "vectors must be"),
+        ((torch.eye(6)[:, :2], torch.ones(3), 4), "vectors must be"),
+    ],
+)
+def test_deflated_trace_validation(args: tuple, match: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ValueError, match=match):
+        deflated_trace(MatrixOperator(torch.eye(6)), *args)
 
 
 def test_hutchpp_beats_hutchinson_at_equal_budget() -> None:
