@@ -317,8 +317,8 @@ def _single_step(
         # one of them exceeds the orthogonality threshold.
         h = coefficients(basis[: j + 1], w, sh)
         habs = h.abs()
-        over = (habs > threshold * beta).nonzero().flatten().tolist()
-        if over and float(habs.max()) > trigger * beta:
+        if float(habs.max()) > trigger * beta:
+            over = (habs > threshold * beta).nonzero().flatten().tolist()
             if 3 * len(over) > j + 1:  # many offenders: one pass over the whole basis
                 w.addmv_(basis[: j + 1].T, h, alpha=-1.0)
             else:  # against the offending vectors only (usually the converged Ritz directions)

@@ -85,18 +85,27 @@ def hutchpp_trace(
     if s >= n:
         return TraceResult(exact_part, 0.0, used, 0, "hutch++", time.perf_counter() - t_start)
     g = num_hvps - used
-    probes = _rademacher(local, g, like, generator)
+    remainder, stderr = _deflated_hutchinson(op, q, g, generator)
+    return TraceResult(
+        exact_part + remainder, stderr, used + g, g, "hutch++", time.perf_counter() - t_start
+    )
+
+
+def _deflated_hutchinson(
+    op: CurvatureOperator, q: Tensor, g: int, generator: torch.Generator
+) -> tuple[float, float]:
+    """Hutchinson's ``tr((I − QQᵀ) A (I − QQᵀ))`` from ``g`` probes, and its standard error.
+
+    ``q`` has orthonormal columns; the standard error is NaN for a single probe.
+    """
+    sh = op.sharding
+    probes = _rademacher(op.size, g, q, generator)
     probes = probes - q @ coefficients(q.T, probes, sh)
-    ag = op.matmat(probes)
-    used += g
-    samples = torch.sum(probes * ag, dim=0).to(torch.float64).cpu()
+    samples = torch.sum(probes * op.matmat(probes), dim=0).to(torch.float64).cpu()
     if sh is not None:
         samples = sh.reduce(samples)
-    remainder = float(samples.mean())
     stderr = float(samples.std(unbiased=True) / math.sqrt(g)) if g > 1 else float("nan")
-    return TraceResult(
-        exact_part + remainder, stderr, used, g, "hutch++", time.perf_counter() - t_start
-    )
+    return float(samples.mean()), stderr
 
 
 def deflated_trace(
@@ -151,15 +160,9 @@ def deflated_trace(
             f"{tuple(values.shape)}"
         )
     t_start = time.perf_counter()
-    sh = op.sharding
     if generator is None:
         generator = private_generator(op, seed)
-    q, _ = orthonormal_columns(vectors.to(device=op.device, dtype=op.dtype), sh)
-    probes = _rademacher(op.size, num_hvps, q, generator)
-    probes = probes - q @ coefficients(q.T, probes, sh)
-    samples = torch.sum(probes * op.matmat(probes), dim=0).to(torch.float64).cpu()
-    if sh is not None:
-        samples = sh.reduce(samples)
-    stderr = float(samples.std(unbiased=True) / math.sqrt(num_hvps))
-    trace = float(values.to(torch.float64).sum()) + float(samples.mean())
+    q, _ = orthonormal_columns(vectors.to(device=op.device, dtype=op.dtype), op.sharding)
+    remainder, stderr = _deflated_hutchinson(op, q, num_hvps, generator)
+    trace = float(values.to(torch.float64).sum()) + remainder
     return TraceResult(trace, stderr, num_hvps, num_hvps, "deflated", time.perf_counter() - t_start)
