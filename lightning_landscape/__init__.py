@@ -67,6 +67,7 @@ from .solvers import (
     deflated_trace,
     hutchpp_trace,
     lanczos,
+    lanczos_ends,
     spectral_density,
 )
 
@@ -113,6 +114,7 @@ __all__ = [
     "hessian_trace",
     "hutchpp_trace",
     "lanczos",
+    "lanczos_ends",
     "linear_interpolation",
     "loss_slice",
     "mode_connectivity",

@@ -189,7 +189,8 @@ class HessianOperator(CurvatureOperator):
         if flat.ndim == 1:
             return [t.view(s) for t, s in zip(pieces, self.shapes, strict=True)]
         b = flat.shape[1]
-        return [t.T.reshape(b, *s) for t, s in zip(pieces, self.shapes, strict=True)]
+        # Contiguous pieces: batched products on strided ones copied them inside every op.
+        return [t.T.reshape(b, *s).contiguous() for t, s in zip(pieces, self.shapes, strict=True)]
 
     def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
         """Concatenate parameter-shaped tensors into one flat vector.
@@ -279,6 +280,16 @@ class HessianOperator(CurvatureOperator):
         if block.shape[1] == 1:
             out = torch.empty(self.size, dtype=self.dtype, device=self.device)
             return self._db_matvec_into(block[:, 0], out).unsqueeze(1)
+        if self.retain_graph and self.device.type == "cpu":
+            # On a CPU a batched product is no cheaper per vector than a single one, and over
+            # many vectors dearer (11 M-parameter ResNet-18, 16 samples, one thread: 0.15 s
+            # per vector alone, 0.17 s in pairs, 0.36 s in tens), so with the graphs retained
+            # the vectors go one at a time. Without them the batched product builds each
+            # batch's graph once for all the vectors.
+            rows = torch.empty(block.shape[1], self.size, dtype=self.dtype, device=self.device)
+            for j in range(block.shape[1]):
+                self._db_matvec_into(block[:, j].contiguous(), rows[j])
+            return rows.T
         total: list[Tensor] = []  # the running sum, once the first batch has one
 
         def add(w: float, live: list[int], grads: tuple[Tensor, ...]) -> None:

@@ -14,14 +14,13 @@ from ..operators import ScaledOperator, select_parameters
 from ..optim.thresholds import Stability, probed_stability
 from ..report import figures, tags
 from ..report.layout import SHARPNESS, SPECTRUM, Layout, multiline
-from ..solvers import Criterion, EigenResult, lanczos
+from ..solvers import Criterion, EigenResult, lanczos, lanczos_ends
 from .base import Probe, ProbeContext, Row, fmt, warm_vectors
 
 _CRITERIA: tuple[Criterion, ...] = ("residual", "eigenvalue")
 WarmStorage = Literal["device", "host", "bfloat16", "host_bfloat16"]
 _WARM_STORAGE: tuple[WarmStorage, ...] = ("device", "host", "bfloat16", "host_bfloat16")
-_LAMBDA_MIN_SEED = 7919  # the λ_min solve draws from another stream than the top-k solve
-_PRECONDITIONED_SEED = 104729  # and the preconditioned solve from a third
+_PRECONDITIONED_SEED = 104729  # the preconditioned solve draws from another stream
 
 
 @dataclass(frozen=True)
@@ -129,8 +128,10 @@ class Sharpness(Probe):
     r"""The top-k Hessian eigenvalues (λ_max first), λ_min, and λ_max over the stability threshold.
 
     Thick-restart Lanczos (:func:`~lightning_landscape.lanczos`) on the round's Hessian operator,
-    warm-started from the previous measurement's eigenvectors; with ``lambda_min`` a second solve
-    for the algebraically smallest eigenvalue (negative: a saddle direction).
+    warm-started from the previous measurement's eigenvectors; with ``lambda_min`` the
+    algebraically smallest eigenvalue (negative: a saddle direction) comes from the same Krylov
+    space (:func:`~lightning_landscape.solvers.lanczos_ends`: one solve for both ends, about
+    as many products as the top-k alone).
 
     The sharpness is also measured in the optimizer's own terms
     (:func:`~lightning_landscape.optim.probed_stability`). Under ``torch.optim.SGD`` (or SAM over
@@ -244,8 +245,12 @@ class Sharpness(Probe):
         self.max_hvps = optional_integer("max_hvps", max_hvps)
         if self.max_hvps is not None and self.max_hvps < top_k:
             raise ValueError(f"max_hvps must be at least top_k = {top_k}, got {max_hvps}")
-        if self.max_basis is not None and self.max_basis < top_k + 1:
-            raise ValueError(f"max_basis must be at least top_k + 1 = {top_k + 1}, got {max_basis}")
+        wanted = top_k + int(lambda_min)  # λ_min is solved with the top-k, in one basis
+        if self.max_basis is not None and self.max_basis < wanted + 1:
+            raise ValueError(
+                f"max_basis must be at least top_k + 1{' + 1 (lambda_min)' if lambda_min else ''}"
+                f" = {wanted + 1}, got {max_basis}"
+            )
         self.warm_start = flag("warm_start", warm_start)
         self.save_warm_start = flag("save_warm_start", save_warm_start)
         self.warm_start_storage: WarmStorage = choice(
@@ -274,7 +279,7 @@ class Sharpness(Probe):
 
     # ------------------------------------------------------------------ measuring
     def run(self, ctx: ProbeContext) -> SharpnessResult:
-        """The top-k solve, the λ_min solve, and the solve in the optimizer's terms.
+        """The top-k and λ_min solve, and the solve in the optimizer's terms.
 
         The stability condition is that of the optimizer that updates the probed parameters
         (:func:`~lightning_landscape.optim.probed_stability`).
@@ -282,24 +287,31 @@ class Sharpness(Probe):
         op = ctx.operator()
         self._sharded = op.sharding is not None
 
-        def solve(k: int, which: str, start: Tensor | None, seed: int, a: Any = op) -> EigenResult:
-            return lanczos(
-                a,
-                k,
-                which="smallest" if which == "smallest" else "largest",
-                tol=self.tol,
-                criterion=self.criterion,
-                max_basis=self.max_basis,
-                max_basis_bytes=self.max_basis_bytes,
-                max_hvps=self.max_hvps,
-                start=warm_vectors(start if self.warm_start else None, op.size, op.device),
-                seed=seed,
-            )
+        settings: dict[str, Any] = {
+            "tol": self.tol,
+            "criterion": self.criterion,
+            "max_basis": self.max_basis,
+            "max_basis_bytes": self.max_basis_bytes,
+            "max_hvps": self.max_hvps,
+        }
 
-        top = solve(self.top_k, "largest", self.warm_top, ctx.seed)
+        def start(*vectors: Tensor | None) -> Tensor | None:
+            kept = [v for v in vectors if v is not None] if self.warm_start else []
+            joined = kept[0] if len(kept) == 1 else torch.cat(kept, dim=1) if kept else None
+            return warm_vectors(joined, op.size, op.device)
+
         bottom = None
-        if self.lambda_min:
-            bottom = solve(1, "smallest", self.warm_min, ctx.seed + _LAMBDA_MIN_SEED)
+        if self.lambda_min:  # both ends from one Krylov space
+            top, bottom = lanczos_ends(
+                op,
+                self.top_k,
+                1,
+                start=start(self.warm_top, self.warm_min),
+                seed=ctx.seed,
+                **settings,
+            )
+        else:
+            top = lanczos(op, self.top_k, start=start(self.warm_top), seed=ctx.seed, **settings)
         stability, pre = None, None
         if ctx.optimizers:  # the optimizer and param group that update the probed parameters
             probed = [p for _, p in select_parameters(ctx.model, ctx.params)]
@@ -314,7 +326,13 @@ class Sharpness(Probe):
                     )
             else:
                 scaled = ScaledOperator(op, stability.scale, stability.shift)
-                pre = solve(1, "largest", self.warm_pre, ctx.seed + _PRECONDITIONED_SEED, scaled)
+                pre = lanczos(
+                    scaled,
+                    1,
+                    start=start(self.warm_pre),
+                    seed=ctx.seed + _PRECONDITIONED_SEED,
+                    **settings,
+                )
         result = SharpnessResult(top, bottom, ctx.probe_loss(), stability, pre)
         if self.is_finite(result) and not result.converged:
             ctx.warn(

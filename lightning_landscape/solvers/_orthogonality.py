@@ -38,6 +38,7 @@ DGKS = 1.0 / math.sqrt(2.0)  # a second Gram–Schmidt pass when ‖w_after‖ <
 
 
 _CHUNK = 1 << 18  # float32 dot products of this length are accurate to ~1e-7 relative
+_COMBINE_CHUNK = 1 << 15  # columns per chunk of combine_rows on a CPU (a cache-sized buffer)
 
 
 def private_generator(op: CurvatureOperator, seed: int) -> torch.Generator:
@@ -53,7 +54,8 @@ def private_generator(op: CurvatureOperator, seed: int) -> torch.Generator:
     return generator
 
 
-def _local_dot(x: Tensor, y: Tensor) -> float:
+def local_dot(x: Tensor, y: Tensor) -> float:
+    """``xᵀy`` of this process's (contiguous) vectors, float32 summed in float64 chunks."""
     n = x.numel()
     if n <= _CHUNK or x.dtype == torch.float64:
         return float(torch.dot(x, y))
@@ -77,8 +79,8 @@ def dot(x: Tensor, y: Tensor, sharding: Sharding | None = None) -> float:
     2¹⁸ entries (errors ≤ 4e-7) are summed in float64 instead; the cost is that of one dot.
     """
     if sharding is None:
-        return _local_dot(x, y)
-    return all_sum([_local_dot(x, y)], sharding)[0]
+        return local_dot(x, y)
+    return all_sum([local_dot(x, y)], sharding)[0]
 
 
 def vector_norm(x: Tensor, sharding: Sharding | None = None) -> float:
@@ -92,7 +94,7 @@ def column_norms(x: Tensor, sharding: Sharding | None = None) -> Tensor:
     (Not through the Gram matrix ``xᵀx``: that float32 GEMM over 5·10⁶ rows was measured 3e-3 off.)
     """
     columns = (x[:, i].contiguous() for i in range(x.shape[1]))
-    squares = all_sum([_local_dot(c, c) for c in columns], sharding)
+    squares = all_sum([local_dot(c, c) for c in columns], sharding)
     norms = [math.sqrt(max(s, 0.0)) for s in squares]
     return torch.tensor(norms, dtype=x.dtype, device=x.device)
 
@@ -103,6 +105,38 @@ def coefficients(basis: Tensor, w: Tensor, sharding: Sharding | None = None) -> 
     if sharding is None:
         return h
     return sharding.reduce(h.to(torch.float64)).to(dtype=h.dtype, device=h.device)
+
+
+def combine_rows(rows: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
+    """``yᵀ rows``: ``p`` combinations of the ``(j, n)`` rows (Ritz vectors from a Lanczos basis).
+
+    Computed over column chunks through one small reused buffer, so ``out`` (``(p, n)``, new if
+    ``None``) may be the first rows of ``rows`` itself (a thick restart, in place) and no
+    ``(p, n)`` temporary is ever allocated. On a CPU the chunks fit in cache: with 22 rows of
+    11 M entries and ``p = 14`` this took 0.17 s against 0.59 s for ``y.T @ rows`` over 2²⁰-column
+    slices, whose fresh temporaries cost page faults (measured on one core).
+
+    Args:
+        rows: ``(j, n)`` vectors, row-major.
+        y: ``(j, p)`` coefficients (cast to the rows' dtype and device).
+        out: where to write the ``(p, n)`` result; may alias ``rows[:p]``.
+
+    Returns:
+        ``out``.
+    """
+    n = rows.shape[1]
+    yt = y.T.to(dtype=rows.dtype, device=rows.device).contiguous()
+    p = yt.shape[0]
+    if out is None:
+        out = torch.empty(p, n, dtype=rows.dtype, device=rows.device)
+    chunk = min(n, _COMBINE_CHUNK if rows.device.type == "cpu" else 1 << 20)
+    buf = torch.empty(p * chunk, dtype=rows.dtype, device=rows.device)
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        piece = buf[: p * (c1 - c0)].view(p, c1 - c0)
+        torch.mm(yt, rows[:, c0:c1], out=piece)
+        out[:, c0:c1].copy_(piece)
+    return out
 
 
 def orthonormal_columns(block: Tensor, sharding: Sharding | None = None) -> tuple[Tensor, Tensor]:

@@ -43,6 +43,7 @@ from ._orthogonality import (
     DGKS,
     coefficients,
     column_norms,
+    combine_rows,
     dot,
     orthogonality_threshold,
     orthonormal_columns,
@@ -140,6 +141,8 @@ def _start_block(
         block = groups + noise * rand
         if not torch.isfinite(block).all():
             block = rand
+    if b == 1:  # a QR of one column is its normalisation
+        return block / vector_norm(block[:, 0].contiguous(), sharding)
     q = orthonormal_columns(block, sharding)[0]
     return q / column_norms(q, sharding)  # unit columns to the accuracy of a dot product
 
@@ -218,13 +221,12 @@ def _non_finite(
 
 def _dense_solve(
     op: CurvatureOperator,
-    k: int,
-    which: Which,
+    ends: tuple[int, int],
     tol: float,
     return_eigenvectors: bool,
     t_start: float,
     criterion: str = "residual",
-) -> EigenResult:
+) -> list[EigenResult]:
     """Small operators: materialise ``A`` with ``n`` products and use ``eigh``."""
     n = op.size
     eye = torch.eye(n, dtype=op.dtype, device=op.device)
@@ -232,31 +234,77 @@ def _dense_solve(
     dense = torch.cat(cols, dim=1).to(torch.float64)
     dense = 0.5 * (dense + dense.T)
     if not bool(torch.isfinite(dense).all()):
-        return _non_finite(k, which, tol, n, 0, t_start, criterion)
+        return _non_finite_ends(ends, tol, n, 0, t_start, criterion)
     values, vectors = torch.linalg.eigh(dense)
-    idx = torch.arange(n - 1, n - 1 - k, -1) if which == "largest" else torch.arange(k)
-    idx = idx.to(values.device)
-    vals, vecs = values[idx], vectors[:, idx]
     anorm = max(float(values.abs().max()), torch.finfo(torch.float64).tiny)
-    scale = torch.full_like(vals, anorm)  # the spectral scale ‖A‖
-    raw = (dense @ vecs - vecs * vals).norm(dim=0)
-    resid = (raw / scale).cpu()
-    full_raw = torch.zeros(n, dtype=torch.float64, device=values.device)
-    full_raw[idx] = raw
-    bounds = _error_bounds(values.cpu(), full_raw.cpu(), idx.cpu(), scale.cpu())
-    return EigenResult(
-        eigenvalues=vals.cpu(),
-        eigenvectors=vecs.to(op.dtype) if return_eigenvectors else None,
-        residuals=resid,
-        converged=_converged(resid, bounds, tol, criterion, torch.zeros_like(resid)),
-        which=which,
-        tol=float(tol),
-        num_hvps=n,
-        num_restarts=0,
-        seconds=time.perf_counter() - t_start,
-        criterion=criterion,
-        error_bounds=bounds,
-    )
+    out: list[EigenResult] = []
+    for which, idx in (
+        ("largest", torch.arange(n - 1, n - 1 - ends[0], -1)),
+        ("smallest", torch.arange(ends[1])),
+    ):
+        if not idx.numel():
+            continue
+        idx = idx.to(values.device)
+        vals, vecs = values[idx], vectors[:, idx]
+        scale = torch.full_like(vals, anorm)  # the spectral scale ‖A‖
+        raw = (dense @ vecs - vecs * vals).norm(dim=0)
+        resid = (raw / scale).cpu()
+        full_raw = torch.zeros(n, dtype=torch.float64, device=values.device)
+        full_raw[idx] = raw
+        bounds = _error_bounds(values.cpu(), full_raw.cpu(), idx.cpu(), scale.cpu())
+        first = not out  # the cost is counted once, in the first result
+        out.append(
+            EigenResult(
+                eigenvalues=vals.cpu(),
+                eigenvectors=vecs.to(op.dtype) if return_eigenvectors else None,
+                residuals=resid,
+                converged=_converged(resid, bounds, tol, criterion, torch.zeros_like(resid)),
+                which=which,  # type: ignore[arg-type]
+                tol=float(tol),
+                num_hvps=n if first else 0,
+                num_restarts=0,
+                seconds=time.perf_counter() - t_start if first else 0.0,
+                criterion=criterion,
+                error_bounds=bounds,
+            )
+        )
+    return out
+
+
+def _non_finite_ends(
+    ends: tuple[int, int],
+    tol: float,
+    num_hvps: int,
+    restarts: int,
+    t_start: float,
+    criterion: str,
+) -> list[EigenResult]:
+    """:func:`_non_finite` for each requested end (the cost counted in the first)."""
+    wanted = [(k, w) for k, w in zip(ends, ("largest", "smallest"), strict=True) if k]
+    return [
+        _non_finite(k, w, tol, num_hvps if i == 0 else 0, restarts, t_start, criterion)  # type: ignore[arg-type]
+        for i, (k, w) in enumerate(wanted)
+    ]
+
+
+def _wanted_order(theta: Tensor, ends: tuple[int, int]) -> Tensor:
+    """Ritz value indices by priority (what a thick restart keeps first).
+
+    The ``ends[0]`` largest (descending), the ``ends[1]`` smallest (ascending), then the others
+    alternately from the top and the bottom.
+    """
+    desc = torch.argsort(theta, descending=True)
+    hi, lo = ends
+    if lo == 0:
+        return desc
+    if hi == 0:
+        return desc.flip(0)
+    j = desc.numel()
+    n_hi = min(hi, j)
+    n_lo = min(lo, j - n_hi)
+    middle = desc[n_hi : j - n_lo]
+    rest = torch.stack([middle, middle.flip(0)], dim=1).flatten()[: middle.numel()]
+    return torch.cat([desc[:n_hi], desc[j - n_lo :].flip(0), rest])
 
 
 def _single_step(
@@ -482,10 +530,130 @@ def lanczos(
         >>> [round(x, 8) for x in res.eigenvalues.tolist()]
         [100.0, 99.0]
     """
+    integer("k", k)
+    choice("which", which, _WHICH)
+    ends = (k, 0) if which == "largest" else (0, k)
+    return _solve(
+        op,
+        ends,
+        tol,
+        criterion,
+        block_size,
+        max_basis,
+        max_basis_bytes,
+        max_hvps,
+        start,
+        start_noise,
+        seed,
+        generator,
+        return_eigenvectors,
+    )[0]
+
+
+def lanczos_ends(
+    op: CurvatureOperator,
+    k_largest: int = 1,
+    k_smallest: int = 1,
+    *,
+    tol: float = 1e-3,
+    criterion: Criterion = "residual",
+    block_size: int | None = None,
+    max_basis: int | None = None,
+    max_basis_bytes: int | None = None,
+    max_hvps: int | None = None,
+    start: Tensor | None = None,
+    start_noise: float = 0.05,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+    return_eigenvectors: bool = True,
+) -> tuple[EigenResult, EigenResult]:
+    """The largest and the smallest eigenpairs of a symmetric operator from one Krylov space.
+
+    Lanczos resolves both ends of the spectrum at once: one thick-restart solve (the same
+    algorithm, tolerance and guarantees as :func:`lanczos`) keeps the wanted Ritz vectors at
+    both ends through its restarts and stops when all ``k_largest + k_smallest`` have converged.
+    Sharpness and λ_min together then cost about as many products as the slower of the two
+    alone, not their sum. The basis must hold both ends' vectors: the default ``max_basis`` is
+    that of ``k = k_largest + k_smallest``.
+
+    Args:
+        op: the symmetric operator.
+        k_largest: number of algebraically largest eigenpairs (``>= 1``).
+        k_smallest: number of algebraically smallest eigenpairs (``>= 1``).
+        tol: as in :func:`lanczos` (relative to the spectral scale, the same for every pair).
+        criterion: as in :func:`lanczos`.
+        block_size: as in :func:`lanczos`.
+        max_basis: as in :func:`lanczos`, for ``k = k_largest + k_smallest``.
+        max_basis_bytes: as in :func:`lanczos`.
+        max_hvps: as in :func:`lanczos`.
+        start: warm start (e.g. the previous top and bottom Ritz vectors side by side).
+        start_noise: as in :func:`lanczos`.
+        seed: as in :func:`lanczos`.
+        generator: as in :func:`lanczos`.
+        return_eigenvectors: as in :func:`lanczos`.
+
+    Returns:
+        ``(largest, smallest)``: two :class:`~lightning_landscape.results.EigenResult` of
+        ``which="largest"`` (descending) and ``"smallest"`` (ascending). The solve's products,
+        restarts and seconds are counted once, in ``largest``; ``smallest`` reports ``0``
+        products and ``0.0`` seconds.
+
+    Raises:
+        ValueError: on invalid arguments, as :func:`lanczos`.
+
+    Example:
+        >>> import torch
+        >>> from lightning_landscape.operators import MatrixOperator
+        >>> from lightning_landscape.solvers import lanczos_ends
+        >>> a = torch.diag(torch.linspace(-3.0, 10.0, 200, dtype=torch.float64))
+        >>> top, bottom = lanczos_ends(MatrixOperator(a), 2, 1, tol=1e-8)
+        >>> [round(x, 6) for x in top.eigenvalues.tolist()], round(bottom.eigenvalues[0].item(), 6)
+        ([10.0, 9.934673], -3.0)
+    """
+    integer("k_largest", k_largest)
+    integer("k_smallest", k_smallest)
+    top, bottom = _solve(
+        op,
+        (k_largest, k_smallest),
+        tol,
+        criterion,
+        block_size,
+        max_basis,
+        max_basis_bytes,
+        max_hvps,
+        start,
+        start_noise,
+        seed,
+        generator,
+        return_eigenvectors,
+    )
+    return top, bottom
+
+
+def _solve(
+    op: CurvatureOperator,
+    ends: tuple[int, int],
+    tol: float,
+    criterion: Criterion,
+    block_size: int | None,
+    max_basis: int | None,
+    max_basis_bytes: int | None,
+    max_hvps: int | None,
+    start: Tensor | None,
+    start_noise: float,
+    seed: int,
+    generator: torch.Generator | None,
+    return_eigenvectors: bool,
+) -> list[EigenResult]:
+    """Thick-restart Lanczos for the ``ends[0]`` largest and ``ends[1]`` smallest eigenpairs.
+
+    Returns one result per requested end (largest first); the cost is counted in the first.
+    """
     t_start = time.perf_counter()
     local, dtype, device, sh = op.size, op.dtype, op.device, op.sharding
     n = op.global_size
-    m = _validate(k, n, which, tol, max_basis, criterion)
+    k = sum(ends)
+    m = _validate(k, n, "largest", tol, max_basis, criterion)
     optional_integer("block_size", block_size)
     b = 1 if block_size is None else max(1, min(block_size, n - m, m - k))
     cap = optional_integer("max_basis_bytes", max_basis_bytes)
@@ -509,10 +677,9 @@ def lanczos(
     if start is not None and (start.ndim not in (1, 2) or start.shape[0] != local):
         raise ValueError(f"start vectors must have {local} rows, got shape {tuple(start.shape)}")
     if m >= n and budget >= n and sh is None:
-        return _dense_solve(op, k, which, tol, return_eigenvectors, t_start, criterion)
+        return _dense_solve(op, ends, tol, return_eigenvectors, t_start, criterion)
     if generator is None:
         generator = private_generator(op, seed)
-    sign = 1.0 if which == "largest" else -1.0
 
     basis = torch.empty(m + b, local, dtype=dtype, device=device)  # rows are Lanczos vectors
     proj = torch.zeros(m, m, dtype=torch.float64)  # V^T A V, on the host
@@ -548,7 +715,7 @@ def lanczos(
             bool(torch.isfinite(proj[: j + b, j : j + b]).all())
             and math.isfinite(float(coupling.sum()))
         ):
-            return _non_finite(k, which, tol, num_hvps, restarts, t_start, criterion)
+            return _non_finite_ends(ends, tol, num_hvps, restarts, t_start, criterion)
         j += b
 
         out_of_budget = num_hvps + b > budget
@@ -558,9 +725,9 @@ def lanczos(
         # ---- Rayleigh-Ritz on the current basis
         projected = proj[:j, :j]
         if not bool(torch.isfinite(projected).all()):
-            return _non_finite(k, which, tol, num_hvps, restarts, t_start, criterion)
+            return _non_finite_ends(ends, tol, num_hvps, restarts, t_start, criterion)
         theta, s_vecs = torch.linalg.eigh(projected)
-        order = torch.argsort(sign * theta, descending=True)
+        order = _wanted_order(theta, ends)
         # The spectral scale: the largest Ritz value magnitude seen (Ritz values lie inside the
         # spectrum, so it approaches ‖A‖ from below and never drops after a restart).
         anorm = max(anorm, float(theta.abs().max()), torch.finfo(torch.float64).tiny)
@@ -585,10 +752,7 @@ def lanczos(
         # ---- thick restart: keep the wanted Ritz vectors plus half of the rest
         keep = max(k, min(m - b, k + (m - k) // 2))
         keep_cols = order[:keep]
-        y = s_vecs[:, keep_cols].to(device=device, dtype=dtype)  # (j, keep)
-        chunk = 1 << 20
-        for c0 in range(0, local, chunk):
-            basis[:keep, c0 : c0 + chunk] = y.T @ basis[:j, c0 : c0 + chunk]
+        combine_rows(basis[:j], s_vecs[:, keep_cols], out=basis[:keep])  # in place
         basis[keep : keep + b] = basis[j : j + b]
         cpl = coupling @ s_vecs[j - b : j, keep_cols]  # (b, keep)
         proj.zero_()
@@ -603,21 +767,30 @@ def lanczos(
         restarts += 1
 
     assert theta is not None and s_vecs is not None
-    values = theta[result_cols].to(torch.float64)
     vectors = None
     if return_eigenvectors:
-        y = s_vecs[:, result_cols].to(device=device, dtype=dtype)  # (j, kk)
-        vectors = basis[:j].T @ y
-    return EigenResult(
-        eigenvalues=values,
-        eigenvectors=vectors,
-        residuals=resid,
-        converged=_converged(resid, bounds, tol, criterion, moved),
-        which=which,
-        tol=float(tol),
-        num_hvps=num_hvps,
-        num_restarts=restarts,
-        seconds=time.perf_counter() - t_start,
-        criterion=criterion,
-        error_bounds=bounds,
-    )
+        vectors = combine_rows(basis[:j], s_vecs[:, result_cols]).T  # (n, kk): contiguous columns
+    converged = _converged(resid, bounds, tol, criterion, moved)
+    seconds = time.perf_counter() - t_start
+    n_hi = min(ends[0], len(result_cols))
+    out: list[EigenResult] = []
+    for which, part in (("largest", slice(0, n_hi)), ("smallest", slice(n_hi, None))):
+        if not ends[0 if which == "largest" else 1]:
+            continue
+        first = not out  # the cost is counted once, in the first result
+        out.append(
+            EigenResult(
+                eigenvalues=theta[result_cols[part]].to(torch.float64),
+                eigenvectors=None if vectors is None else vectors[:, part],
+                residuals=resid[part],
+                converged=converged[part],
+                which=which,  # type: ignore[arg-type]
+                tol=float(tol),
+                num_hvps=num_hvps if first else 0,
+                num_restarts=restarts if first else 0,
+                seconds=seconds if first else 0.0,
+                criterion=criterion,
+                error_bounds=bounds[part],
+            )
+        )
+    return out

@@ -19,13 +19,42 @@ import torch
 from torch import Tensor
 
 from ..operators import CurvatureOperator
-from ._orthogonality import all_sum, coefficients, orthonormal_columns, private_generator
+from ._orthogonality import (
+    all_sum,
+    coefficients,
+    local_dot,
+    orthonormal_columns,
+    private_generator,
+)
 from .results import TraceResult
+
+_SIGNS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _sign_table(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(256, 8)``: row ``v`` holds the eight bits of the byte ``v`` as ±1."""
+    key = (dtype, device)
+    if key not in _SIGNS:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        _SIGNS[key] = (bits * 2 - 1).to(dtype=dtype, device=device)
+    return _SIGNS[key]
 
 
 def _rademacher(n: int, b: int, like: Tensor, generator: torch.Generator) -> Tensor:
-    bits = torch.randint(0, 2, (n, b), device=like.device, generator=generator)
-    return bits.to(like.dtype) * 2 - 1
+    """``(n, b)`` independent ±1 entries (a column view of ``(b, n)`` contiguous rows).
+
+    Eight signs per random byte, expanded by a table lookup: one pass writing the output. At
+    10⁸ entries on a CPU core, ``torch.randint(0, 2, ...)`` (int64) and a conversion took
+    1.3–1.7 s, this 0.34 s. The rows are contiguous because batched products split blocks into
+    per-vector rows.
+    """
+    count = n * b
+    words = torch.randint(
+        0, 256, ((count + 7) // 8,), device=like.device, generator=generator, dtype=torch.uint8
+    )
+    signs = torch.empty(words.numel(), 8, dtype=like.dtype, device=like.device)
+    torch.index_select(_sign_table(like.dtype, like.device), 0, words.int(), out=signs)
+    return signs.view(-1)[:count].view(b, n).T
 
 
 def hutchpp_trace(
@@ -99,9 +128,15 @@ def _deflated_hutchinson(
     ``q`` has orthonormal columns; the standard error is NaN for a single probe.
     """
     sh = op.sharding
-    probes = _rademacher(op.size, g, q, generator)
-    probes = probes - q @ coefficients(q.T, probes, sh)
-    samples = torch.sum(probes * op.matmat(probes), dim=0).to(torch.float64).cpu()
+    probes = _rademacher(op.size, g, q, generator)  # (size, g) columns of contiguous rows
+    if q.shape[1]:  # project off span(Q), in place
+        probes.T.addmm_(coefficients(q.T, probes, sh).T, q.T, alpha=-1.0)
+    products = op.matmat(probes)
+    samples = torch.tensor(
+        [local_dot(probes[:, i], products[:, i].contiguous()) for i in range(g)],
+        dtype=torch.float64,
+    )
+    del probes, products
     if sh is not None:
         samples = sh.reduce(samples)
     stderr = float(samples.std(unbiased=True) / math.sqrt(g)) if g > 1 else float("nan")

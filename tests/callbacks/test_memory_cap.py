@@ -157,7 +157,8 @@ def test_micro_batches_equal_whole_batch(kind: str, route: HVPRoute) -> None:
     rtol = 1e-7 if route == "finite_difference" else 1e-10
     assert _rel_err(out_rebuilt, expected) <= rtol
     assert _rel_err(single, expected[:, 2]) <= rtol
-    torch.testing.assert_close(out_kept, out_rebuilt, rtol=0, atol=0)
+    # Kept graphs on a CPU apply the block vector by vector, rebuilt ones batched: rounding only.
+    assert _rel_err(out_kept, out_rebuilt) <= rtol
     torch.testing.assert_close(again, out_rebuilt, rtol=0, atol=0)
     assert not out_rebuilt.requires_grad
 

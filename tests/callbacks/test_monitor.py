@@ -815,7 +815,14 @@ def test_constructor_validation(kwargs: dict[str, Any], match: str) -> None:
         (lambda: Sharpness(tol=2), r"tol must be a finite number in \(0, 1\)"),
         (lambda: Sharpness(every_n_epochs=0), r"every_n_epochs must be a positive integer"),
         (lambda: Sharpness(max_hvps=0), r"max_hvps must be a positive integer"),
-        (lambda: Sharpness(3, max_basis=3), r"max_basis must be at least top_k \+ 1 = 4"),
+        (
+            lambda: Sharpness(3, max_basis=4),
+            r"max_basis must be at least top_k \+ 1 \+ 1 \(lambda_min\) = 5",
+        ),
+        (
+            lambda: Sharpness(3, lambda_min=False, max_basis=3),
+            r"max_basis must be at least top_k \+ 1 = 4",
+        ),
         (lambda: Sharpness(on_train_end=1), r"on_train_end must be True or False"),
         (lambda: Trace(2), r"num_hvps must be an integer >= 3"),
         (lambda: CurvatureExponent(layers="fc.weight"), r"layers must be a non-empty list"),

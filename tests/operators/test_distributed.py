@@ -39,7 +39,7 @@ from lightning_landscape import (
     LandscapeMonitor,
     curvature_context,
     deflated_trace,
-    lanczos,
+    lanczos_ends,
 )
 from lightning_landscape.operators import HessianOperator
 from lightning_landscape.operators.distributed import (
@@ -447,8 +447,7 @@ def _single_process_probe(state: dict[str, torch.Tensor]) -> dict[str, float]:
 
     with curvature_context(module, norm_statistics="batch"):
         op = HessianOperator(module, loss_fn, shards, route="double_backward", retain_graph=True)
-        top = lanczos(op, W.TOP_K, tol=W.TOL, seed=0)
-        bottom = lanczos(op, 1, which="smallest", tol=W.TOL, seed=7919)
+        top, bottom = lanczos_ends(op, W.TOP_K, 1, tol=W.TOL, seed=0)  # as Sharpness does
         # The monitor's Trace takes the round's converged sharpness pairs as its sketch.
         assert top.eigenvectors is not None
         probes = W.TRACE_HVPS - 2 * (W.TRACE_HVPS // 3)

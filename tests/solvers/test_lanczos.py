@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from lightning_landscape import EigenResult, MatrixOperator, lanczos
+from lightning_landscape import EigenResult, MatrixOperator, lanczos, lanczos_ends
 from tests._models import random_orthogonal
 
 F64 = torch.float64
@@ -541,3 +541,67 @@ def test_eigenvalue_criterion_dense_path_and_validation() -> None:
     assert res.error_bounds is not None and res.error_bounds.shape == (2,)
     with pytest.raises(ValueError, match="criterion"):
         lanczos(MatrixOperator(_A), 1, criterion="eigen")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------
+# Both ends from one Krylov space
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ends", [(1, 1), (5, 1), (3, 2)])
+@pytest.mark.parametrize("spectrum", ["separated", "clustered", "indefinite"])
+def test_both_ends_match_the_separate_solves(spectrum: str, ends: tuple[int, int]) -> None:
+    eigs = _spectrum(spectrum)
+    a = _matrix(eigs)
+    op = MatrixOperator(a)
+    tol = 1e-8
+    top, bottom = lanczos_ends(op, *ends, tol=tol)
+    cluster = eigs if spectrum == "clustered" else None
+    _check_solution(a, top, _reference(eigs, ends[0], "largest"), tol, eigs=cluster)
+    _check_solution(a, bottom, _reference(eigs, ends[1], "smallest"), tol, eigs=cluster)
+    assert (top.which, bottom.which) == ("largest", "smallest")
+    # One solve: its cost is counted once, in the first result.
+    assert top.num_hvps == op.num_matvecs < N and bottom.num_hvps == 0 and bottom.seconds == 0
+    both = torch.cat([top.eigenvectors, bottom.eigenvectors], dim=1)  # type: ignore[list-item]
+    gram = both.T @ both
+    torch.testing.assert_close(gram, torch.eye(sum(ends), dtype=F64), rtol=0, atol=1e-6)
+    separate = MatrixOperator(a)
+    lanczos(separate, ends[0], tol=tol)
+    lanczos(separate, ends[1], which="smallest", tol=tol)
+    assert op.num_matvecs < separate.num_matvecs  # both ends at once cost less than two solves
+
+
+def test_both_ends_through_restarts_and_on_the_dense_path() -> None:
+    eigs = _spectrum("indefinite")
+    a = _matrix(eigs)
+    op = MatrixOperator(a)
+    top, bottom = lanczos_ends(op, 3, 2, tol=1e-8, max_basis=10, max_hvps=3000)
+    assert top.num_restarts > 0
+    _check_solution(a, top, _reference(eigs, 3, "largest"), 1e-8)
+    _check_solution(a, bottom, _reference(eigs, 2, "smallest"), 1e-8)
+    small = _matrix(torch.arange(-3.0, 7.0, dtype=F64), seed=5)  # 10 × 10: materialised
+    top, bottom = lanczos_ends(MatrixOperator(small), 2, 2, tol=1e-10)
+    torch.testing.assert_close(top.eigenvalues, torch.tensor([6.0, 5.0], dtype=F64))
+    torch.testing.assert_close(bottom.eigenvalues, torch.tensor([-3.0, -2.0], dtype=F64))
+    assert top.num_hvps == 10 and bottom.num_hvps == 0
+
+
+def test_both_ends_warm_start_and_validation() -> None:
+    a, perturbed = _warm_problem()
+    top, bottom = lanczos_ends(MatrixOperator(a), 2, 1, tol=1e-8)
+    start = torch.cat([top.eigenvectors, bottom.eigenvectors], dim=1)  # type: ignore[list-item]
+    cold_op, warm_op = MatrixOperator(perturbed), MatrixOperator(perturbed)
+    cold = lanczos_ends(cold_op, 2, 1, tol=1e-8)
+    warm = lanczos_ends(warm_op, 2, 1, tol=1e-8, start=start)
+    assert warm_op.num_matvecs < cold_op.num_matvecs
+    for w, c in zip(warm, cold, strict=True):
+        assert w.all_converged and c.all_converged
+        torch.testing.assert_close(w.eigenvalues, c.eigenvalues, rtol=1e-9, atol=0)
+    with pytest.raises(ValueError, match="k_smallest must be a positive integer"):
+        lanczos_ends(MatrixOperator(a), 1, 0)
+    with pytest.raises(ValueError, match="at least k \\+ 1 = 4"):
+        lanczos_ends(MatrixOperator(a), 2, 1, max_basis=3)
+    nan = a.clone()
+    nan[0, 1] = nan[1, 0] = float("nan")
+    top, bottom = lanczos_ends(MatrixOperator(nan), 2, 1)
+    assert not top.is_finite and not bottom.is_finite and bottom.eigenvalues.shape == (1,)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from lightning_landscape.solvers._orthogonality import (
@@ -61,3 +62,21 @@ def test_reorthogonalisation_levels() -> None:
         mid = math.sqrt(tau * math.sqrt(eps))
         assert math.isclose(semi_orthogonality(eps, mid), mid)  # the tolerance in between
         assert eps < tau < semi_orthogonality(eps, mid)
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 15])
+def test_combine_rows_in_place_and_fresh(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    from lightning_landscape.solvers import _orthogonality
+
+    monkeypatch.setattr(_orthogonality, "_COMBINE_CHUNK", chunk)  # 7: many ragged chunks
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(9, 100, generator=gen, dtype=torch.float64)
+    y = torch.randn(9, 4, generator=gen, dtype=torch.float64)
+    expected = y.T @ rows
+    fresh = _orthogonality.combine_rows(rows, y)
+    torch.testing.assert_close(fresh, expected, rtol=1e-12, atol=1e-12)
+    basis = rows.clone()
+    out = _orthogonality.combine_rows(basis, y, out=basis[:4])  # overwrites its own input rows
+    assert out.data_ptr() == basis.data_ptr()
+    torch.testing.assert_close(basis[:4], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(basis[4:], rows[4:], rtol=0, atol=0)

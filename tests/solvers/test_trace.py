@@ -239,3 +239,25 @@ def test_hessian_trace_rejects_small_budget_and_restores_model() -> None:
     with pytest.raises(ValueError, match="num_hvps"):
         hessian_trace(model, loss_fn, batch, num_hvps=2)
     assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rademacher_probes_are_independent_signs(dtype: torch.dtype) -> None:
+    from lightning_landscape.solvers.trace import _rademacher
+
+    like = torch.empty(0, dtype=dtype)
+    n, b = 10_001, 7  # n·b not a multiple of 8: the last byte is partly used
+    x = _rademacher(n, b, like, torch.Generator().manual_seed(0))
+    assert x.shape == (n, b) and x.dtype == dtype
+    assert x.T.is_contiguous()  # contiguous rows, as batched products split blocks
+    assert bool(((x == 1) | (x == -1)).all())
+    # Balanced, uncorrelated across positions and columns (bits of the same byte included).
+    assert abs(float(x.mean())) < 4 / (n * b) ** 0.5
+    gram = (x.T @ x) / n
+    off = gram - torch.eye(b, dtype=dtype)
+    assert float(off.abs().max()) < 5 / n**0.5
+    flat = x.T.reshape(-1)
+    for lag in (1, 2, 7, 8):
+        assert abs(float((flat[:-lag] * flat[lag:]).mean())) < 5 / flat.numel() ** 0.5
+    same = _rademacher(n, b, like, torch.Generator().manual_seed(0))
+    assert torch.equal(x, same)
