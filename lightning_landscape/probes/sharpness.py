@@ -297,7 +297,7 @@ class Sharpness(Probe):
 
         def start(*vectors: Tensor | None) -> Tensor | None:
             kept = [v for v in vectors if v is not None] if self.warm_start else []
-            joined = kept[0] if len(kept) == 1 else torch.cat(kept, dim=1) if kept else None
+            joined = torch.cat(kept, dim=1) if len(kept) > 1 else next(iter(kept), None)
             return warm_vectors(joined, op.size, op.device)
 
         bottom = None

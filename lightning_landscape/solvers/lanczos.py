@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Literal
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -193,29 +194,67 @@ def _orthonormalize(
     return q, coefficients(q.T, w, sh).to(torch.float64)
 
 
-def _non_finite(
-    k: int,
-    which: Which,
+def _by_end(
+    ends: tuple[int, int],
+    values: Tensor,
+    vectors: Tensor | None,
+    residuals: Tensor,
+    bounds: Tensor,
+    converged: Tensor,
+    *,
     tol: float,
+    criterion: str,
     num_hvps: int,
     restarts: int,
-    t_start: float,
-    criterion: str = "residual",
-) -> EigenResult:
-    """The result of a solve whose operator produced NaN/inf: all NaN, nothing converged."""
-    nan = torch.full((k,), float("nan"), dtype=torch.float64)
-    return EigenResult(
-        eigenvalues=nan,
-        eigenvectors=None,
-        residuals=nan.clone(),
-        converged=torch.zeros(k, dtype=torch.bool),
-        which=which,
-        tol=float(tol),
-        num_hvps=num_hvps,
-        num_restarts=restarts,
-        seconds=time.perf_counter() - t_start,
+    seconds: float,
+) -> list[EigenResult]:
+    """One :class:`EigenResult` per requested end, the solve's cost counted in the first.
+
+    The pairs come largest first (descending), then smallest (ascending): the first
+    ``min(ends[0], len(values))`` belong to the largest end, the rest to the smallest.
+    """
+    n_hi = min(ends[0], values.numel())
+    parts = (("largest", slice(0, n_hi)), ("smallest", slice(n_hi, None)))
+    out: list[EigenResult] = []
+    for (which, part), wanted in zip(parts, ends, strict=True):
+        if not wanted:
+            continue
+        first = not out
+        out.append(
+            EigenResult(
+                eigenvalues=values[part],
+                eigenvectors=None if vectors is None else vectors[:, part],
+                residuals=residuals[part],
+                converged=converged[part],
+                which=which,  # type: ignore[arg-type]
+                tol=float(tol),
+                num_hvps=num_hvps if first else 0,
+                num_restarts=restarts if first else 0,
+                seconds=seconds if first else 0.0,
+                criterion=criterion,
+                error_bounds=bounds[part],
+            )
+        )
+    return out
+
+
+def _non_finite(
+    ends: tuple[int, int], tol: float, num_hvps: int, restarts: int, t_start: float, criterion: str
+) -> list[EigenResult]:
+    """The results of a solve whose operator produced NaN/inf: all NaN, nothing converged."""
+    nan = torch.full((sum(ends),), float("nan"), dtype=torch.float64)
+    return _by_end(
+        ends,
+        nan,
+        None,
+        nan,
+        nan,
+        torch.zeros(sum(ends), dtype=torch.bool),
+        tol=tol,
         criterion=criterion,
-        error_bounds=nan.clone(),
+        num_hvps=num_hvps,
+        restarts=restarts,
+        seconds=time.perf_counter() - t_start,
     )
 
 
@@ -234,57 +273,30 @@ def _dense_solve(
     dense = torch.cat(cols, dim=1).to(torch.float64)
     dense = 0.5 * (dense + dense.T)
     if not bool(torch.isfinite(dense).all()):
-        return _non_finite_ends(ends, tol, n, 0, t_start, criterion)
+        return _non_finite(ends, tol, n, 0, t_start, criterion)
     values, vectors = torch.linalg.eigh(dense)
-    anorm = max(float(values.abs().max()), torch.finfo(torch.float64).tiny)
-    out: list[EigenResult] = []
-    for which, idx in (
-        ("largest", torch.arange(n - 1, n - 1 - ends[0], -1)),
-        ("smallest", torch.arange(ends[1])),
-    ):
-        if not idx.numel():
-            continue
-        idx = idx.to(values.device)
-        vals, vecs = values[idx], vectors[:, idx]
-        scale = torch.full_like(vals, anorm)  # the spectral scale ‖A‖
-        raw = (dense @ vecs - vecs * vals).norm(dim=0)
-        resid = (raw / scale).cpu()
-        full_raw = torch.zeros(n, dtype=torch.float64, device=values.device)
-        full_raw[idx] = raw
-        bounds = _error_bounds(values.cpu(), full_raw.cpu(), idx.cpu(), scale.cpu())
-        first = not out  # the cost is counted once, in the first result
-        out.append(
-            EigenResult(
-                eigenvalues=vals.cpu(),
-                eigenvectors=vecs.to(op.dtype) if return_eigenvectors else None,
-                residuals=resid,
-                converged=_converged(resid, bounds, tol, criterion, torch.zeros_like(resid)),
-                which=which,  # type: ignore[arg-type]
-                tol=float(tol),
-                num_hvps=n if first else 0,
-                num_restarts=0,
-                seconds=time.perf_counter() - t_start if first else 0.0,
-                criterion=criterion,
-                error_bounds=bounds,
-            )
-        )
-    return out
-
-
-def _non_finite_ends(
-    ends: tuple[int, int],
-    tol: float,
-    num_hvps: int,
-    restarts: int,
-    t_start: float,
-    criterion: str,
-) -> list[EigenResult]:
-    """:func:`_non_finite` for each requested end (the cost counted in the first)."""
-    wanted = [(k, w) for k, w in zip(ends, ("largest", "smallest"), strict=True) if k]
-    return [
-        _non_finite(k, w, tol, num_hvps if i == 0 else 0, restarts, t_start, criterion)  # type: ignore[arg-type]
-        for i, (k, w) in enumerate(wanted)
-    ]
+    idx = torch.cat([torch.arange(n - 1, n - 1 - ends[0], -1), torch.arange(ends[1])])
+    idx = idx.to(values.device)
+    vals, vecs = values[idx], vectors[:, idx]
+    scale = torch.full_like(vals, max(float(values.abs().max()), torch.finfo(torch.float64).tiny))
+    raw = (dense @ vecs - vecs * vals).norm(dim=0)
+    resid = (raw / scale).cpu()
+    full_raw = torch.zeros(n, dtype=torch.float64, device=values.device)
+    full_raw[idx] = raw
+    bounds = _error_bounds(values.cpu(), full_raw.cpu(), idx.cpu(), scale.cpu())
+    return _by_end(
+        ends,
+        vals.cpu(),
+        vecs.to(op.dtype) if return_eigenvectors else None,
+        resid,
+        bounds,
+        _converged(resid, bounds, tol, criterion, torch.zeros_like(resid)),
+        tol=tol,
+        criterion=criterion,
+        num_hvps=n,
+        restarts=0,
+        seconds=time.perf_counter() - t_start,
+    )
 
 
 def _wanted_order(theta: Tensor, ends: tuple[int, int]) -> Tensor:
@@ -413,6 +425,28 @@ def _block_step(
     return c.cpu()
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """A solve's settings, named and documented as :func:`lanczos`'s arguments."""
+
+    tol: float
+    criterion: Criterion
+    block_size: int | None
+    max_basis: int | None
+    max_basis_bytes: int | None
+    max_hvps: int | None
+    start: Tensor | None
+    start_noise: float
+    seed: int
+    generator: torch.Generator | None
+    return_eigenvectors: bool
+
+    @classmethod
+    def of(cls, arguments: dict[str, Any]) -> _Settings:
+        """The settings among a public solver's ``arguments`` (its ``locals()``), by name."""
+        return cls(**{f.name: arguments[f.name] for f in fields(cls)})
+
+
 def lanczos(
     op: CurvatureOperator,
     k: int = 1,
@@ -533,21 +567,7 @@ def lanczos(
     integer("k", k)
     choice("which", which, _WHICH)
     ends = (k, 0) if which == "largest" else (0, k)
-    return _solve(
-        op,
-        ends,
-        tol,
-        criterion,
-        block_size,
-        max_basis,
-        max_basis_bytes,
-        max_hvps,
-        start,
-        start_noise,
-        seed,
-        generator,
-        return_eigenvectors,
-    )[0]
+    return _solve(op, ends, _Settings.of(locals()))[0]
 
 
 def lanczos_ends(
@@ -612,78 +632,58 @@ def lanczos_ends(
     """
     integer("k_largest", k_largest)
     integer("k_smallest", k_smallest)
-    top, bottom = _solve(
-        op,
-        (k_largest, k_smallest),
-        tol,
-        criterion,
-        block_size,
-        max_basis,
-        max_basis_bytes,
-        max_hvps,
-        start,
-        start_noise,
-        seed,
-        generator,
-        return_eigenvectors,
-    )
+    top, bottom = _solve(op, (k_largest, k_smallest), _Settings.of(locals()))
     return top, bottom
 
 
-def _solve(
-    op: CurvatureOperator,
-    ends: tuple[int, int],
-    tol: float,
-    criterion: Criterion,
-    block_size: int | None,
-    max_basis: int | None,
-    max_basis_bytes: int | None,
-    max_hvps: int | None,
-    start: Tensor | None,
-    start_noise: float,
-    seed: int,
-    generator: torch.Generator | None,
-    return_eigenvectors: bool,
-) -> list[EigenResult]:
+def _solve(op: CurvatureOperator, ends: tuple[int, int], settings: _Settings) -> list[EigenResult]:
     """Thick-restart Lanczos for the ``ends[0]`` largest and ``ends[1]`` smallest eigenpairs.
 
     Returns one result per requested end (largest first); the cost is counted in the first.
     """
     t_start = time.perf_counter()
+    tol, criterion = settings.tol, settings.criterion
     local, dtype, device, sh = op.size, op.dtype, op.device, op.sharding
     n = op.global_size
     k = sum(ends)
-    m = _validate(k, n, "largest", tol, max_basis, criterion)
-    optional_integer("block_size", block_size)
-    b = 1 if block_size is None else max(1, min(block_size, n - m, m - k))
-    cap = optional_integer("max_basis_bytes", max_basis_bytes)
+    m = _validate(k, n, "largest", tol, settings.max_basis, criterion)
+    optional_integer("block_size", settings.block_size)
+    b = 1 if settings.block_size is None else max(1, min(settings.block_size, n - m, m - k))
+    cap = optional_integer("max_basis_bytes", settings.max_basis_bytes)
     if cap is not None:
         vector = local * dtype.itemsize
         fits = cap // max(vector, 1) - b
         if fits < min(k + 1, n):
             raise ValueError(
-                f"max_basis_bytes={max_basis_bytes} holds {fits + b} vectors of {vector} bytes, "
+                f"max_basis_bytes={cap} holds {fits + b} vectors of {vector} bytes, "
                 f"too few for k={k}: at least k + 1 + block_size = {k + 1 + b} are needed, "
                 f"i.e. max_basis_bytes >= {(k + 1 + b) * vector}."
             )
         m = min(m, fits)
         b = max(1, min(b, m - k))
-    budget = max(20 * m, 200) if max_hvps is None else int(max_hvps)
+    budget = max(20 * m, 200) if settings.max_hvps is None else int(settings.max_hvps)
     if budget < k + b - 1:
         raise ValueError(
-            f"max_hvps={max_hvps} cannot reach k={k} Ritz pairs with blocks of {b}: "
+            f"max_hvps={settings.max_hvps} cannot reach k={k} Ritz pairs with blocks of {b}: "
             f"use max_hvps >= {k + b - 1}."
         )
-    if start is not None and (start.ndim not in (1, 2) or start.shape[0] != local):
-        raise ValueError(f"start vectors must have {local} rows, got shape {tuple(start.shape)}")
+    if settings.start is not None and (
+        settings.start.ndim not in (1, 2) or settings.start.shape[0] != local
+    ):
+        raise ValueError(
+            f"start vectors must have {local} rows, got shape {tuple(settings.start.shape)}"
+        )
     if m >= n and budget >= n and sh is None:
-        return _dense_solve(op, ends, tol, return_eigenvectors, t_start, criterion)
+        return _dense_solve(op, ends, tol, settings.return_eigenvectors, t_start, criterion)
+    generator = settings.generator
     if generator is None:
-        generator = private_generator(op, seed)
+        generator = private_generator(op, settings.seed)
 
     basis = torch.empty(m + b, local, dtype=dtype, device=device)  # rows are Lanczos vectors
     proj = torch.zeros(m, m, dtype=torch.float64)  # V^T A V, on the host
-    basis[:b] = _start_block(local, b, dtype, device, generator, start, start_noise, sh).T
+    basis[:b] = _start_block(
+        local, b, dtype, device, generator, settings.start, settings.start_noise, sh
+    ).T
     coupling = torch.zeros(b, b, dtype=torch.float64)
     eps = torch.finfo(dtype).eps
     levels = (semi_orthogonality(eps, tol), orthogonality_threshold(eps))
@@ -715,7 +715,7 @@ def _solve(
             bool(torch.isfinite(proj[: j + b, j : j + b]).all())
             and math.isfinite(float(coupling.sum()))
         ):
-            return _non_finite_ends(ends, tol, num_hvps, restarts, t_start, criterion)
+            return _non_finite(ends, tol, num_hvps, restarts, t_start, criterion)
         j += b
 
         out_of_budget = num_hvps + b > budget
@@ -725,7 +725,7 @@ def _solve(
         # ---- Rayleigh-Ritz on the current basis
         projected = proj[:j, :j]
         if not bool(torch.isfinite(projected).all()):
-            return _non_finite_ends(ends, tol, num_hvps, restarts, t_start, criterion)
+            return _non_finite(ends, tol, num_hvps, restarts, t_start, criterion)
         theta, s_vecs = torch.linalg.eigh(projected)
         order = _wanted_order(theta, ends)
         # The spectral scale: the largest Ritz value magnitude seen (Ritz values lie inside the
@@ -768,29 +768,18 @@ def _solve(
 
     assert theta is not None and s_vecs is not None
     vectors = None
-    if return_eigenvectors:
+    if settings.return_eigenvectors:
         vectors = combine_rows(basis[:j], s_vecs[:, result_cols]).T  # (n, kk): contiguous columns
-    converged = _converged(resid, bounds, tol, criterion, moved)
-    seconds = time.perf_counter() - t_start
-    n_hi = min(ends[0], len(result_cols))
-    out: list[EigenResult] = []
-    for which, part in (("largest", slice(0, n_hi)), ("smallest", slice(n_hi, None))):
-        if not ends[0 if which == "largest" else 1]:
-            continue
-        first = not out  # the cost is counted once, in the first result
-        out.append(
-            EigenResult(
-                eigenvalues=theta[result_cols[part]].to(torch.float64),
-                eigenvectors=None if vectors is None else vectors[:, part],
-                residuals=resid[part],
-                converged=converged[part],
-                which=which,  # type: ignore[arg-type]
-                tol=float(tol),
-                num_hvps=num_hvps if first else 0,
-                num_restarts=restarts if first else 0,
-                seconds=seconds if first else 0.0,
-                criterion=criterion,
-                error_bounds=bounds[part],
-            )
-        )
-    return out
+    return _by_end(
+        ends,
+        theta[result_cols].to(torch.float64),
+        vectors,
+        resid,
+        bounds,
+        _converged(resid, bounds, tol, criterion, moved),
+        tol=tol,
+        criterion=criterion,
+        num_hvps=num_hvps,
+        restarts=restarts,
+        seconds=time.perf_counter() - t_start,
+    )
