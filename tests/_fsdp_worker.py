@@ -101,7 +101,7 @@ def reference(
     scale: Tensor | None = None,
     shape: tuple[int, int] = (IN, CLASSES),
 ) -> dict[str, Any]:
-    """Dense float64 truth on one process: eigenvalues, trace, loss (and λ₁ of S½ H S½)."""
+    """Dense float64 truth on one process: eigenvalues, trace, loss (and λ₁(P⁻¹H) = λ₁(S½ H S½))."""
     net = make_net(*shape).double()
     net.load_state_dict({k: v.double() for k, v in state.items()})
     batches = [(x.double(), y) for x, y in batches]
@@ -270,12 +270,10 @@ def scenario(rank: int, rec: Recorder, outdir: Path) -> None:
         batches = gathered(spy.batches)
         if rank == 0:
             b1, b2 = (float(b) for b in group["betas"])
-            lr = float(group["lr"])
             precond = [
                 (1 - b1**step) * ((v.double() / (1 - b2**step)).sqrt() + group["eps"]) for v in vs
             ]
-            factor = lr * (1 - b1) / (2 + 2 * b1)
-            scale = torch.cat([(factor / p).reshape(-1) for p in precond])
+            scale = torch.cat([(1 / p).reshape(-1) for p in precond])  # λ₁(S½HS½) = λ₁(P⁻¹H)
             union = [b for per_rank in batches for b in per_rank]
             res["reference"] = reference(state, union, scale, (IN_FEATURES, NUM_CLASSES))
             res["probe_sizes"] = [[len(b[1]) for b in per_rank] for per_rank in batches]

@@ -25,9 +25,10 @@ class ProbeReport:
         trace_stderr: its standard error, or ``None``.
         stability_threshold: the optimizer's stability threshold: ``(2 + 2β)/η`` on λ_max for
             SGD with heavy-ball momentum ``β`` (``2/η`` without); ``(2 + 2β₁)/((1 − β₁)η)`` on
-            the preconditioned λ₁(P⁻¹H) for Adam/AdamW; ``None`` for other optimizers (and for
-            Adam before its first step).
-        stability_ratio: sharpness over ``stability_threshold`` (``> 1``: past the edge).
+            the preconditioned λ₁(P⁻¹H) for Adam/AdamW; ``None`` for other optimizers, for
+            Adam before its first step, and while η is 0 (no edge).
+        stability_ratio: sharpness over ``stability_threshold`` (``> 1``: past the edge); 0
+            while η is 0.
         probe_loss: the loss on the probe data at the probe (eval mode).
         converged: whether every eigenvalue met the residual tolerance.
         max_residual: largest relative Ritz residual among the reported eigenvalues.

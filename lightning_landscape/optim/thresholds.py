@@ -13,6 +13,7 @@ gradient taken at the perturbed weights).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -69,14 +70,20 @@ class Stability:
             Hessian is below it).
         threshold: ``(2 + 2β)/η`` for SGD; ``(2 + 2β₁)/((1 − β₁)η)`` for Adam and
             ``(2 + 2β)/η`` for RMSprop, with η and β of the first param group that holds a
-            probed parameter (the reference group).
+            probed parameter (the reference group). ``math.inf`` while that η is 0 (a warm-up's
+            first step, the end of a decay to 0): no step is unstable then, and the stability
+            ratio is 0.
         optimizer: the optimizer's class name (the base optimizer's, under SAM).
-        scale: ``"preconditioned"`` only: the per-entry scale ``S`` over the flat probed
-            parameters (in :func:`~lightning_landscape.operators.select_parameters` order),
-            ``S = (η_g / P) · (1 − β₁,g)/(2 + 2β₁,g)`` for Adam (``η_g / ((2 + 2β_g) P)`` for
-            RMSprop), 0 for entries no optimizer updates: the optimizer is stable iff
-            ``λ₁(S^½ (H + Γ) S^½) < 1``, which is therefore the stability ratio itself.
-            ``None`` before the optimizer's first step (it has no state yet).
+        scale: ``"preconditioned"`` only: the per-entry scale ``S = ρ_g / P`` over the flat
+            probed parameters (in :func:`~lightning_landscape.operators.select_parameters`
+            order), so that ``λ₁(S^½ (H + Γ) S^½)`` is the preconditioned sharpness
+            λ₁(P⁻¹H) in the reference group's terms. ``ρ_g`` is 1 in the reference group and
+            folds in any other group's step: ``(η_g (1 − β₁,g)/(2 + 2β₁,g))`` over the
+            reference group's (Adam; ``η_g/(2 + 2β_g)`` for RMSprop), 0 for entries no
+            optimizer updates. While the reference η is 0 the groups' ``initial_lr`` (which
+            LR schedulers keep) stand in for the η in ``ρ_g``. The stability ratio is
+            ``λ₁ / threshold``. ``None`` before the optimizer's first step (it has no state
+            yet).
         shift: ``"preconditioned"`` only: ``Γ``, the coupled L2 coefficient γ per entry (Adam
             with ``weight_decay``, not AdamW's decoupled decay), or ``None`` if there is none.
     """
@@ -119,8 +126,8 @@ def probed_stability(
         params: the probed parameter tensors, in the order of the flat vectors.
 
     Returns:
-        ``(stability, None)``, or ``(None, why)``; ``(None, None)`` while it is only momentarily
-        undefined (a learning rate of 0 at the start of a warm-up). Before an adaptive
+        ``(stability, None)``, or ``(None, why)``. While the learning rate is 0 (a warm-up's
+        first step, the end of a decay to 0) the threshold is ``math.inf``. Before an adaptive
         optimizer's first step the stability has no ``scale`` yet.
 
     Example:
@@ -153,18 +160,15 @@ def probed_stability(
             f"{name} has no stability threshold here (SGD, Adam, AdamW and RMSprop have; "
             "landscape/update/curvature works with any optimizer)"
         )
-    thresholds = {stability_threshold(optimizer, g) for g in groups}
-    if None in thresholds:
-        return None, None  # a learning rate of 0 (warm-up): no threshold at this step
+    # An SGD group's threshold is None only at a learning rate of 0: no edge then.
+    thresholds = {stability_threshold(optimizer, g) or math.inf for g in groups}
     if len(thresholds) > 1:
-        values = ", ".join(f"{t:.4g}" for t in sorted(t for t in thresholds if t is not None))
+        values = ", ".join(f"{t:.4g}" for t in sorted(thresholds))
         return None, (
             f"the probed parameters sit in param groups with different thresholds ({values}); "
             "probe one group's parameters with params= for a stability ratio"
         )
-    threshold = thresholds.pop()
-    assert threshold is not None
-    return Stability("raw", threshold, name), None
+    return Stability("raw", thresholds.pop(), name), None
 
 
 def _preconditioned(
@@ -174,11 +178,25 @@ def _preconditioned(
     adam = isinstance(optimizer, torch.optim.Adam)
     group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
     reference = optimizer.param_groups[groups[0]]
-    lr_ref = float(reference["lr"])
-    beta_ref = float(reference["betas"][0] if adam else reference.get("momentum", 0.0) or 0.0)
-    if not lr_ref > 0:
-        return None, None  # warm-up: no threshold at this step
-    threshold = (2 + 2 * beta_ref) / ((1 - beta_ref if adam else 1.0) * lr_ref)
+    # At η = 0 there is no edge, but λ₁(P⁻¹H) is still defined: the groups' step sizes relative
+    # to the reference group's come from the rates their schedulers scale (or are all alike).
+    key = "lr"
+    if not float(reference["lr"]) > 0:
+        initial = [float(optimizer.param_groups[g].get("initial_lr", 0.0)) for g in groups]
+        key = "initial_lr" if all(rate > 0 for rate in initial) else ""
+
+    def step_size(group: dict[str, Any], rate: float | None = None) -> float:
+        """``η (1 − β₁)/(2 + 2β₁)`` (Adam) or ``η/(2 + 2β)`` (RMSprop): 1 / the threshold."""
+        if rate is None:
+            rate = float(group[key]) if key else 1.0
+        if adam:
+            beta = float(group["betas"][0])
+            return rate * (1 - beta) / (2 + 2 * beta)
+        return rate / (2 + 2 * float(group.get("momentum", 0.0) or 0.0))
+
+    edge = step_size(reference, float(reference["lr"]))
+    threshold = 1 / edge if edge > 0 else math.inf
+    unit = step_size(reference)
     scales: list[Tensor] = []
     shifts: list[Tensor] = []
     for p in params:
@@ -192,13 +210,7 @@ def _preconditioned(
         precond = _adam_precond(group, state) if adam else _rmsprop_precond(group, state)
         if precond is None:
             return Stability("preconditioned", threshold, type(optimizer).__name__), None
-        lr = float(group["lr"])
-        if adam:
-            beta = float(group["betas"][0])
-            factor = lr * (1 - beta) / (2 + 2 * beta)
-        else:
-            factor = lr / (2 + 2 * float(group.get("momentum", 0.0) or 0.0))
-        scales.append((factor / precond).reshape(-1))
+        scales.append((step_size(group) / unit / precond).reshape(-1))
         decay = float(group.get("weight_decay", 0.0) or 0.0)
         coupled = not (adam and group.get("decoupled_weight_decay", False))
         shifts.append(torch.full_like(scales[-1], decay if coupled else 0.0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,8 +37,8 @@ class SharpnessResult:
             none (another optimizer, several optimizers, no optimizer).
         preconditioned: for an Adam-family or RMSprop optimizer, the top eigenpair of
             ``S^½ (H + Γ) S^½`` (:class:`~lightning_landscape.optim.Stability`), whose
-            eigenvalue is the stability ratio; ``None`` for SGD, before the optimizer's first
-            step, or with ``Sharpness(preconditioned=False)``.
+            eigenvalue is λ₁(P⁻¹H); ``None`` for SGD, before the optimizer's first step, or
+            with ``Sharpness(preconditioned=False)``.
     """
 
     top: EigenResult
@@ -66,10 +67,10 @@ class SharpnessResult:
         """The threshold of the measured sharpness, or ``None`` if none was measured.
 
         ``(2 + 2β)/η`` on λ_max for SGD, ``(2 + 2β₁)/((1 − β₁)η)`` on λ₁(P⁻¹H) for Adam/AdamW
-        (``38/η`` at β₁ = 0.9).
+        (``38/η`` at β₁ = 0.9). ``None`` also while η is 0 (no edge; the ratio is then 0).
         """
         s = self.stability
-        if s is None or (s.kind == "preconditioned" and self.preconditioned is None):
+        if s is None or self.stability_ratio is None or not math.isfinite(s.threshold):
             return None
         return s.threshold
 
@@ -80,27 +81,28 @@ class SharpnessResult:
         With param groups of different η, each group's η relative to the reference group's is
         folded into ``P``.
         """
-        ratio, threshold = self.stability_ratio, self.stability_threshold
-        if self.preconditioned is None or ratio is None or threshold is None:
-            return None
-        return ratio * threshold
+        return None if self.preconditioned is None else float(self.preconditioned.eigenvalues[0])
 
     @property
     def stability_ratio(self) -> float | None:
         """Sharpness over its threshold (``> 1``: past the edge of stability), if known.
 
-        λ_max over ``(2 + 2β)/η`` for SGD, λ₁(P⁻¹H) over ``(2 + 2β₁)/((1 − β₁)η)`` for Adam.
+        λ_max over ``(2 + 2β)/η`` for SGD, λ₁(P⁻¹H) over ``(2 + 2β₁)/((1 − β₁)η)`` for Adam;
+        0 while η is 0.
         """
-        if self.preconditioned is not None:
-            return float(self.preconditioned.eigenvalues[0])
-        t = self.stability_threshold
-        return self.lambda_max / t if t else None
+        s = self.stability
+        if s is None:
+            return None
+        if s.kind == "raw":
+            return self.lambda_max / s.threshold
+        pre = self.preconditioned_lambda_max
+        return None if pre is None else pre / s.threshold
 
     @property
     def raw_threshold(self) -> float | None:
         """The threshold on the raw λ_max (SGD only), for plotting against the eigenvalues."""
         s = self.stability
-        return s.threshold if s is not None and s.kind == "raw" else None
+        return self.stability_threshold if s is not None and s.kind == "raw" else None
 
     @property
     def solves(self) -> tuple[EigenResult, ...]:
@@ -381,10 +383,10 @@ class Sharpness(Probe):
         out.update({tags.eigenvalue(i): v for i, v in enumerate(result.eigenvalues)})
         if result.lambda_min is not None:
             out[tags.LAMBDA_MIN] = result.lambda_min
-        ratio, threshold = result.stability_ratio, result.stability_threshold
-        if ratio is not None and threshold is not None:
-            out[tags.STABILITY_RATIO] = ratio
-            out[tags.STABILITY_THRESHOLD] = threshold
+        if result.stability_ratio is not None:
+            out[tags.STABILITY_RATIO] = result.stability_ratio
+        if result.stability_threshold is not None:  # none while η is 0
+            out[tags.STABILITY_THRESHOLD] = result.stability_threshold
         if result.preconditioned_lambda_max is not None:
             out[tags.PRECONDITIONED_LAMBDA_MAX] = result.preconditioned_lambda_max
         return out

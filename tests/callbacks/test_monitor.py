@@ -398,6 +398,37 @@ def test_adamw_run_logs_the_preconditioned_sharpness_of_dense_truth() -> None:
     assert at_10["landscape/stability_ratio"] == last.stability_ratio
 
 
+class _DecayToZeroModule(ClassifierModule):
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr)
+        decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1 - t / 12))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
+
+
+def test_a_schedule_that_ends_at_zero_still_logs_the_preconditioned_sharpness() -> None:
+    """The end-of-training round of a linear decay to η = 0: λ₁(P⁻¹H) (in the terms of the
+    rate the schedule scales), ratio 0, and no threshold (38/η is infinite)."""
+    monitor = LandscapeMonitor(probes=[Sharpness(1, tol=1e-6, every_n_steps=5)])
+    logger = MemoryLogger()
+    module = _DecayToZeroModule(lr=1e-2, dropout=0.0, batch_norm=False)
+    _fit(lambda: module, [monitor], max_steps=12, logger=logger)
+    assert _steps(monitor) == [0, 5, 10, 12]
+    (optimizer,) = module.trainer.optimizers
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    end = monitor.history[-1]
+    assert end.stability_ratio == 0.0 and end.stability_threshold is None
+    assert end.preconditioned_lambda_max is not None and end.preconditioned_lambda_max > 0
+    assert logger.steps("landscape/preconditioned_lambda_max") == [5, 10, 12]
+    assert logger.steps("landscape/stability_ratio") == [5, 10, 12]
+    assert logger.steps("landscape/stability_threshold") == [5, 10]
+    # at step 10 (η = 1e-2 · 2/12) the ratio is λ₁(P⁻¹H) over 38/η, as always
+    at_10 = monitor.history[2]
+    assert at_10.stability_threshold == pytest.approx(38 / (1e-2 * 2 / 12), rel=1e-9)
+    assert at_10.stability_ratio == pytest.approx(
+        at_10.preconditioned_lambda_max / at_10.stability_threshold, rel=1e-12
+    )
+
+
 def _unflatten(module: torch.nn.Module, flat: Tensor) -> dict[str, Tensor]:
     out, offset = {}, 0
     for name, p in module.named_parameters():

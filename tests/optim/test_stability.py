@@ -9,6 +9,7 @@ float64 formula by ~2e-8 relative: the comparisons are at 1e-6.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -166,14 +167,74 @@ def test_entries_no_optimizer_updates_do_not_count() -> None:
     assert bool((stability.scale[:n1] == 0).all()) and bool((stability.scale[n1:] > 0).all())
     hessian = dense_hessian(model, loss_fn, batch)
     root = stability.scale.sqrt()
-    ratio = torch.linalg.eigvalsh(root[:, None] * hessian * root[None, :]).max().item()
+    pre = torch.linalg.eigvalsh(root[:, None] * hessian * root[None, :]).max().item()
     sub = hessian[n1:, n1:]
     inner = root[n1:]
-    assert ratio == pytest.approx(
+    assert pre == pytest.approx(
         torch.linalg.eigvalsh(inner[:, None] * sub * inner[None, :]).max().item(), rel=1e-10
     )
     result = _measure(model, loss_fn, batch, optimizer)
-    assert result.stability_ratio == pytest.approx(ratio, rel=1e-6)
+    assert result.preconditioned_lambda_max == pytest.approx(pre, rel=1e-6)
+    assert result.stability_ratio == pytest.approx(pre / stability.threshold, rel=1e-6)
+
+
+def _groups_model(lr: tuple[float, float]) -> tuple[Any, ...]:
+    """Two AdamW groups (other η and β₁) after two steps, with LR schedulers' ``initial_lr``."""
+
+    def factory(m: nn.Module) -> torch.optim.Optimizer:
+        groups = [
+            {"params": m.fc1.parameters(), "lr": lr[0], "betas": (0.8, 0.999)},
+            {"params": [*m.fc2.parameters(), *m.fc3.parameters()], "lr": lr[1]},
+        ]
+        optimizer = torch.optim.AdamW(groups)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]  # what a scheduler keeps
+        return optimizer
+
+    return _train(factory, 2)
+
+
+def test_at_a_learning_rate_of_zero_the_preconditioned_sharpness_is_still_measured() -> None:
+    """η = 0 (a decay to 0, a warm-up's start): λ₁(P⁻¹H) as at the rates the schedule scales,
+    ratio 0 (no step is unstable), no threshold logged."""
+    model, loss_fn, batch, optimizer, *_ = _groups_model((3e-2, 1e-3))
+    live = _measure(model, loss_fn, batch, optimizer)
+    assert live.stability_threshold == pytest.approx(3.6 / (0.2 * 3e-2), rel=1e-12)
+    for group in optimizer.param_groups:  # the end of a schedule that decays to 0
+        group["lr"] = 0.0
+    stability, why = probed_stability([optimizer], list(model.parameters()))
+    assert why is None and stability is not None and stability.threshold == math.inf
+    ended = _measure(model, loss_fn, batch, optimizer)
+    assert ended.preconditioned_lambda_max == pytest.approx(live.preconditioned_lambda_max, 1e-6)
+    assert ended.stability_ratio == 0.0 and ended.stability_threshold is None
+    logged = tags_of(Sharpness(), ended)
+    assert {"preconditioned_lambda_max", "stability_ratio"} <= logged
+    assert "stability_threshold" not in logged
+    # without initial_lr (η set to 0 by hand) every group counts alike
+    for group in optimizer.param_groups:
+        del group["initial_lr"]
+    alike = _measure(model, loss_fn, batch, optimizer)
+    assert alike.stability_ratio == 0.0 and alike.preconditioned_lambda_max is not None
+    assert alike.preconditioned_lambda_max != pytest.approx(live.preconditioned_lambda_max, 1e-3)
+
+
+def test_a_group_at_zero_learning_rate_does_not_move() -> None:
+    """Only the reference group's η = 0 means "no edge"; another group at 0 is frozen."""
+    model, _, _, optimizer, *_ = _groups_model((3e-2, 1e-3))
+    optimizer.param_groups[1]["lr"] = 0.0
+    stability, _ = probed_stability([optimizer], list(model.parameters()))
+    assert stability is not None and stability.scale is not None
+    n1 = sum(p.numel() for p in model.fc1.parameters())
+    assert bool((stability.scale[n1:] == 0).all()) and bool((stability.scale[:n1] > 0).all())
+    assert stability.threshold == pytest.approx(3.6 / (0.2 * 3e-2), rel=1e-12)
+
+
+def test_sgd_at_a_learning_rate_of_zero_has_ratio_zero() -> None:
+    model, loss_fn, batch = make_model("mlp")
+    result = _measure(model, loss_fn, batch, torch.optim.SGD(model.parameters(), lr=0.0))
+    assert result.stability is not None and result.stability.threshold == math.inf
+    assert result.stability_ratio == 0.0
+    assert result.stability_threshold is None and result.raw_threshold is None
 
 
 def test_before_the_first_step_there_is_no_preconditioned_sharpness() -> None:
@@ -229,8 +290,10 @@ def test_other_optimizers_have_no_threshold() -> None:
         [torch.optim.Adagrad(model.parameters())], list(model.parameters())
     )
     assert stability is None and why is not None and "Adagrad" in why
-    warmup = torch.optim.AdamW(model.parameters(), lr=0.0)
-    assert probed_stability([warmup], list(model.parameters())) == (None, None)
+    warmup, _ = probed_stability(
+        [torch.optim.AdamW(model.parameters(), lr=0.0)], list(model.parameters())
+    )  # a warm-up from 0 before the first step: no edge, and no state yet
+    assert warmup is not None and warmup.threshold == math.inf and warmup.scale is None
 
 
 def tags_of(sharpness: Sharpness, result: Any) -> set[str]:
