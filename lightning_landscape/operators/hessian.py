@@ -266,15 +266,21 @@ class HessianOperator(CurvatureOperator):
                 del live, grads
 
     def _db_matvec_into(self, v: Tensor, out: Tensor) -> Tensor:
-        """Every batch's product added straight into ``out``: no vector-sized temporary."""
-        out.zero_()
+        """Every batch's product written straight into ``out``: no vector-sized temporary.
+
+        The first batch's product overwrites ``out`` (no zero-filling pass over it), later ones
+        are added to it.
+        """
+        written = False
 
         def add(w: float, live: list[int], grads: tuple[Tensor, ...]) -> None:
+            nonlocal written
             if live:  # else the loss is at most linear in the probed parameters: H = 0
-                self._second_backward(live, grads, v, into=out, alpha=w)
+                self._second_backward(live, grads, v, into=out, alpha=w, accumulate=written)
+                written = True
 
         self._each_graph(add)
-        return out
+        return out if written else out.zero_()
 
     def _db_matmat(self, block: Tensor) -> Tensor:
         if block.shape[1] == 1:
@@ -326,10 +332,12 @@ class HessianOperator(CurvatureOperator):
         batched: int | None = None,
         into: Tensor | None = None,
         alpha: float = 1.0,
+        accumulate: bool = True,
     ) -> Tensor:
         """``∂(g · v)/∂θ`` on a batch's gradient graph; ``batched`` vectors at once if set.
 
-        With ``into`` (one vector only), ``alpha`` times the product is added to it in place.
+        With ``into`` (one vector only), ``alpha`` times the product is added to it in place
+        (``accumulate``) or written over it.
         """
         pieces = self.split(v)
         hv = torch.autograd.grad(
@@ -340,7 +348,7 @@ class HessianOperator(CurvatureOperator):
             allow_unused=True,
             is_grads_batched=batched is not None,
         )
-        return self._flat_or_zero(hv, batched=batched, into=into, alpha=alpha)
+        return self._flat_or_zero(hv, batched, into, alpha, accumulate)
 
     # ------------------------------------------------------------------ finite differences
     def _gradient(self) -> Tensor:
@@ -380,20 +388,30 @@ class HessianOperator(CurvatureOperator):
         batched: int | None = None,
         into: Tensor | None = None,
         alpha: float = 1.0,
+        accumulate: bool = True,
     ) -> Tensor:
         """The per-parameter pieces as one flat vector (``(size, b)`` columns when ``batched``).
 
         Each piece is copied once, straight into its slice (``reshape`` + ``cat`` copied the
         non-contiguous pieces twice: ~20 ms per product at 10⁷ parameters on a CPU). With
         ``into`` (a flat vector; not with ``batched``) ``alpha`` times the pieces are added to it
-        in place and it is returned: no vector-sized temporary at all.
+        in place (``accumulate``) or written over it, and it is returned: no vector-sized
+        temporary at all.
         """
         rows = 1 if batched is None else batched
         if into is not None:
             offset = 0
             for h, p in zip(hv, self.params, strict=True):
-                if h is not None:
-                    into[offset : offset + p.numel()].view(p.shape).add_(h, alpha=alpha)
+                piece = into[offset : offset + p.numel()].view(p.shape)
+                if h is None:
+                    if not accumulate:
+                        piece.zero_()
+                elif accumulate:
+                    piece.add_(h, alpha=alpha)
+                elif alpha == 1.0:
+                    piece.copy_(h)
+                else:
+                    torch.mul(h, alpha, out=piece)
                 offset += p.numel()
             return into
         out = torch.empty(rows, self.size, dtype=self.dtype, device=self.device)

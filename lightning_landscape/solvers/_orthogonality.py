@@ -254,8 +254,8 @@ def semi_orthogonality(eps: float, tol: float) -> float:
     1984; PROPACK's trigger) the Ritz values are those of an orthonormal projection of ``A + E``
     with ``‖E‖ = O(ε ‖A‖)``: accurate to working precision, free of ghost copies. The residuals
     read off the recurrence, ``β |s_j|``, are off for the returned Ritz vectors by what the
-    reorthogonalisations subtracted (kept out of the projected matrix), a small fraction of the
-    trigger, so a trigger at most ``tol`` keeps the stopping test honest. Float32
+    reorthogonalisations subtracted (kept out of the projected matrix), up to about the
+    trigger, so a trigger at most ``tol`` keeps the stopping test honest to about ``tol``. Float32
     Hessian-vector products are not exactly symmetric: their own error leaves inner products of
     ~1e-5 between Lanczos vectors at every step, above ``ε^(3/4)`` (6e-6), where a fixed trigger
     fired on that noise at almost every step and bought no accuracy.

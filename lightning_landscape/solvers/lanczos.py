@@ -10,16 +10,19 @@ basis are measured (one pass over the basis), and only when one exceeds the trig
 tolerance, clamped to ``[ε^(3/4), √ε]``) are those above ``ε^(3/4)`` subtracted (vector by vector,
 or in one more pass when many are). That keeps the basis semi-orthogonal, which keeps the Ritz
 values at working accuracy (Simon 1984) and rules out ghost copies of converged eigenvalues; the
-residuals read off the recurrence stay true for the returned Ritz vectors to a small fraction of
-``τ · ‖A‖`` (the subtracted components are left out of the projected matrix; measured ≤ 0.02 τ),
-so never enough to pass a pair that has not converged; the Ritz vectors are orthonormal to about
-``j·τ``. Most steps cost one pass instead of the four of "twice is enough" (at 10 M parameters a
-pass over 20 vectors costs about a quarter of a cheap Hessian-vector product). Float32
-Hessian-vector products are themselves asymmetric at ~1e-5, which leaves inner products of that
-size at every step: a fixed trigger at ``ε^(3/4)`` (6e-6) fired on that noise at almost every step
-and bought no accuracy. Block Lanczos (``block_size > 1``)
-orthogonalises every block against the whole basis by classical Gram–Schmidt with a selective
-second pass.
+residuals read off the recurrence can understate the true residuals of the returned Ritz vectors
+by up to about ``τ · ‖A‖`` (the subtracted components are left out of the projected matrix;
+``benchmarks/residual_bounds.py`` measured up to 0.87 τ over start seeds in float64), so a pair
+reported converged has a true residual below about ``2 tol``; the Ritz vectors are orthonormal to
+about ``j·τ``. (Adding the subtracted components to the reported residuals would make them
+bounds, but the asymmetry of float32 products puts those components near 1e-4 of ``β``, at or
+above the tolerances in use, so such a bound would stall float32 solves.) Most steps cost one pass
+instead of the four of "twice is enough" (at 10 M parameters a pass over 20 vectors costs about
+a quarter of a cheap Hessian-vector product). Float32 Hessian-vector products are themselves
+asymmetric at ~1e-5, which leaves inner products of that size at every step: a fixed trigger at
+``ε^(3/4)`` (6e-6) fired on that noise at almost every step and bought no accuracy. Block
+Lanczos (``block_size > 1``) orthogonalises every block against the whole basis by classical
+Gram–Schmidt with a selective second pass.
 
 Convergence is judged by Ritz residuals, ``‖A y − θ y‖ = ‖C_j s_j‖`` (read off the recurrence at
 no extra cost), against the spectral scale ``‖A‖`` (the largest Ritz value magnitude seen), so
@@ -125,6 +128,8 @@ def _start_block(
     sharding: Sharding | None = None,
 ) -> Tensor:
     """Orthonormal ``(n, b)`` start block: random, or warm vectors summed round-robin + noise."""
+    if b == 1:
+        return _start_vector(n, dtype, device, generator, start, noise, sharding).unsqueeze(1)
     rand = torch.randn(n, b, dtype=dtype, device=device, generator=generator)
     rand = rand / column_norms(rand, sharding)
     block = rand
@@ -142,10 +147,40 @@ def _start_block(
         block = groups + noise * rand
         if not torch.isfinite(block).all():
             block = rand
-    if b == 1:  # a QR of one column is its normalisation
-        return block / vector_norm(block[:, 0].contiguous(), sharding)
     q = orthonormal_columns(block, sharding)[0]
     return q / column_norms(q, sharding)  # unit columns to the accuracy of a dot product
+
+
+def _start_vector(
+    n: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator,
+    start: Tensor | None,
+    noise: float,
+    sharding: Sharding | None,
+) -> Tensor:
+    """:func:`_start_block` for one vector, in a few passes over ``n`` entries.
+
+    The unit warm vectors summed (one matrix-vector product over them), normalised, plus
+    ``noise`` times a random unit vector, normalised; random alone without a usable warm start.
+    The same vector as the block path's, without its ``(n, p)`` temporaries.
+    """
+    rand = torch.randn(n, dtype=dtype, device=device, generator=generator)
+    rand.div_(vector_norm(rand, sharding))
+    if start is None:
+        return rand
+    warm = start.to(device=device, dtype=dtype)
+    warm = warm.unsqueeze(1) if warm.ndim == 1 else warm
+    if warm.ndim != 2 or warm.shape[0] != n:
+        raise ValueError(f"start vectors must have {n} rows, got shape {tuple(start.shape)}")
+    norms = column_norms(warm, sharding).clamp_min(torch.finfo(dtype).tiny)
+    v = warm @ norms.reciprocal()
+    norm = vector_norm(v, sharding)
+    if not (norm > 0 and math.isfinite(norm)):
+        return rand
+    v.div_(norm).add_(rand, alpha=noise)
+    return v.div_(vector_norm(v, sharding))
 
 
 def _orthonormalize(
