@@ -117,6 +117,17 @@ def _validate(
     return m
 
 
+def _warm_columns(
+    start: Tensor, n: int, dtype: torch.dtype, device: torch.device, sharding: Sharding | None
+) -> tuple[Tensor, Tensor]:
+    """Warm-start vectors as ``(n, p)`` columns in the solve's dtype, and their norms (> 0)."""
+    warm = start.to(device=device, dtype=dtype)
+    warm = warm.unsqueeze(1) if warm.ndim == 1 else warm
+    if warm.ndim != 2 or warm.shape[0] != n:
+        raise ValueError(f"start vectors must have {n} rows, got shape {tuple(start.shape)}")
+    return warm, column_norms(warm, sharding).clamp_min(torch.finfo(dtype).tiny)
+
+
 def _start_block(
     n: int,
     b: int,
@@ -134,12 +145,8 @@ def _start_block(
     rand = rand / column_norms(rand, sharding)
     block = rand
     if start is not None:
-        warm = start.to(device=device, dtype=dtype)
-        if warm.ndim == 1:
-            warm = warm.unsqueeze(1)
-        if warm.ndim != 2 or warm.shape[0] != n:
-            raise ValueError(f"start vectors must have {n} rows, got shape {tuple(start.shape)}")
-        cols = warm / column_norms(warm, sharding).clamp_min(torch.finfo(dtype).tiny)
+        warm, norms = _warm_columns(start, n, dtype, device, sharding)
+        cols = warm / norms
         groups = torch.zeros(n, b, dtype=dtype, device=device)
         groups.index_add_(1, torch.arange(cols.shape[1], device=device) % b, cols)
         norms = column_norms(groups, sharding)
@@ -170,11 +177,7 @@ def _start_vector(
     rand.div_(vector_norm(rand, sharding))
     if start is None:
         return rand
-    warm = start.to(device=device, dtype=dtype)
-    warm = warm.unsqueeze(1) if warm.ndim == 1 else warm
-    if warm.ndim != 2 or warm.shape[0] != n:
-        raise ValueError(f"start vectors must have {n} rows, got shape {tuple(start.shape)}")
-    norms = column_norms(warm, sharding).clamp_min(torch.finfo(dtype).tiny)
+    warm, norms = _warm_columns(start, n, dtype, device, sharding)
     v = warm @ norms.reciprocal()
     norm = vector_norm(v, sharding)
     if not (norm > 0 and math.isfinite(norm)):
