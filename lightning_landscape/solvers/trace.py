@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -40,6 +41,20 @@ def _sign_table(dtype: torch.dtype, device: torch.device) -> Tensor:
     return _SIGNS[key]
 
 
+def _sign_words(count: int, like: Tensor, generator: torch.Generator) -> Tensor:
+    """The random bytes behind ``count`` Rademacher signs, eight per byte (``uint8``)."""
+    return torch.randint(
+        0, 256, ((count + 7) // 8,), device=like.device, generator=generator, dtype=torch.uint8
+    )
+
+
+def _expand(words: Tensor, out: Tensor) -> Tensor:
+    """The signs of ``words`` (``8 · len(words)`` of them, ±1) written into ``out``'s start."""
+    signs = out[: 8 * words.numel()].view(-1, 8)
+    torch.index_select(_sign_table(out.dtype, out.device), 0, words.int(), out=signs)
+    return out
+
+
 def _rademacher(n: int, b: int, like: Tensor, generator: torch.Generator) -> Tensor:
     """``(n, b)`` independent ±1 entries (a column view of ``(b, n)`` contiguous rows).
 
@@ -49,12 +64,23 @@ def _rademacher(n: int, b: int, like: Tensor, generator: torch.Generator) -> Ten
     per-vector rows.
     """
     count = n * b
-    words = torch.randint(
-        0, 256, ((count + 7) // 8,), device=like.device, generator=generator, dtype=torch.uint8
-    )
-    signs = torch.empty(words.numel(), 8, dtype=like.dtype, device=like.device)
-    torch.index_select(_sign_table(like.dtype, like.device), 0, words.int(), out=signs)
-    return signs.view(-1)[:count].view(b, n).T
+    words = _sign_words(count, like, generator)
+    signs = torch.empty(8 * words.numel(), dtype=like.dtype, device=like.device)
+    return _expand(words, signs)[:count].view(b, n).T
+
+
+def _rademacher_rows(n: int, b: int, like: Tensor, generator: torch.Generator) -> Iterator[Tensor]:
+    """The rows of :func:`_rademacher` (the same signs from the same generator), one at a time.
+
+    Each row is a view into one reused buffer, valid until the next is drawn: ``b`` probes then
+    cost one vector of memory instead of ``b``.
+    """
+    words = _sign_words(n * b, like, generator)
+    buffer = torch.empty(8 * (n // 8 + 2), dtype=like.dtype, device=like.device)
+    for i in range(b):
+        first, last = i * n, (i + 1) * n  # this row's signs: bits first .. last - 1
+        _expand(words[first // 8 : (last + 7) // 8], buffer)
+        yield buffer[first % 8 : first % 8 + n]
 
 
 def hutchpp_trace(
@@ -125,18 +151,31 @@ def _deflated_hutchinson(
 ) -> tuple[float, float]:
     """Hutchinson's ``tr((I − QQᵀ) A (I − QQᵀ))`` from ``g`` probes, and its standard error.
 
-    ``q`` has orthonormal columns; the standard error is NaN for a single probe.
+    ``q`` has orthonormal columns; the standard error is NaN for a single probe. On a CPU the
+    probes go one at a time through two reused vectors (a block of ``g`` probes and products
+    was ``2g`` fresh vectors, whose page faults cost ~20 ms each at 11 M parameters, and products
+    on a CPU are not cheaper in blocks); elsewhere as one block, for batched products. Both draw
+    the same probes.
     """
     sh = op.sharding
-    probes = _rademacher(op.size, g, q, generator)  # (size, g) columns of contiguous rows
-    if q.shape[1]:  # project off span(Q), in place
-        probes.T.addmm_(coefficients(q.T, probes, sh).T, q.T, alpha=-1.0)
-    products = op.matmat(probes)
-    samples = torch.tensor(
-        [local_dot(probes[:, i], products[:, i].contiguous()) for i in range(g)],
-        dtype=torch.float64,
-    )
-    del probes, products
+    if op.device.type == "cpu":
+        out = torch.empty(op.size, dtype=op.dtype, device=op.device)
+        local = []
+        for z in _rademacher_rows(op.size, g, q, generator):
+            if q.shape[1]:  # project off span(Q), in place
+                z.addmv_(q, coefficients(q.T, z, sh), alpha=-1.0)
+            local.append(local_dot(z, op.matvec_into(z, out)))
+        samples = torch.tensor(local, dtype=torch.float64)
+    else:
+        probes = _rademacher(op.size, g, q, generator)  # (size, g) columns of contiguous rows
+        if q.shape[1]:  # project off span(Q), in place
+            probes.T.addmm_(coefficients(q.T, probes, sh).T, q.T, alpha=-1.0)
+        products = op.matmat(probes)
+        samples = torch.tensor(
+            [local_dot(probes[:, i], products[:, i].contiguous()) for i in range(g)],
+            dtype=torch.float64,
+        )
+        del probes, products
     if sh is not None:
         samples = sh.reduce(samples)
     stderr = float(samples.std(unbiased=True) / math.sqrt(g)) if g > 1 else float("nan")

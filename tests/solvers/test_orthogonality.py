@@ -9,7 +9,9 @@ import torch
 
 from lightning_landscape.solvers._orthogonality import (
     column_norms,
+    gram,
     orthogonality_threshold,
+    orthonormal_columns,
     project_out,
     project_out_block,
     semi_orthogonality,
@@ -24,6 +26,35 @@ def test_vector_norm_is_accurate_in_float32_at_ten_million_entries() -> None:
     block = torch.stack([x[:5_000_000], 2 * x[5_000_000:]], dim=1)
     exact_cols = block.double().norm(dim=0)
     torch.testing.assert_close(column_norms(block).double(), exact_cols, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["rows", "row_major"])
+def test_orthonormal_columns_are_orthonormal_to_float32_rounding_at_millions(layout: str) -> None:
+    """CholeskyQR on the float64-accumulated Gram: Householder QR in float32 left 11 M-entry
+    columns orthonormal only to 7e-4 (its float32 norms); this keeps them at ~1e-7."""
+    g = torch.Generator().manual_seed(1)
+    n, b = 4_000_000, 6
+    rows = torch.randn(b, n, generator=g)
+    rows[1] += 0.5 * rows[0]  # not orthogonal to begin with: condition number ~2.6, two passes
+    block = rows.T if layout == "rows" else rows.T.contiguous()
+    q, r = orthonormal_columns(block)
+    wide = q.double()
+    eye = torch.eye(b, dtype=torch.float64)
+    assert float((wide.T @ wide - eye).abs().max()) < 1e-6
+    assert float((wide @ r.double() - block.double()).abs().max()) < 1e-5 * float(block.abs().max())
+    assert q.T.is_contiguous()  # columns are contiguous rows, as Lanczos and the trace use them
+    exact = block.double().T @ block.double()
+    assert float((gram(block) - exact).abs().max()) < 1e-6 * float(exact.diagonal().max())
+
+
+def test_orthonormal_columns_rank_deficient_block_gets_a_zero_direction() -> None:
+    """A dependent column fails the Cholesky route; Householder QR marks it in R's diagonal."""
+    g = torch.Generator().manual_seed(2)
+    block = torch.randn(1000, 3, generator=g, dtype=torch.float64)
+    block[:, 2] = block[:, 0] - 2 * block[:, 1]
+    q, r = orthonormal_columns(block)
+    assert float(r.diagonal().abs().min()) < 1e-10 * float(r.diagonal().abs().max())
+    torch.testing.assert_close(q @ r, block)
 
 
 def _orthonormal_rows(j: int, n: int, seed: int) -> torch.Tensor:

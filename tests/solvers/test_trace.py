@@ -261,3 +261,34 @@ def test_rademacher_probes_are_independent_signs(dtype: torch.dtype) -> None:
         assert abs(float((flat[:-lag] * flat[lag:]).mean())) < 5 / flat.numel() ** 0.5
     same = _rademacher(n, b, like, torch.Generator().manual_seed(0))
     assert torch.equal(x, same)
+
+
+@pytest.mark.parametrize(("n", "b"), [(10_001, 7), (64, 3), (13, 1)])
+def test_rademacher_rows_are_the_block_rows(n: int, b: int) -> None:
+    """One probe at a time (the CPU path) draws exactly the block's probes, whatever n mod 8."""
+    from lightning_landscape.solvers.trace import _rademacher, _rademacher_rows
+
+    like = torch.empty(0)
+    block = _rademacher(n, b, like, torch.Generator().manual_seed(3))
+    rows = [r.clone() for r in _rademacher_rows(n, b, like, torch.Generator().manual_seed(3))]
+    assert len(rows) == b
+    for i, row in enumerate(rows):
+        assert torch.equal(row, block[:, i])
+
+
+def test_cpu_probes_one_at_a_time_match_the_block_estimate() -> None:
+    """The CPU path (two reused vectors) and the block path give the same samples."""
+    from lightning_landscape.solvers import trace as trace_module
+
+    torch.manual_seed(0)
+    a = torch.randn(300, 300, dtype=torch.float64)
+    op = MatrixOperator(a + a.T)
+    q = torch.linalg.qr(torch.randn(300, 4, dtype=torch.float64))[0]
+    one = trace_module._deflated_hutchinson(op, q, 6, torch.Generator().manual_seed(1))
+    p = torch.eye(300, dtype=torch.float64) - q @ q.T
+    z = trace_module._rademacher(300, 6, q, torch.Generator().manual_seed(1))
+    pz = p @ z
+    samples = (pz * ((a + a.T) @ pz)).sum(0)
+    assert one[0] == pytest.approx(float(samples.mean()), rel=1e-12)
+    assert one[1] == pytest.approx(float(samples.std() / 6**0.5), rel=1e-10)
+    assert op.num_matvecs == 6
