@@ -13,6 +13,8 @@ CIFAR-shape samples. For k = 1, 5, 20 in one process, float32, same batch:
   tol=1e-4)``, its documented path.
 
 "agree" is the largest relative difference between our k eigenvalues and curvlinops'.
+``--repeats N`` times each library N times per k, interleaved (ours, curvlinops, ours, ...), and
+compares the median runs: this machine's speed drifts by tens of percent over minutes.
 ``--sections probe-size``: ours alone for k = 1, 5 at the monitor's default probe size (256
 samples), where a product is dearer and the solver's share correspondingly smaller.
 ``--sections compiled``: seconds per product of our two eager exact routes against
@@ -183,19 +185,36 @@ def run_ours_timed(prob: Problem, k: int) -> dict[str, Any]:
     }
 
 
-def speed(prob: Problem, ks: list[int], peers: bool) -> list[dict[str, Any]]:
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median seconds (the lower middle one for an even count), with every run's time."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    return {**ordered[(len(ordered) - 1) // 2], "all_seconds": [r["seconds"] for r in runs]}
+
+
+def speed(prob: Problem, ks: list[int], peers: bool, repeats: int = 1) -> list[dict[str, Any]]:
+    """Per k, ``repeats`` timed solves of ours and of curvlinops, interleaved (ours, theirs, ours,
+    ...), so that a slow spell of a shared machine falls on both; medians are compared."""
     rows: list[dict[str, Any]] = []
     run_ours_timed(prob, 1)  # warm-up (lazy kernel set-up)
     for k in ks:
-        ours = run_ours_timed(prob, k)
+        mine: list[dict[str, Any]] = []
+        theirs: list[dict[str, Any]] = []
+        for _ in range(repeats):
+            mine.append(run_ours_timed(prob, k))
+            if peers:
+                theirs.append(run_curvlinops(prob, k))
+        ours = _median_run(mine)
         row: dict[str, Any] = {"model": prob.name, "params": prob.params, "k": k, "ours": ours}
         if peers:
-            cl = run_curvlinops(prob, k)
+            cl = _median_run(theirs)
             a = sorted(ours["vals"], reverse=True)
             b = sorted(cl["vals"], reverse=True)
             row["curvlinops"] = cl
             row["agree"] = max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
             row["speedup_vs_curvlinops"] = cl["seconds"] / ours["seconds"]
+            row["speedup_per_pair"] = [
+                c["seconds"] / o["seconds"] for o, c in zip(mine, theirs, strict=True)
+            ]
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -357,6 +376,12 @@ def main() -> None:
     )
     ap.add_argument("--ks", default=None, help="comma list of k (default 1,5,20; quick: 1,3)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="speed: timed solves per library and k, interleaved; medians compared (default 1)",
+    )
     ap.add_argument("--no-peers", action="store_true", help="only lightning_landscape")
     ap.add_argument("--out", default=None, help="write rows + metadata to this JSON path")
     ap.add_argument("--quick", action="store_true", help="small smoke run (< 60 s)")
@@ -380,13 +405,14 @@ def main() -> None:
         "lightning_landscape_src_sha256_16": library_fingerprint(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "tol": OUR_TOL,
+        "repeats": args.repeats,
     }
     print(json.dumps(meta), flush=True)
     out: dict[str, Any] = {"meta": meta}
     if "speed" in sections:
         prob = make_resnet18(args.quick)
         print(f"== speed: {prob.desc}; {prob.params} parameters", flush=True)
-        out["speed"] = speed(prob, ks, peers)
+        out["speed"] = speed(prob, ks, peers, args.repeats)
     if "probe-size" in sections:  # the monitor's default probe data: 256 samples, ours only
         prob = make_resnet18(args.quick, samples=32 if args.quick else 256)
         print(f"== solver share at the monitor's probe size: {prob.desc}", flush=True)
