@@ -143,17 +143,19 @@ def combine_rows(rows: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
 def gram(block: Tensor, sharding: Sharding | None = None) -> Tensor:
     """``blockᵀ block`` of an ``(n, b)`` block: float64, on the host, summed over the shards.
 
-    Float32 blocks are summed in float64 over row chunks of ``2¹²``: one float32 GEMM over 5·10⁶
-    rows was measured 3e-3 off, and chunks of ``2¹⁸`` left CholeskyQR's columns of 11 M entries
-    orthonormal only to 6e-5 (``2¹²``: 2e-7). One pass over the block.
+    Float32 blocks are summed in float64 over row chunks (``2¹²`` rows on a CPU, ``2²⁰`` on an
+    accelerator): one float32 CPU GEMM over 5·10⁶ rows was measured 3e-3 off, and chunks of
+    ``2¹⁸`` left CholeskyQR's columns of 11 M entries orthonormal only to 6e-5 (``2¹²``: 2e-7).
+    One pass over the block.
     """
     b = block.shape[1]
     if block.dtype == torch.float64:
         total = (block.T @ block).cpu()
     else:
         total = torch.zeros(b, b, dtype=torch.float64, device=block.device)
-        for c0 in range(0, block.shape[0], _GRAM_CHUNK):
-            piece = block[c0 : c0 + _GRAM_CHUNK]
+        chunk = _GRAM_CHUNK if block.device.type == "cpu" else 1 << 20  # few launches on a GPU
+        for c0 in range(0, block.shape[0], chunk):
+            piece = block[c0 : c0 + chunk]
             total += (piece.T @ piece).to(torch.float64)
         total = total.cpu()
     return total if sharding is None else sharding.reduce(total)

@@ -153,9 +153,8 @@ def _deflated_hutchinson(
 
     ``q`` has orthonormal columns; the standard error is NaN for a single probe. On a CPU the
     probes go one at a time through two reused vectors (a block of ``g`` probes and products
-    was ``2g`` fresh vectors, whose page faults cost ~20 ms each at 11 M parameters, and products
-    on a CPU are not cheaper in blocks); elsewhere as one block, for batched products. Both draw
-    the same probes.
+    is ``2g`` fresh vectors, each paying its page faults, and products on a CPU are not cheaper
+    in blocks); elsewhere as one block, for batched products. Both draw the same probes.
     """
     sh = op.sharding
     if op.device.type == "cpu":
