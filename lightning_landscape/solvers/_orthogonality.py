@@ -175,6 +175,8 @@ def orthonormal_columns(block: Tensor, sharding: Sharding | None = None) -> tupl
     adds no new direction becomes zero with a zero diagonal entry of ``R``, which callers treat
     as a breakdown.
     """
+    if block.shape[1] == 0:
+        return block, torch.zeros(0, 0, dtype=block.dtype, device=block.device)
     eps = torch.finfo(block.dtype).eps
     q, r_total = block, torch.eye(block.shape[1], dtype=torch.float64)
     for _ in range(2):

@@ -55,6 +55,8 @@ def test_orthonormal_columns_rank_deficient_block_gets_a_zero_direction() -> Non
     q, r = orthonormal_columns(block)
     assert float(r.diagonal().abs().min()) < 1e-10 * float(r.diagonal().abs().max())
     torch.testing.assert_close(q @ r, block)
+    q, r = orthonormal_columns(block[:, :0])  # no columns: nothing to do
+    assert q.shape == (1000, 0) and r.shape == (0, 0)
 
 
 def _orthonormal_rows(j: int, n: int, seed: int) -> torch.Tensor:
