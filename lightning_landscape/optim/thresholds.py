@@ -94,6 +94,11 @@ class Stability:
     scale: Tensor | None = None
     shift: Tensor | None = None
 
+    @property
+    def edge(self) -> float | None:
+        """:attr:`threshold`, or ``None`` while η is 0 (no step is unstable: there is no edge)."""
+        return self.threshold if math.isfinite(self.threshold) else None
+
 
 def _owners(
     optimizers: Sequence[torch.optim.Optimizer], params: Sequence[Tensor]

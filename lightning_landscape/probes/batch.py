@@ -129,8 +129,8 @@ class BatchSharpness(Probe):
         if ctx.optimizers:
             probed = [p for _, p in select_parameters(ctx.model, ctx.params)]
             stability, _ = probed_stability(ctx.optimizers, probed)
-            if stability is not None and stability.kind == "raw":  # inf while η is 0
-                self.threshold = stability.threshold if math.isfinite(stability.threshold) else None
+            if stability is not None and stability.kind == "raw":  # None while η is 0
+                self.threshold = stability.edge
         return result
 
     def is_finite(self, result: BatchSharpnessResult) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -70,9 +69,7 @@ class SharpnessResult:
         (``38/η`` at β₁ = 0.9). ``None`` also while η is 0 (no edge; the ratio is then 0).
         """
         s = self.stability
-        if s is None or self.stability_ratio is None or not math.isfinite(s.threshold):
-            return None
-        return s.threshold
+        return None if s is None or self.stability_ratio is None else s.edge
 
     @property
     def preconditioned_lambda_max(self) -> float | None:

@@ -204,6 +204,7 @@ def test_at_a_learning_rate_of_zero_the_preconditioned_sharpness_is_still_measur
         group["lr"] = 0.0
     stability, why = probed_stability([optimizer], list(model.parameters()))
     assert why is None and stability is not None and stability.threshold == math.inf
+    assert stability.edge is None
     ended = _measure(model, loss_fn, batch, optimizer)
     assert ended.preconditioned_lambda_max == pytest.approx(live.preconditioned_lambda_max, 1e-6)
     assert ended.stability_ratio == 0.0 and ended.stability_threshold is None
@@ -227,6 +228,7 @@ def test_a_group_at_zero_learning_rate_does_not_move() -> None:
     n1 = sum(p.numel() for p in model.fc1.parameters())
     assert bool((stability.scale[n1:] == 0).all()) and bool((stability.scale[:n1] > 0).all())
     assert stability.threshold == pytest.approx(3.6 / (0.2 * 3e-2), rel=1e-12)
+    assert stability.edge == stability.threshold
 
 
 def test_sgd_at_a_learning_rate_of_zero_has_ratio_zero() -> None:
