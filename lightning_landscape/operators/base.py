@@ -49,6 +49,16 @@ class CurvatureOperator(abc.ABC):
         self.sharding: Sharding | None = None
 
     @property
+    def batches_blocks(self) -> bool:
+        """Whether :meth:`matmat` on a block costs less per vector than one vector at a time.
+
+        ``True`` here (one call can share work across the vectors: a GEMM, a vmapped product, one
+        collective); operators that apply a block vector by vector anyway say ``False``, and
+        solvers may then feed them one vector at a time through reused buffers.
+        """
+        return True
+
+    @property
     def global_size(self) -> int:
         """The operator's dimension: :attr:`size`, or the whole vector's length when sharded."""
         return self.size if self.sharding is None else self.sharding.global_size
@@ -196,6 +206,11 @@ class ScaledOperator(CurvatureOperator):
         self.diagonal = None
         if shift is not None:
             self.diagonal = (shift * scale).to(device=inner.device, dtype=inner.dtype)
+
+    @property
+    def batches_blocks(self) -> bool:
+        """As the inner operator."""
+        return self.inner.batches_blocks
 
     def _matmat(self, block: Tensor) -> Tensor:
         out = self.root * self.inner.matmat(self.root * block)

@@ -478,9 +478,26 @@ class HessianOperator(CurvatureOperator):
         return out
 
     # ------------------------------------------------------------------ dispatch
+    @property
+    def batches_blocks(self) -> bool:
+        """Whether :meth:`matmat` batches its vectors.
+
+        ``False`` where it goes vector by vector anyway: the finite-difference route, and the
+        double backward with retained graphs on a CPU (which ``auto`` takes there).
+        """
+        if self.route == "finite_difference":
+            return False
+        on_cpu_db = self.route == "double_backward" or (
+            self.route == "auto" and not self._calibrates(self.device)
+        )
+        return not (on_cpu_db and self.retain_graph and self.device.type == "cpu")
+
+    def _calibrates(self, device: torch.device) -> bool:
+        """Whether ``auto`` times both routes on the first product (by default off the CPU)."""
+        return device.type != "cpu" if self.calibrate is None else self.calibrate
+
     def _skip_calibration(self, like: Tensor) -> None:
-        calibrate = like.device.type != "cpu" if self.calibrate is None else self.calibrate
-        if self.route == "auto" and not calibrate:
+        if self.route == "auto" and not self._calibrates(like.device):
             # On the CPU the retained-graph double backward measured 2-3x faster per product than
             # forward-over-reverse on every benchmarked model (benchmarks/RESULTS.md); calibrating
             # would only spend products to learn that.

@@ -143,19 +143,22 @@ def combine_rows(rows: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
 def gram(block: Tensor, sharding: Sharding | None = None) -> Tensor:
     """``blockᵀ block`` of an ``(n, b)`` block: float64, on the host, summed over the shards.
 
-    Float32 blocks are summed in float64 over row chunks (``2¹²`` rows on a CPU, ``2²⁰`` on an
-    accelerator): one float32 CPU GEMM over 5·10⁶ rows was measured 3e-3 off, and chunks of
-    ``2¹⁸`` left CholeskyQR's columns of 11 M entries orthonormal only to 6e-5 (``2¹²``: 2e-7).
-    One pass over the block.
+    On a CPU float32 blocks are summed in float64 over float32 chunks of ``2¹²`` rows: one float32
+    GEMM over 5·10⁶ rows was measured 3e-3 off, and chunks of ``2¹⁸`` left CholeskyQR's columns of
+    11 M entries orthonormal only to 6e-5 (``2¹²``: 2e-7). On an accelerator chunks of ``2²⁰``
+    rows are converted to float64 first (no TF32 either). One pass over the block.
     """
     b = block.shape[1]
     if block.dtype == torch.float64:
         total = (block.T @ block).cpu()
     else:
         total = torch.zeros(b, b, dtype=torch.float64, device=block.device)
-        chunk = _GRAM_CHUNK if block.device.type == "cpu" else 1 << 20  # few launches on a GPU
+        cpu = block.device.type == "cpu"
+        chunk = _GRAM_CHUNK if cpu else 1 << 20  # few launches on an accelerator
         for c0 in range(0, block.shape[0], chunk):
             piece = block[c0 : c0 + chunk]
+            if not cpu:  # in float64: large chunks, and no TF32 GEMM
+                piece = piece.to(torch.float64)
             total += (piece.T @ piece).to(torch.float64)
         total = total.cpu()
     return total if sharding is None else sharding.reduce(total)
@@ -164,7 +167,8 @@ def gram(block: Tensor, sharding: Sharding | None = None) -> Tensor:
 def orthonormal_columns(block: Tensor, sharding: Sharding | None = None) -> tuple[Tensor, Tensor]:
     """``Q, R`` with orthonormal columns ``Q`` spanning an ``(n, b)`` block's, ``block = QR``.
 
-    CholeskyQR on the accurate Gram matrix (:func:`gram`; one all-reduce when sharded), with a
+    On a CPU, and whenever sharded, CholeskyQR on the accurate Gram matrix (:func:`gram`; one
+    all-reduce when sharded; unsharded on an accelerator Householder QR as before), with a
     second pass only when the block's condition number exceeds 2 (CholeskyQR's error grows with
     its square). A pass reads the block once and writes ``Q`` once; on float32 blocks of
     11 M × 6 and × 10 entries ``Q`` came out orthonormal to 5e-8–2e-7, where Householder QR
@@ -177,6 +181,9 @@ def orthonormal_columns(block: Tensor, sharding: Sharding | None = None) -> tupl
     """
     if block.shape[1] == 0:
         return block, torch.zeros(0, 0, dtype=block.dtype, device=block.device)
+    if sharding is None and block.device.type != "cpu":  # cuSOLVER's QR, as measured on GPUs
+        q, r = torch.linalg.qr(block)
+        return q, r
     eps = torch.finfo(block.dtype).eps
     q, r_total = block, torch.eye(block.shape[1], dtype=torch.float64)
     for _ in range(2):

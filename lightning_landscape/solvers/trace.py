@@ -151,13 +151,14 @@ def _deflated_hutchinson(
 ) -> tuple[float, float]:
     """Hutchinson's ``tr((I − QQᵀ) A (I − QQᵀ))`` from ``g`` probes, and its standard error.
 
-    ``q`` has orthonormal columns; the standard error is NaN for a single probe. On a CPU the
-    probes go one at a time through two reused vectors (a block of ``g`` probes and products
-    is ``2g`` fresh vectors, each paying its page faults, and products on a CPU are not cheaper
-    in blocks); elsewhere as one block, for batched products. Both draw the same probes.
+    ``q`` has orthonormal columns; the standard error is NaN for a single probe. An operator
+    that applies blocks vector by vector anyway (``op.batches_blocks`` false: the retained-graph
+    double backward on a CPU) gets the probes one at a time through two reused vectors (a block
+    of ``g`` probes and products is ``2g`` fresh vectors, each paying its page faults); others
+    one block, for batched products. Both draw the same probes.
     """
     sh = op.sharding
-    if op.device.type == "cpu":
+    if not op.batches_blocks:
         out = torch.empty(op.size, dtype=op.dtype, device=op.device)
         local = []
         for z in _rademacher_rows(op.size, g, q, generator):

@@ -21,6 +21,7 @@ from lightning_landscape import (
     hessian_trace,
     hutchpp_trace,
 )
+from lightning_landscape.operators import ScaledOperator
 from tests._models import KINDS, dense_hessian, make_model, random_orthogonal
 
 F64 = torch.float64
@@ -276,19 +277,46 @@ def test_rademacher_rows_are_the_block_rows(n: int, b: int) -> None:
         assert torch.equal(row, block[:, i])
 
 
-def test_cpu_probes_one_at_a_time_match_the_block_estimate() -> None:
-    """The CPU path (two reused vectors) and the block path give the same samples."""
+class _OneAtATime(MatrixOperator):
+    """A matrix operator that says it applies blocks vector by vector (as CPU double backward)."""
+
+    @property
+    def batches_blocks(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("deflate", [4, 0])
+def test_probes_one_at_a_time_match_the_block_estimate(deflate: int) -> None:
+    """The one-at-a-time path (two reused vectors) and the block path give the same samples."""
     from lightning_landscape.solvers import trace as trace_module
 
     torch.manual_seed(0)
     a = torch.randn(300, 300, dtype=torch.float64)
-    op = MatrixOperator(a + a.T)
-    q = torch.linalg.qr(torch.randn(300, 4, dtype=torch.float64))[0]
-    one = trace_module._deflated_hutchinson(op, q, 6, torch.Generator().manual_seed(1))
+    a = a + a.T
+    q = torch.linalg.qr(torch.randn(300, deflate, dtype=torch.float64))[0]
+    single, block = _OneAtATime(a), MatrixOperator(a)
+    one = trace_module._deflated_hutchinson(single, q, 6, torch.Generator().manual_seed(1))
+    many = trace_module._deflated_hutchinson(block, q, 6, torch.Generator().manual_seed(1))
     p = torch.eye(300, dtype=torch.float64) - q @ q.T
-    z = trace_module._rademacher(300, 6, q, torch.Generator().manual_seed(1))
-    pz = p @ z
-    samples = (pz * ((a + a.T) @ pz)).sum(0)
-    assert one[0] == pytest.approx(float(samples.mean()), rel=1e-12)
-    assert one[1] == pytest.approx(float(samples.std() / 6**0.5), rel=1e-10)
-    assert op.num_matvecs == 6
+    pz = p @ trace_module._rademacher(300, 6, q, torch.Generator().manual_seed(1))
+    samples = (pz * (a @ pz)).sum(0)
+    for got in (one, many):
+        assert got[0] == pytest.approx(float(samples.mean()), rel=1e-12)
+        assert got[1] == pytest.approx(float(samples.std() / 6**0.5), rel=1e-10)
+    assert single.num_matvecs == block.num_matvecs == 6
+
+
+def test_which_operators_batch_blocks() -> None:
+    """The CPU double backward with retained graphs goes vector by vector; so does finite
+    differencing; a scaled operator answers as its inner one; a matrix batches."""
+    model, loss_fn, batch = make_model("mlp")
+    retained = HessianOperator(model, loss_fn, [batch])
+    assert retained.retain_graph and not retained.batches_blocks
+    rebuilt = HessianOperator(model, loss_fn, [batch, batch])  # several batches: graphs rebuilt
+    assert not rebuilt.retain_graph and rebuilt.batches_blocks
+    assert not HessianOperator(model, loss_fn, [batch], route="finite_difference").batches_blocks
+    assert HessianOperator(model, loss_fn, [batch], route="functorch").batches_blocks
+    scale = torch.ones(retained.size)
+    assert not ScaledOperator(retained, scale).batches_blocks
+    assert ScaledOperator(rebuilt, scale).batches_blocks
+    assert MatrixOperator(torch.eye(3)).batches_blocks
