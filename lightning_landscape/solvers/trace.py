@@ -41,18 +41,25 @@ def _sign_table(dtype: torch.dtype, device: torch.device) -> Tensor:
     return _SIGNS[key]
 
 
-def _sign_words(count: int, like: Tensor, generator: torch.Generator) -> Tensor:
-    """The random bytes behind ``count`` Rademacher signs, eight per byte (``uint8``)."""
-    return torch.randint(
-        0, 256, ((count + 7) // 8,), device=like.device, generator=generator, dtype=torch.uint8
+def _rademacher_blocks(
+    n: int, b: int, c: int, like: Tensor, generator: torch.Generator
+) -> Iterator[Tensor]:
+    """:func:`_rademacher`'s ``b`` probes, ``c`` at a time (the same signs from the same bytes).
+
+    Each ``(n, c)`` block is a column view of contiguous rows in one reused buffer, valid until
+    the next is drawn: the probes then cost ``c`` vectors of memory instead of ``b``.
+    """
+    words = torch.randint(
+        0, 256, ((n * b + 7) // 8,), device=like.device, generator=generator, dtype=torch.uint8
     )
-
-
-def _expand(words: Tensor, out: Tensor) -> Tensor:
-    """The signs of ``words`` (``8 · len(words)`` of them, ±1) written into ``out``'s start."""
-    signs = out[: 8 * words.numel()].view(-1, 8)
-    torch.index_select(_sign_table(out.dtype, out.device), 0, words.int(), out=signs)
-    return out
+    buffer = torch.empty(8 * (c * n // 8 + 2), dtype=like.dtype, device=like.device)
+    table = _sign_table(like.dtype, like.device)
+    for i in range(0, b, c):
+        rows = min(c, b - i)
+        first, last = i * n, (i + rows) * n  # these rows' signs: bits first .. last - 1
+        chunk = words[first // 8 : (last + 7) // 8]
+        torch.index_select(table, 0, chunk.int(), out=buffer[: 8 * chunk.numel()].view(-1, 8))
+        yield buffer[first % 8 : first % 8 + rows * n].view(rows, n).T
 
 
 def _rademacher(n: int, b: int, like: Tensor, generator: torch.Generator) -> Tensor:
@@ -63,24 +70,7 @@ def _rademacher(n: int, b: int, like: Tensor, generator: torch.Generator) -> Ten
     1.3–1.7 s, this 0.34 s. The rows are contiguous because batched products split blocks into
     per-vector rows.
     """
-    count = n * b
-    words = _sign_words(count, like, generator)
-    signs = torch.empty(8 * words.numel(), dtype=like.dtype, device=like.device)
-    return _expand(words, signs)[:count].view(b, n).T
-
-
-def _rademacher_rows(n: int, b: int, like: Tensor, generator: torch.Generator) -> Iterator[Tensor]:
-    """The rows of :func:`_rademacher` (the same signs from the same generator), one at a time.
-
-    Each row is a view into one reused buffer, valid until the next is drawn: ``b`` probes then
-    cost one vector of memory instead of ``b``.
-    """
-    words = _sign_words(n * b, like, generator)
-    buffer = torch.empty(8 * (n // 8 + 2), dtype=like.dtype, device=like.device)
-    for i in range(b):
-        first, last = i * n, (i + 1) * n  # this row's signs: bits first .. last - 1
-        _expand(words[first // 8 : (last + 7) // 8], buffer)
-        yield buffer[first % 8 : first % 8 + n]
+    return next(_rademacher_blocks(n, b, b, like, generator))
 
 
 def hutchpp_trace(
@@ -158,24 +148,20 @@ def _deflated_hutchinson(
     one block, for batched products. Both draw the same probes.
     """
     sh = op.sharding
-    if not op.batches_blocks:
-        out = torch.empty(op.size, dtype=op.dtype, device=op.device)
-        local = []
-        for z in _rademacher_rows(op.size, g, q, generator):
-            if q.shape[1]:  # project off span(Q), in place
-                z.addmv_(q, coefficients(q.T, z, sh), alpha=-1.0)
-            local.append(local_dot(z, op.matvec_into(z, out)))
-        samples = torch.tensor(local, dtype=torch.float64)
-    else:
-        probes = _rademacher(op.size, g, q, generator)  # (size, g) columns of contiguous rows
+    one = not op.batches_blocks
+    out = torch.empty(op.size, dtype=op.dtype, device=op.device) if one else None
+    local: list[float] = []
+    for probes in _rademacher_blocks(op.size, g, 1 if one else g, q, generator):
         if q.shape[1]:  # project off span(Q), in place
             probes.T.addmm_(coefficients(q.T, probes, sh).T, q.T, alpha=-1.0)
-        products = op.matmat(probes)
-        samples = torch.tensor(
-            [local_dot(probes[:, i], products[:, i].contiguous()) for i in range(g)],
-            dtype=torch.float64,
-        )
-        del probes, products
+        if out is None:
+            products = op.matmat(probes)
+        else:
+            products = op.matvec_into(probes[:, 0], out).unsqueeze(1)
+        local += [
+            local_dot(probes[:, i], products[:, i].contiguous()) for i in range(probes.shape[1])
+        ]
+    samples = torch.tensor(local, dtype=torch.float64)
     if sh is not None:
         samples = sh.reduce(samples)
     stderr = float(samples.std(unbiased=True) / math.sqrt(g)) if g > 1 else float("nan")

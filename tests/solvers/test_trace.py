@@ -265,16 +265,19 @@ def test_rademacher_probes_are_independent_signs(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize(("n", "b"), [(10_001, 7), (64, 3), (13, 1)])
-def test_rademacher_rows_are_the_block_rows(n: int, b: int) -> None:
-    """One probe at a time (the CPU path) draws exactly the block's probes, whatever n mod 8."""
-    from lightning_landscape.solvers.trace import _rademacher, _rademacher_rows
+@pytest.mark.parametrize("c", [1, 2])
+def test_rademacher_blocks_are_the_block_rows(n: int, b: int, c: int) -> None:
+    """A few probes at a time (one, on the CPU path) draws exactly the block's probes, whatever
+    n mod 8."""
+    from lightning_landscape.solvers.trace import _rademacher, _rademacher_blocks
 
     like = torch.empty(0)
     block = _rademacher(n, b, like, torch.Generator().manual_seed(3))
-    rows = [r.clone() for r in _rademacher_rows(n, b, like, torch.Generator().manual_seed(3))]
-    assert len(rows) == b
-    for i, row in enumerate(rows):
-        assert torch.equal(row, block[:, i])
+    parts = [p.clone() for p in _rademacher_blocks(n, b, c, like, torch.Generator().manual_seed(3))]
+    rows = torch.cat(parts, dim=1)
+    assert rows.shape == (n, b) and all(p.shape[1] <= c for p in parts)
+    for i in range(b):
+        assert torch.equal(rows[:, i], block[:, i])
 
 
 class _OneAtATime(MatrixOperator):
