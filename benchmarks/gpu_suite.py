@@ -12,7 +12,11 @@ batches and the 30 SGD warm-up steps are identical), float32 with TF32 off, ``ev
   the model's (``torch.cuda.max_memory_allocated``) next to a training step's;
 * curvlinops + SciPy ``eigsh`` at the same tolerance, when importable;
 * α: ``curvature_exponents`` on ResNet-18 (batched per-layer products), seconds;
-* Δ₂^(D): ``stabilization`` on GPT-11M (D = 10), seconds.
+* Δ₂^(D): ``stabilization`` on GPT-11M (D = 10), seconds;
+* inside training (issue 16's ResNet-18 of ``real_sizes.py``, 16-sample batches, through
+  ``warm_start.py`` on a one-GPU ``Trainer``): the default ``LandscapeMonitor()`` round's median
+  cost in training steps (target ≤ 100) over 120 steps, and the median products of a warm-started
+  λ_max probe (target ≤ 5) over 200 steps, both probing every 20 steps.
 
 ``--peers`` also re-runs the anchor file's own ``run()`` (PyHessian, hessian-eigenthings, the
 reference Lanczos timings) in the same process first. Writes ``--out`` (JSON rows) and
@@ -191,6 +195,54 @@ def bench_model(
     return rows
 
 
+def in_training(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Issue 16's in-training figures on the suite's device, through ``warm_start.py``."""
+    import warm_start
+
+    smoke = args.smoke
+    ns = argparse.Namespace(
+        quick=smoke,
+        accelerator="gpu" if args.device == "cuda" else "cpu",
+        every=10 if smoke else 20,
+        tol=TOL,
+        criterion="residual",
+    )
+    ns.steps = 30 if smoke else 120
+    d = warm_start.run_default_monitor("resnet18", ns)
+    rows = [
+        {
+            "model": "resnet18",
+            "params": None,
+            "what": "default_round_in_steps",
+            "value": d["median_round_in_steps"],
+            "target": 100,
+            "seconds": d["median_round_seconds"],
+            "step_seconds": d["median_step_seconds"],
+            "round_hvps": d["round_hvps"],
+            "every_n_steps": ns.every,
+        }
+    ]
+    ns.steps = 40 if smoke else 200
+    w = warm_start.run("resnet18", 1, True, ns)
+    rows.append(
+        {
+            "model": "resnet18",
+            "params": w["params"],
+            "what": "warm_lambda_max_hvps",
+            "value": w["median_hvps"],
+            "target": 5,
+            "seconds": w["median_seconds"],
+            "hvps_per_probe": w["hvps"],
+            "converged": w["all_converged"],
+            "every_n_steps": ns.every,
+        }
+    )
+    rows[0]["params"] = w["params"]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"## GPU suite ({meta['device_name']}, {meta['date_utc'][:10]})",
@@ -200,8 +252,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "| model | params | what | k | seconds | HVPs | rel. error | peak MiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    trained = [r for r in rows if "target" in r]
     for r in rows:
-        if r["what"] == "truth":
+        if r["what"] == "truth" or r in trained:
             continue
         err, peak = r.get("rel_err"), r.get("peak_mib")
         lines.append(
@@ -209,6 +262,20 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{r.get('seconds', float('nan')):.3f} | {r.get('hvps', '')} | "
             f"{'' if err is None else f'{err:.1e}'} | {'' if peak is None else f'{peak:.0f}'} |"
         )
+    if trained:
+        lines += [
+            "",
+            f"Inside training (SGD, a probe round every {trained[0]['every_n_steps']} steps; "
+            "medians after the first round):",
+            "",
+            "| model | params | what | value | target | round or probe seconds |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in trained:
+            lines.append(
+                f"| {r['model']} | {r['params'] / 1e6:.1f} M | {r['what']} | {r['value']:.4g} | "
+                f"≤ {r['target']} | {r['seconds']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -220,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", action="store_true", help="also run the anchor's own peers")
     ap.add_argument("--no-curvlinops", dest="curvlinops", action="store_false")
     ap.add_argument("--curvlinops-max-k", type=int, default=20)
+    ap.add_argument(
+        "--no-in-training",
+        dest="in_training",
+        action="store_false",
+        help="skip the in-training rounds (default round in steps, warm λ_max products)",
+    )
     ap.add_argument("--out", default=None, help="JSON rows")
     ap.add_argument("--markdown", default=None, help="RESULTS.md section")
     args = ap.parse_args(argv)
@@ -251,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows[-1]), flush=True)
         if args.device == "cuda":
             torch.cuda.empty_cache()
+    if args.in_training:
+        try:
+            rows += in_training(args)
+        except Exception as err:  # keep what was measured
+            rows.append({"model": "resnet18", "what": "error", "error": repr(err)[:500]})
+            print(json.dumps(rows[-1]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     if args.markdown:

@@ -115,10 +115,13 @@ def setup(name: str, steps: int, quick: bool) -> tuple[Module, DataLoader, DataL
     return Module(net, gpt_loss, 0.1), loader, DataLoader(probe, batch_size=8), 1.0
 
 
-def _trainer(steps: int, clip: float, callbacks: list[pl.Callback]) -> pl.Trainer:
-    """A quiet CPU ``Trainer`` for ``steps`` optimizer steps (gradient clipping if ``clip``)."""
+def _trainer(
+    steps: int, clip: float, callbacks: list[pl.Callback], accelerator: str = "cpu"
+) -> pl.Trainer:
+    """A quiet one-device ``Trainer`` for ``steps`` optimizer steps (clipping if ``clip``)."""
     return pl.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
+        devices=1,
         max_steps=steps,
         max_epochs=-1,
         gradient_clip_val=clip or None,
@@ -188,7 +191,7 @@ def run(
     monitor = ll.LandscapeMonitor(
         probes=[sharpness], probe_dataloader=probe, tensorboard_layout=False
     )
-    trainer = _trainer(args.steps, clip, [monitor])
+    trainer = _trainer(args.steps, clip, [monitor], args.accelerator)
     t0 = time.perf_counter()
     trainer.fit(module, loader)
     hist = monitor.history
@@ -231,10 +234,18 @@ class _StepTimer(pl.Callback):
         self._t0 = 0.0
 
     def on_train_batch_start(self, *args: Any) -> None:
+        _synchronize()
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, *args: Any) -> None:
+        _synchronize()
         self.seconds.append(time.perf_counter() - self._t0)
+
+
+def _synchronize() -> None:
+    """Wait for queued CUDA work, so that wall time measures it (a no-op on the CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _count_products(probe: ll.Probe, counts: list[int]) -> None:
@@ -262,7 +273,7 @@ def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
     per_probe: dict[str, list[int]] = {type(p).__name__: [] for p in monitor.probes}
     for probe in monitor.probes:
         _count_products(probe, per_probe[type(probe).__name__])
-    trainer = _trainer(args.steps, clip, [timer, monitor])
+    trainer = _trainer(args.steps, clip, [timer, monitor], args.accelerator)
     trainer.fit(module, loader)
     step = statistics.median(timer.seconds[1:])
     rounds = [r.seconds for r in monitor.history[1:]]  # after the first (cold) round
@@ -324,6 +335,12 @@ def main() -> None:
         help="torch threads (default 1: tiny training steps "
         "slow down ~8x when 2 threads compete with another process for 2 cores)",
     )
+    ap.add_argument(
+        "--accelerator",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="the Trainer's one device (default cpu; gpu: the first CUDA device)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.steps = args.steps or (60 if args.quick else 300)
@@ -334,10 +351,12 @@ def main() -> None:
     meta = {
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "cpu": cpu_model(),
+        "gpu": torch.cuda.get_device_name() if args.accelerator == "gpu" else None,
         "cpu_count": os.cpu_count(),
         "loadavg_start": os.getloadavg(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "accelerator": args.accelerator,
         "lightning_landscape_src_sha256_16": library_fingerprint(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "steps": args.steps,

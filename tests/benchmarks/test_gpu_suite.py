@@ -39,6 +39,14 @@ def test_gpu_suite_smoke_writes_json_and_markdown(tmp_path: Path) -> None:
     whats = {r["what"] for r in rows}
     assert {"adamw_train_step", "alpha_curvature_exponents", "delta2_stabilization"} <= whats
     assert "| resnet18 |" in md.read_text()
+    # Issue 16's in-training figures: a default round's cost in steps, warm λ_max products.
+    trained = {r["what"]: r for r in rows if "target" in r}
+    assert set(trained) == {"default_round_in_steps", "warm_lambda_max_hvps"}
+    assert trained["default_round_in_steps"]["value"] > 0
+    assert all(n > 0 for n in trained["default_round_in_steps"]["round_hvps"])
+    assert trained["warm_lambda_max_hvps"]["converged"]
+    assert trained["warm_lambda_max_hvps"]["value"] >= 1
+    assert "default_round_in_steps" in md.read_text()
 
 
 @pytest.mark.slow
