@@ -212,7 +212,7 @@ def in_training(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = [
         {
             "model": "resnet18",
-            "params": None,
+            "params": d["params"],
             "what": "default_round_in_steps",
             "value": d["median_round_in_steps"],
             "target": 100,
@@ -237,7 +237,6 @@ def in_training(args: argparse.Namespace) -> list[dict[str, Any]]:
             "every_n_steps": ns.every,
         }
     )
-    rows[0]["params"] = w["params"]
     for row in rows:
         print(json.dumps(row), flush=True)
     return rows

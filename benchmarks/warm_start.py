@@ -279,6 +279,7 @@ def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
     rounds = [r.seconds for r in monitor.history[1:]]  # after the first (cold) round
     row = {
         "model": name,
+        "params": sum(p.numel() for p in module.parameters()),
         "probes": [type(p).__name__ for p in monitor.probes],
         "median_step_seconds": step,
         "round_seconds": [r.seconds for r in monitor.history],
