@@ -200,12 +200,11 @@ def in_training(args: argparse.Namespace) -> list[dict[str, Any]]:
     import warm_start
 
     smoke = args.smoke
-    ns = argparse.Namespace(
-        quick=smoke,
-        accelerator="gpu" if args.device == "cuda" else "cpu",
-        every=10 if smoke else 20,
-        tol=TOL,
-        criterion="residual",
+    accelerator = "gpu" if args.device == "cuda" else "cpu"
+    every = "10" if smoke else "20"
+    ns = warm_start.options(
+        ["--every", every, "--tol", str(TOL), "--accelerator", accelerator]
+        + (["--quick"] if smoke else [])
     )
     ns.steps = 30 if smoke else 120
     d = warm_start.run_default_monitor("resnet18", ns)

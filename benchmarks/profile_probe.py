@@ -86,7 +86,7 @@ def main() -> None:
     if args.rounds:
         import warm_start
 
-        ns = argparse.Namespace(steps=args.steps, every=20, quick=False, accelerator="cpu")
+        ns = warm_start.options(["--steps", str(args.steps), "--every", "20"])
         warm_start.run_default_monitor("resnet18", ns)
     else:
         from real_sizes import make_resnet18

@@ -303,7 +303,9 @@ def variant_summary(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
+def options(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line's settings (``argv``, or ``sys.argv`` if ``None``), every default filled
+    in: what ``run`` and ``run_default_monitor`` read. Other benchmarks pass their own ``argv``."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300)")
     ap.add_argument("--every", type=int, default=None, help="probe cadence (default 20)")
@@ -342,10 +344,15 @@ def main() -> None:
         default="cpu",
         help="the Trainer's one device (default cpu; gpu: the first CUDA device)",
     )
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = ap.parse_args(argv)
     args.steps = args.steps or (60 if args.quick else 300)
     args.every = args.every or (15 if args.quick else 20)
+    return args
+
+
+def main() -> None:
+    args = options()
+    torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.ks.split(",")]
     if args.quick:
         ks = [min(k, 5) for k in ks]
