@@ -47,6 +47,8 @@ HERE = Path(__file__).resolve().parent
 ANCHOR = HERE.parent.parent / "shared" / "bench" / "anchor_gpu.py"
 sys.path.insert(0, str(HERE))
 
+from bench_cpu import rel_err  # noqa: E402
+
 import lightning_landscape as ll  # noqa: E402
 
 TOL = 1e-4
@@ -98,11 +100,6 @@ def timed(fn: Callable[[], Any], device: str) -> tuple[Any, float, float | None]
     secs = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
     return out, secs, peak
-
-
-def rel_err(vals: list[float], truth: list[float]) -> float:
-    a = sorted(vals, reverse=True)
-    return max(abs(x - t) / max(abs(t), 1e-30) for x, t in zip(a, truth, strict=False))
 
 
 def bench_model(

@@ -43,7 +43,7 @@ TIMED = {
         "dot",
         "vector_norm",
     ],
-    "lightning_landscape.solvers.trace": ["_deflated_hutchinson", "_rademacher"],
+    "lightning_landscape.solvers.trace": ["_deflated_hutchinson"],
     "lightning_landscape.probes.sharpness": ["Sharpness.run"],
     "lightning_landscape.probes.trace": ["Trace.run"],
     "lightning_landscape.probes.update": ["UpdateCurvature.run"],
