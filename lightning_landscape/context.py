@@ -2,7 +2,8 @@
 
 Inside :func:`curvature_context` the model is in ``eval()`` mode (no dropout; BatchNorm uses its
 running statistics, or, with ``norm_statistics="batch"``, the statistics of each batch it sees,
-as in training), autocast is off, PyTorch's math SDPA backend is forced (fused attention kernels
+as in training), autocast is off, float32 products run in full precision (no TF32:
+:func:`full_float32`), PyTorch's math SDPA backend is forced (fused attention kernels
 have no double backward), ``torch.compile``'d modules run their original eager code (the same
 parameters; compiled autograd has no double backward), and gradients are enabled even inside
 ``torch.inference_mode``. On exit everything a training step can
@@ -63,6 +64,59 @@ def fork_rng(devices: list[int] | None = None) -> Iterator[None]:
         np.random.set_state(np_state)
         for i, state in cuda_states:
             torch.cuda.set_rng_state(state, i)
+
+
+def _precision_knobs() -> list[Any]:
+    """PyTorch's per-backend float32 precision settings (``fp32_precision``, PyTorch ≥ 2.9)."""
+    knobs = []
+    for backend in ("cuda", "cudnn", "mkldnn"):
+        module = getattr(torch.backends, backend, None)
+        for op in ("matmul", "conv", "rnn"):
+            knob = getattr(module, op, None)
+            if knob is not None and hasattr(knob, "fp32_precision"):
+                knobs.append(knob)
+    return knobs
+
+
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """Float32 matrix products and convolutions in full IEEE precision inside (no TF32).
+
+    PyTorch lets cuDNN convolutions use TF32 on Ampere and later GPUs by default, and
+    ``torch.set_float32_matmul_precision("high")`` (which Lightning suggests on such GPUs) does the
+    same for matrix products and oneDNN. TF32 keeps 10 mantissa bits: Hessian-vector products
+    then carry relative errors of about 1e-3, the size of the solvers' tolerances. Every
+    ``fp32_precision`` setting is set to ``"ieee"`` inside and restored on exit (with PyTorch
+    < 2.9, the legacy ``allow_tf32`` flags), so settings made through either API read back as
+    they were.
+
+    Example:
+        >>> import torch
+        >>> from lightning_landscape.context import full_float32
+        >>> with full_float32():
+        ...     torch.backends.cuda.matmul.fp32_precision
+        'ieee'
+    """
+    knobs = _precision_knobs()
+    if knobs:
+        saved = [knob.fp32_precision for knob in knobs]
+        try:
+            for knob in knobs:
+                knob.fp32_precision = "ieee"
+            yield
+        finally:
+            for knob, value in zip(knobs, saved, strict=True):
+                knob.fp32_precision = value
+        return
+    legacy: tuple[Any, Any] = (torch.backends.cuda.matmul, torch.backends.cudnn)  # pragma: no cover
+    flags = [flag.allow_tf32 for flag in legacy]  # pragma: no cover
+    try:  # pragma: no cover
+        for flag in legacy:
+            flag.allow_tf32 = False
+        yield
+    finally:  # pragma: no cover
+        for flag, value in zip(legacy, flags, strict=True):
+            flag.allow_tf32 = value
 
 
 def _sdpa_math() -> contextlib.AbstractContextManager[Any]:
@@ -191,6 +245,7 @@ def curvature_context(
         if torch.cuda.is_available():
             stack.enter_context(torch.autocast("cuda", enabled=False))
         stack.enter_context(_sdpa_math())
+        stack.enter_context(full_float32())
         stack.enter_context(eager(model))
         try:
             if eval_mode:

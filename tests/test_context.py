@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -220,6 +222,67 @@ def test_math_sdpa_backend_forced_inside_and_restored() -> None:
         torch.backends.cuda.math_sdp_enabled(),
     )
     assert after == before
+
+
+_PRECISION_CHECK = """
+import torch
+from torch import nn
+from lightning_landscape import curvature_context
+from lightning_landscape.context import _precision_knobs
+
+def legacy():
+    out = []
+    for get in (lambda: torch.backends.cuda.matmul.allow_tf32,
+                lambda: torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision):
+        try:
+            out.append(get())
+        except RuntimeError:  # the user mixed the legacy and the new API
+            out.append("mixed")
+    return out
+
+knobs = _precision_knobs()
+assert len(knobs) >= 2, knobs  # cuda.matmul and cudnn.conv at least
+model = nn.Linear(2, 2)
+settings = [
+    lambda: None,  # PyTorch's defaults: TF32 for cuDNN convolutions
+    lambda: torch.set_float32_matmul_precision("high"),  # the legacy API, as Lightning suggests
+    lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),  # the new API
+]
+for setting in settings:  # in this order: once the new API is used, legacy reads fail (sticky)
+    setting()
+    before = [k.fp32_precision for k in knobs], legacy()
+    assert "tf32" in before[0], before
+    for raising in (False, True):
+        try:
+            with curvature_context(model):
+                assert [k.fp32_precision for k in knobs] == ["ieee"] * len(knobs)
+                if raising:
+                    raise KeyError
+        except KeyError:
+            pass
+        assert ([k.fp32_precision for k in knobs], legacy()) == before, before
+    print(before)
+print("OK")
+"""
+
+
+def test_full_float32_inside_and_every_setting_restored() -> None:
+    """No TF32 in probes; settings made through either API read back as they were afterwards.
+
+    In a fresh process: mixing PyTorch's legacy and new precision APIs is sticky.
+    """
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("PyTorch < 2.9 has only the legacy allow_tf32 flags")
+    done = subprocess.run(
+        [sys.executable, "-c", _PRECISION_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.rstrip().endswith("OK"), done.stdout
+    assert done.stdout.count("tf32") >= 3, done.stdout
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_landscape.solvers._orthogonality import (
+    _chunked_dot,
     column_norms,
     gram,
     orthogonality_threshold,
@@ -26,6 +27,17 @@ def test_vector_norm_is_accurate_in_float32_at_ten_million_entries() -> None:
     block = torch.stack([x[:5_000_000], 2 * x[5_000_000:]], dim=1)
     exact_cols = block.double().norm(dim=0)
     torch.testing.assert_close(column_norms(block).double(), exact_cols, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("host_sum", [True, False])
+def test_chunked_dot_both_summations_match_float64(host_sum: bool) -> None:
+    """The CPU's per-piece reads and the accelerators' on-device float64 sum (one read)."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(3_000_001, generator=g), torch.randn(3_000_001, generator=g) + 0.5
+    xd, yd = x.double(), y.double()
+    scale = float(xd.norm() * yd.norm())  # the rounding scale of a dot with cancellation
+    assert abs(_chunked_dot(x, y, host_sum=host_sum) - float(xd @ yd)) < 1e-8 * scale
+    assert abs(_chunked_dot(y, y, host_sum=host_sum) / float(yd @ yd) - 1) < 1e-5  # as vector_norm
 
 
 @pytest.mark.parametrize("layout", ["rows", "row_major"])
