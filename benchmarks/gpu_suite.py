@@ -6,22 +6,29 @@ For each model of ``../shared/bench/anchor_gpu.py`` (ResNet-18 at 128 CIFAR samp
 batches and the 30 SGD warm-up steps are identical), float32 with TF32 off, ``eval()`` mode:
 
 * a reference spectrum: that file's ``ref_lanczos`` (full reorthogonalisation) for ``--truth-m``
-  steps on its retained-graph HVP;
-* ours: ``hessian_eigenvalues(..., k, tol=1e-4)`` with route ``auto`` (calibrated on the device),
-  seconds (CUDA-synchronised), HVPs, relative error against the reference, and peak memory above
-  the model's (``torch.cuda.max_memory_allocated``) next to a training step's;
-* curvlinops + SciPy ``eigsh`` at the same tolerance, when importable;
+  steps on its retained-graph HVP (default 120 steps, 80 on GPT-98M, whose basis would not fit);
+* the route ``auto`` picks on the device, with both routes' seconds per product (one row), then
+  ours: ``hessian_eigenvalues(..., k, tol=1e-4)`` on that route, seconds (CUDA-synchronised), HVPs,
+  relative error against the reference, and peak memory above the model's
+  (``torch.cuda.max_memory_allocated``) next to an AdamW training step's;
+* curvlinops + SciPy ``eigsh`` at the same tolerance, when importable, on models of at most
+  ``--curvlinops-max-params`` parameters (its vectors make a round trip through host memory);
 * α: ``curvature_exponents`` on ResNet-18 (batched per-layer products), seconds;
-* Δ₂^(D): ``stabilization`` on GPT-11M (D = 10), seconds;
+* Δ₂^(D): ``stabilization`` on GPT-11M (D = 10), seconds, products, convergence;
 * inside training (issue 16's ResNet-18 of ``real_sizes.py``, 16-sample batches, through
   ``warm_start.py`` on a one-GPU ``Trainer``): the default ``LandscapeMonitor()`` round's median
   cost in training steps (target ≤ 100) over 120 steps, and the median products of a warm-started
-  λ_max probe (target ≤ 5) over 200 steps, both probing every 20 steps.
+  λ_max probe (target ≤ 5) over 200 steps, both probing every 20 steps;
+* ``--peers`` (last, time permitting): the anchor file's own ``run()`` per model (PyHessian,
+  hessian-eigenthings and its reference Lanczos, at ``--peer-ks``), its rows kept in ours.
 
-``--peers`` also re-runs the anchor file's own ``run()`` (PyHessian, hessian-eigenthings, the
-reference Lanczos timings) in the same process first. Writes ``--out`` (JSON rows) and
-``--markdown`` (a RESULTS.md section). ``--smoke`` runs tiny models on the CPU in seconds (used by
-the test suite); without the anchor file it uses ``real_sizes.py``'s models instead.
+Sections run in that order while ``--budget-s`` seconds have not passed (later ones are written as
+skipped); each failure is a row of its own and the rest goes on. ``--out`` (JSON) and
+``--markdown`` (a RESULTS.md section) are rewritten after every row, so a run cut short keeps what
+it measured. The exit status is 1 if any section failed. ``--smoke`` runs tiny models on the CPU in
+seconds (used by the test suite); only there may the anchor file be missing (``real_sizes.py``'s
+models stand in). On a lent device: ``benchmarks/gpu_prepare.sh`` here, then
+``bash benchmarks/gpu_run.sh`` there (see benchmarks/README.md).
 
     python benchmarks/gpu_suite.py --out benchmarks/results_gpu.json --markdown /tmp/gpu.md
     python benchmarks/gpu_suite.py --smoke
@@ -30,6 +37,7 @@ the test suite); without the anchor file it uses ``real_sizes.py``'s models inst
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import importlib.util
 import json
@@ -44,19 +52,57 @@ import torch
 from torch import Tensor, nn
 
 HERE = Path(__file__).resolve().parent
-ANCHOR = HERE.parent.parent / "shared" / "bench" / "anchor_gpu.py"
+ANCHORS = (  # where gpu_prepare.sh copies it, a shared/ inside the checkout, the one beside it
+    HERE.parent / ".gpu" / "anchor_gpu.py",
+    HERE.parent / "shared" / "bench" / "anchor_gpu.py",
+    HERE.parent.parent / "shared" / "bench" / "anchor_gpu.py",
+)
 sys.path.insert(0, str(HERE))
 
-from bench_cpu import rel_err  # noqa: E402
+from bench_cpu import library_fingerprint, rel_err  # noqa: E402
 
 import lightning_landscape as ll  # noqa: E402
 
 TOL = 1e-4
+TRUTH_M = {"resnet18": 120, "gpt": 120, "gpt2s": 80}  # 81 × 98 M float32 = 32 GB of basis
 
 
-def load_anchor(path: Path) -> ModuleType | None:
-    if not path.is_file():
-        return None
+class Recorder:
+    """Rows printed as JSON lines and rewritten to ``--out`` / ``--markdown`` after each one."""
+
+    def __init__(self, meta: dict[str, Any], out: str | None, md: str | None, budget: float):
+        self.meta, self.out, self.md, self.budget = meta, out, md, budget
+        self.rows: list[dict[str, Any]] = []
+        self.t0 = time.perf_counter()
+
+    def emit(self, **row: Any) -> None:
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        if self.out:
+            Path(self.out).write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
+        if self.md:
+            Path(self.md).write_text(markdown(self.rows, self.meta))
+
+    def section(self, model: str, what: str, fn: Callable[[], None]) -> bool:
+        """Run ``fn`` unless the budget is spent; a failure becomes a row. True if it ran clean."""
+        spent = time.perf_counter() - self.t0
+        if spent > self.budget:
+            self.emit(model=model, what=what, skipped=f"time budget spent ({spent:.0f} s)")
+            return False
+        try:
+            fn()
+        except Exception as err:  # report, keep going
+            self.emit(model=model, what=what, error=repr(err)[:500])
+            return False
+        return True
+
+
+def find_anchor(path: str | None) -> Path | None:
+    candidates = [Path(path)] if path else list(ANCHORS)
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def load_anchor(path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location("anchor_gpu", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
@@ -66,12 +112,13 @@ def load_anchor(path: Path) -> ModuleType | None:
 
 def build(anchor: ModuleType | None, name: str, device: str, smoke: bool) -> tuple[Any, ...]:
     """``(model, loss_fn(model, batch), batch, criterion)`` for one anchor model."""
+    torch.manual_seed(0)  # as the anchor's run() does: the same initial weights as its rows
     if anchor is not None:
         model, crit, x, y = anchor.problem(name, device, smoke)
-    else:  # no anchor file: real_sizes.py's models at smoke size
+    else:  # --smoke without the anchor file: real_sizes.py's models at smoke size
         from real_sizes import make_gpt27m, make_resnet18
 
-        prob = (make_resnet18 if name == "resnet18" else make_gpt27m)(True)
+        prob = (make_resnet18 if name == "resnet18" else make_gpt27m)(smoke)
         model = prob.model.to(device)
         x, y = (t.to(device) for t in prob.batch)
         ce = nn.CrossEntropyLoss()
@@ -102,46 +149,87 @@ def timed(fn: Callable[[], Any], device: str) -> tuple[Any, float, float | None]
     return out, secs, peak
 
 
+def calibrated_route(model: nn.Module, loss_fn: Any, batch: Any) -> tuple[str, dict[str, float]]:
+    """The route ``auto`` takes on this device, and each route's seconds per product there."""
+    with ll.curvature_context(model):
+        op = ll.HessianOperator(model, loss_fn, [batch], calibrate=True)
+        op.matvec(torch.ones(op.size, dtype=op.dtype, device=op.device))
+        route, seconds = str(op.route), dict(op.route_seconds)
+        op.release()
+    return route, seconds
+
+
 def bench_model(
-    anchor: ModuleType | None, name: str, ks: list[int], args: argparse.Namespace
-) -> list[dict[str, Any]]:
+    rec: Recorder, anchor: ModuleType | None, name: str, ks: list[int], args: argparse.Namespace
+) -> None:
     device = args.device
     model, loss_fn, batch, crit = build(anchor, name, device, args.smoke)
     n = sum(p.numel() for p in model.parameters())
-    rows: list[dict[str, Any]] = []
 
     def emit(**kw: Any) -> None:
-        row = {"model": name, "params": n, **kw}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rec.emit(model=name, params=n, **kw)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    def train_step() -> None:
+        """An AdamW step's time and memory, on a copy: the probed weights stay the anchor's."""
+        twin = copy.deepcopy(model)
+        opt = torch.optim.AdamW(twin.parameters(), lr=1e-4)
 
-    def step() -> None:
+        def step() -> None:
+            twin.train()
+            opt.zero_grad(set_to_none=True)
+            loss_fn(twin, batch).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()
+        _, secs, peak = timed(step, device)
+        emit(what="adamw_train_step", seconds=secs, peak_mib=peak)
+
+    def anchor_steps() -> None:
+        """The anchor's run() times 12 SGD steps (lr 1e-3) before its truth: the same here."""
+        assert anchor is not None
         model.train()
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model, batch).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model, batch).backward()
+            opt.step()
+
+        emit(what="sgd_train_step", seconds=anchor.timeit(step, device))
         model.eval()
+        model.zero_grad(set_to_none=True)
 
-    step()
-    _, secs, peak = timed(step, device)
-    emit(what="adamw_train_step", seconds=secs, peak_mib=peak)
+    truth: list[float] = []
 
-    truth: list[float] | None = None
+    def reference() -> None:
+        assert anchor is not None
+        m = args.truth_m or TRUTH_M[name]
+
+        def solve() -> Any:  # the retained graph is freed on return
+            hvp = anchor.Counted(model, crit, *batch)
+            return anchor.ref_lanczos(hvp, hvp.n, max(ks), device, fixed_m=m)
+
+        (vals, _), secs, _ = timed(solve, device)
+        truth.extend(sorted((float(v) for v in vals), reverse=True)[: max(ks)])
+        emit(what="truth", m=m, seconds=secs, top=truth[:3])
+
+    route = ["auto"]
+
+    def calibration() -> None:
+        route[0], seconds = calibrated_route(model, loss_fn, batch)
+        emit(what="route", route=route[0], seconds_per_product=seconds)
+
+    rec.section(name, "adamw_train_step", train_step)
     if anchor is not None:
-        hvp = anchor.Counted(model, crit, *batch)
-        vals = anchor.ref_lanczos(hvp, hvp.n, max(ks), device, fixed_m=args.truth_m)
-        truth = sorted((float(v) for v in vals[0]), reverse=True)[: max(ks)]
-        del hvp
-        emit(what="truth", m=args.truth_m, top=truth[:3])
+        rec.section(name, "sgd_train_step", anchor_steps)
+        rec.section(name, "truth", reference)
+    rec.section(name, "route", calibration)
 
-    ll.hessian_eigenvalues(model, loss_fn, batch, 1, tol=TOL)  # warm-up: route calibration
-    for k in ks:
+    def ours(k: int) -> None:
         res, secs, peak = timed(
-            lambda k=k: ll.hessian_eigenvalues(
-                model, loss_fn, batch, k, tol=TOL, return_eigenvectors=True
+            lambda: ll.hessian_eigenvalues(
+                model, loss_fn, batch, k, tol=TOL, route=route[0], return_eigenvectors=True
             ),
             device,
         )
@@ -149,6 +237,7 @@ def bench_model(
         emit(
             what="ours",
             k=k,
+            route=route[0],
             seconds=secs,
             hvps=res.num_hvps,
             peak_mib=peak,
@@ -156,43 +245,62 @@ def bench_model(
             rel_err=rel_err(vals, truth[:k]) if truth else None,
             top=vals[:3],
         )
-        if args.curvlinops and k <= args.curvlinops_max_k:
-            try:
-                from bench_cpu import FlatLogits, Problem, run_curvlinops
 
-                flat = FlatLogits(model)  # what curvlinops sees: CrossEntropyLoss on flat logits
-                prob = Problem(
-                    name, "", model, loss_fn, batch, flat, (batch[0], batch[1].reshape(-1))
-                )
-                cl, secs, peak = timed(lambda k=k, p=prob: run_curvlinops(p, k, TOL), device)
-                emit(
-                    what="curvlinops_eigsh",
-                    k=k,
-                    seconds=secs,
-                    hvps=cl["hvps"],
-                    peak_mib=peak,
-                    rel_err=rel_err(cl["vals"], truth[:k]) if truth else None,
-                )
-            except Exception as err:  # report, keep going
-                emit(what="curvlinops_eigsh", k=k, error=repr(err)[:300])
-    if name == "resnet18":
+    def curvlinops(k: int) -> None:
+        from bench_cpu import FlatLogits, Problem, run_curvlinops
+
+        flat = FlatLogits(model)  # what curvlinops sees: CrossEntropyLoss on flat logits
+        prob = Problem(name, "", model, loss_fn, batch, flat, (batch[0], batch[1].reshape(-1)))
+        cl, secs, peak = timed(lambda: run_curvlinops(prob, k, TOL), device)
+        emit(
+            what="curvlinops_eigsh",
+            k=k,
+            seconds=secs,
+            hvps=cl["hvps"],
+            peak_mib=peak,
+            rel_err=rel_err(cl["vals"], truth[:k]) if truth else None,
+        )
+
+    with_curvlinops = args.curvlinops and n <= args.curvlinops_max_params
+    warm_up = lambda: ll.hessian_eigenvalues(model, loss_fn, batch, 1, tol=TOL, route=route[0])  # noqa: E731
+    rec.section(name, "ours_warmup", warm_up)
+    for k in ks:
+        rec.section(name, "ours", lambda k=k: ours(k))
+        if with_curvlinops and k <= args.curvlinops_max_k:
+            rec.section(name, "curvlinops_eigsh", lambda k=k: curvlinops(k))
+
+    def alpha() -> None:
+        top = 4 if args.smoke else 20
         _, secs, peak = timed(
-            lambda: ll.curvature_exponents(model, loss_fn, batch, top_k=4 if args.smoke else 20),
+            lambda: ll.curvature_exponents(model, loss_fn, batch, top_k=top, route=route[0]),
             device,
         )
-        emit(what="alpha_curvature_exponents", seconds=secs, peak_mib=peak)
-    if name == "gpt":
-        _, secs, peak = timed(
+        emit(what="alpha_curvature_exponents", top_k=top, seconds=secs, peak_mib=peak)
+
+    def delta2() -> None:
+        d = 3 if args.smoke else 10
+        res, secs, peak = timed(
             lambda: ll.stabilization(
-                model, loss_fn, batch, max(1, len(batch[0]) // 2), D=3 if args.smoke else 10
+                model, loss_fn, batch, max(1, len(batch[0]) // 2), D=d, route=route[0]
             ),
             device,
         )
-        emit(what="delta2_stabilization", seconds=secs, peak_mib=peak)
-    return rows
+        emit(
+            what="delta2_stabilization",
+            D=d,
+            seconds=secs,
+            hvps=res.num_hvps,
+            converged=res.converged,
+            peak_mib=peak,
+        )
+
+    if name == "resnet18":
+        rec.section(name, "alpha_curvature_exponents", alpha)
+    if name == "gpt":
+        rec.section(name, "delta2_stabilization", delta2)
 
 
-def in_training(args: argparse.Namespace) -> list[dict[str, Any]]:
+def in_training(rec: Recorder, args: argparse.Namespace) -> None:
     """Issue 16's in-training figures on the suite's device, through ``warm_start.py``."""
     import warm_start
 
@@ -203,64 +311,102 @@ def in_training(args: argparse.Namespace) -> list[dict[str, Any]]:
         ["--every", every, "--tol", str(TOL), "--accelerator", accelerator]
         + (["--quick"] if smoke else [])
     )
-    ns.steps = 30 if smoke else 120
-    d = warm_start.run_default_monitor("resnet18", ns)
-    rows = [
-        {
-            "model": "resnet18",
-            "params": d["params"],
-            "what": "default_round_in_steps",
-            "value": d["median_round_in_steps"],
-            "target": 100,
-            "seconds": d["median_round_seconds"],
-            "step_seconds": d["median_step_seconds"],
-            "round_hvps": d["round_hvps"],
-            "every_n_steps": ns.every,
-        }
-    ]
-    ns.steps = 40 if smoke else 200
-    w = warm_start.run("resnet18", 1, True, ns)
-    rows.append(
-        {
-            "model": "resnet18",
-            "params": w["params"],
-            "what": "warm_lambda_max_hvps",
-            "value": w["median_hvps"],
-            "target": 5,
-            "seconds": w["median_seconds"],
-            "hvps_per_probe": w["hvps"],
-            "converged": w["all_converged"],
-            "every_n_steps": ns.every,
-        }
-    )
-    for row in rows:
-        print(json.dumps(row), flush=True)
-    return rows
+
+    def default_round() -> None:
+        ns.steps = 30 if smoke else 120
+        d = warm_start.run_default_monitor("resnet18", ns)
+        rec.emit(
+            model="resnet18",
+            params=d["params"],
+            what="default_round_in_steps",
+            value=d["median_round_in_steps"],
+            target=100,
+            seconds=d["median_round_seconds"],
+            step_seconds=d["median_step_seconds"],
+            round_hvps=d["round_hvps"],
+            every_n_steps=ns.every,
+        )
+
+    def warm_lambda_max() -> None:
+        ns.steps = 40 if smoke else 200
+        w = warm_start.run("resnet18", 1, True, ns)
+        rec.emit(
+            model="resnet18",
+            params=w["params"],
+            what="warm_lambda_max_hvps",
+            value=w["median_hvps"],
+            target=5,
+            seconds=w["median_seconds"],
+            hvps_per_probe=w["hvps"],
+            converged=w["all_converged"],
+            every_n_steps=ns.every,
+        )
+
+    rec.section("resnet18", "default_round_in_steps", default_round)
+    rec.section("resnet18", "warm_lambda_max_hvps", warm_lambda_max)
+
+
+def peers(
+    rec: Recorder, anchor: ModuleType, name: str, ks: list[int], args: argparse.Namespace
+) -> None:
+    """The anchor file's own ``run()``: its rows (PyHessian, hessian-eigenthings, ...) kept."""
+    start = len(anchor.OUT)
+    try:
+        anchor.run(name, args.device, args.smoke, ks, args.truth_m or TRUTH_M[name], False)
+    finally:
+        params = None
+        for row in anchor.OUT[start:]:  # its "secs" as our "seconds"; a peer it lacks is skipped
+            what = f"anchor:{row.get('what', '')}"
+            if row.get("what") == "params":
+                params = row.get("value")
+            if "max_iter" in row:  # hessian-eigenthings: its default basis (2k) or 4k + 20
+                what += f" (max_iter {row['max_iter'] or 'default'})"
+            row = {"model": name, "params": params, **row, "what": what}
+            if "secs" in row:
+                row["seconds"] = row.pop("secs")
+            if "error" in row:
+                row["skipped"] = row.pop("error")
+            rec.emit(**row)
+
+
+def _num(value: Any, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _millions(row: dict[str, Any]) -> str:
+    params = row.get("params")
+    return "" if not params else format(params / 1e6, ".3g")
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"## GPU suite ({meta['device_name']}, {meta['date_utc'][:10]})",
         "",
-        f"Command: `{meta['command']}`; torch {meta['torch']}; float32, TF32 off; tol {TOL:g}.",
+        f"Command: `{meta['command']}`; torch {meta['torch']}; source `{meta['source']}`; "
+        f"float32, TF32 off; tol {TOL:g}.",
         "",
         "| model | params | what | k | seconds | HVPs | rel. error | peak MiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    trained = [r for r in rows if "target" in r]
+    failed = [r for r in rows if "error" in r or "skipped" in r]
+    trained = [r for r in rows if "target" in r and r not in failed]
+    routes = [r for r in rows if r.get("what") == "route" and r not in failed]
     for r in rows:
-        if r["what"] == "truth" or r in trained:
+        if r in failed or r in trained or r in routes or "seconds" not in r:
             continue
-        err, peak = r.get("rel_err"), r.get("peak_mib")
         lines.append(
-            f"| {r['model']} | {r['params'] / 1e6:.1f} M | {r['what']} | {r.get('k', '')} | "
-            f"{r.get('seconds', float('nan')):.3f} | {r.get('hvps', '')} | "
-            f"{'' if err is None else f'{err:.1e}'} | {'' if peak is None else f'{peak:.0f}'} |"
+            f"| {r['model']} | {_millions(r)} M | {r['what']} | "
+            f"{r.get('k', '')} | {_num(r['seconds'], '.3f')} | {r.get('hvps', '')} | "
+            f"{_num(r.get('rel_err'), '.1e')} | {_num(r.get('peak_mib'), '.0f')} |"
         )
+    for r in routes:
+        per = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in r["seconds_per_product"].items())
+        per = per or "not calibrated"
+        lines.append(f"\n{r['model']}: route `{r['route']}` ({per} per product).")
     if trained:
         lines += [
             "",
-            f"Inside training (SGD, a probe round every {trained[0]['every_n_steps']} steps; "
+            f"Inside training (SGD, a probe round every {trained[0].get('every_n_steps')} steps; "
             "medians after the first round):",
             "",
             "| model | params | what | value | target | round or probe seconds |",
@@ -268,20 +414,29 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         ]
         for r in trained:
             lines.append(
-                f"| {r['model']} | {r['params'] / 1e6:.1f} M | {r['what']} | {r['value']:.4g} | "
-                f"≤ {r['target']} | {r['seconds']:.3f} |"
+                f"| {r['model']} | {_millions(r)} M | {r['what']} | "
+                f"{_num(r['value'], '.4g')} | ≤ {r['target']} | {_num(r.get('seconds'), '.3f')} |"
             )
+    if failed:
+        lines += ["", "Not measured:", ""]
+        lines += [
+            f"- {r.get('model', '')} {r.get('what', '')}: {r.get('error') or r.get('skipped')}"
+            for r in failed
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU (seconds)")
-    ap.add_argument("--anchor", default=str(ANCHOR), help="path of anchor_gpu.py")
+    ap.add_argument("--anchor", default=None, help="path of anchor_gpu.py (default: searched)")
     ap.add_argument("--truth-m", type=int, default=None, help="reference Lanczos steps")
-    ap.add_argument("--peers", action="store_true", help="also run the anchor's own peers")
+    ap.add_argument("--peers", action="store_true", help="also run the anchor's own peers, last")
+    ap.add_argument("--peer-ks", default="1,5", help="the peers' k (GPT-98M: the first only)")
     ap.add_argument("--no-curvlinops", dest="curvlinops", action="store_false")
     ap.add_argument("--curvlinops-max-k", type=int, default=20)
+    ap.add_argument("--curvlinops-max-params", type=float, default=30e6)
+    ap.add_argument("--budget-s", type=float, default=None, help="start no section after this")
     ap.add_argument(
         "--no-in-training",
         dest="in_training",
@@ -292,44 +447,65 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", default=None, help="RESULTS.md section")
     args = ap.parse_args(argv)
     args.device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
-    args.truth_m = args.truth_m or (80 if args.smoke else 120)
+    if args.smoke:
+        args.truth_m = args.truth_m or 80
+    path = find_anchor(args.anchor)
+    if path is None and not args.smoke:
+        print(
+            "gpu_suite: anchor_gpu.py not found (looked in "
+            f"{', '.join(str(p) for p in ([Path(args.anchor)] if args.anchor else ANCHORS))}); "
+            "run benchmarks/gpu_prepare.sh first",
+            file=sys.stderr,
+        )
+        return 2
+    anchor = None if path is None else load_anchor(path)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    anchor = load_anchor(Path(args.anchor))
-    plan = [("resnet18", [1, 5, 20]), ("gpt", [1, 5, 20]), ("gpt2s", [10])]
-    if args.smoke:
-        plan = [("resnet18", [1, 2]), ("gpt", [1, 2])]
+    from bench_cpu import _curvlinops
+
+    if args.curvlinops and _curvlinops() is None:
+        args.curvlinops = False
+        missing = "curvlinops or scipy not importable"
+    else:
+        missing = ""
     meta = {
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "torch": torch.__version__,
+        "source": library_fingerprint(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "anchor": str(args.anchor) if anchor is not None else None,
+        "anchor": str(path) if path is not None else None,
     }
     print(json.dumps(meta), flush=True)
-    rows: list[dict[str, Any]] = []
+    budget = args.budget_s if args.budget_s is not None else (1e9 if args.smoke else 450.0)
+    rec = Recorder(meta, args.out, args.markdown, budget)
+    if missing:
+        rec.emit(model="", what="curvlinops_eigsh", skipped=missing)
+    if args.smoke:
+        plan = [("resnet18", [1, 2]), ("gpt", [1, 2])]
+    else:
+        plan = [("resnet18", [1, 5, 20]), ("gpt", [1, 5, 20])]
     for name, ks in plan:
-        if anchor is not None and args.peers:
-            anchor.run(name, args.device, args.smoke, ks, args.truth_m, False)
-        try:
-            rows += bench_model(anchor, name, ks, args)
-        except Exception as err:  # one model failing (e.g. out of memory) keeps the rest
-            rows.append({"model": name, "what": "error", "error": repr(err)[:500]})
-            print(json.dumps(rows[-1]), flush=True)
+        run = lambda name=name, ks=ks: bench_model(rec, anchor, name, ks, args)  # noqa: E731
+        rec.section(name, "model", run)
         if args.device == "cuda":
             torch.cuda.empty_cache()
     if args.in_training:
-        try:
-            rows += in_training(args)
-        except Exception as err:  # keep what was measured
-            rows.append({"model": "resnet18", "what": "error", "error": repr(err)[:500]})
-            print(json.dumps(rows[-1]), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text(markdown([r for r in rows if "what" in r], meta))
-    return 0 if all(r.get("what") != "error" for r in rows) else 1
+        in_training(rec, args)
+    if not args.smoke:
+        rec.section("gpt2s", "model", lambda: bench_model(rec, anchor, "gpt2s", [10], args))
+    if args.peers and anchor is not None:
+        peer_ks = [int(k) for k in args.peer_ks.split(",")]
+        for name, _ in [*plan, ("gpt2s", [10])] if not args.smoke else plan:
+            ks = peer_ks[:1] if name == "gpt2s" else peer_ks
+            run = lambda name=name, ks=ks: peers(rec, anchor, name, ks, args)  # noqa: E731
+            rec.section(name, "anchor_peers", run)
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    if not rec.rows:  # nothing measured (e.g. every section skipped): still write the files
+        rec.emit(model="", what="nothing", skipped="no section ran")
+    return 0 if not any("error" in r for r in rec.rows) else 1
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,6 +39,11 @@ def test_gpu_suite_smoke_writes_json_and_markdown(tmp_path: Path) -> None:
             assert r["rel_err"] < 1e-3, r
     whats = {r["what"] for r in rows}
     assert {"adamw_train_step", "alpha_curvature_exponents", "delta2_stabilization"} <= whats
+    assert not [r for r in rows if "error" in r]
+    routes = [r for r in rows if r["what"] == "route"]  # calibrated once per model, both timed
+    assert len(routes) == 2 and all(len(r["seconds_per_product"]) == 2 for r in routes)
+    route_of = {r["model"]: r["route"] for r in routes}
+    assert all(r["route"] == route_of[r["model"]] for r in ours)
     assert "| resnet18 |" in md.read_text()
     # Issue 16's in-training figures: a default round's cost in steps, warm λ_max products.
     trained = {r["what"]: r for r in rows if "target" in r}
@@ -69,3 +75,46 @@ def test_real_sizes_quick_speed_section(tmp_path: Path) -> None:
     assert row["ours"]["converged"] and 0.0 <= row["ours"]["overhead"] < 1.0
     if "curvlinops" in row:  # a peer installed: the same eigenvalue
         assert row["agree"] < 1e-3
+
+
+def _gpu_suite() -> Any:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_suite
+
+    return gpu_suite
+
+
+def test_gpu_suite_refuses_to_run_without_the_anchor_outside_smoke(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without anchor_gpu.py a full run would measure stand-in models: it stops instead."""
+    suite = _gpu_suite()
+    assert suite.main(["--anchor", str(tmp_path / "missing.py"), "--out", str(tmp_path / "o")]) == 2
+    assert "gpu_prepare.sh" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_gpu_suite_rows_written_as_they_come_and_failures_listed(tmp_path: Path) -> None:
+    suite = _gpu_suite()
+    meta = {"device_name": "H100", "date_utc": "2026-12-07T00:00:00Z", "command": "c"}
+    meta |= {"torch": "2.11", "source": "abc"}
+    out, md = tmp_path / "g.json", tmp_path / "g.md"
+    rec = suite.Recorder(meta, str(out), str(md), budget=1e9)
+    rec.emit(model="gpt", params=11_100_000, what="ours", k=5, seconds=1.5, hvps=40, rel_err=1e-6)
+    assert len(json.loads(out.read_text())["rows"]) == 1  # on disk before the next section
+    assert rec.section("gpt", "alpha", lambda: 1 / 0) is False  # a failure is a row
+    per = {"functorch": 0.04}
+    rec.emit(model="resnet18", what="route", route="functorch", seconds_per_product=per)
+    rec.emit(model="resnet18", params=11e6, what="default_round_in_steps", value=None, target=100)
+    rec.emit(model="", what="curvlinops_eigsh", skipped="curvlinops or scipy not importable")
+    rec.budget = -1.0
+    assert rec.section("gpt2s", "model", lambda: None) is False
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["what"] for r in rows][-1] == "model" and "time budget" in rows[-1]["skipped"]
+    text = md.read_text()
+    assert "| gpt | 11.1 M | ours | 5 | 1.500 | 40 | 1.0e-06 |" in text
+    assert "route `functorch` (functorch 40.0 ms per product)" in text
+    assert "| resnet18 | 11 M | default_round_in_steps |  | ≤ 100 |" in text
+    assert "- gpt alpha: ZeroDivisionError" in text
+    assert "- gpt2s model: time budget spent" in text
+    assert "curvlinops or scipy not importable" in text

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# On a lent H100/H200, after benchmarks/gpu_prepare.sh here: the GPU suite, every file into $OUT
+# (what the device tool brings back; benchmarks/out when unset), with the anchor's own peers last
+# (--peers), time permitting. Extra arguments go to gpu_suite.py, e.g. --budget-s 300. The suite
+# rewrites its JSON and markdown after every row, so a run cut short still returns what it
+# measured. The device tool's call: command "bash benchmarks/gpu_run.sh", carry [".gpu"],
+# timeout_s 590; then give the machine back.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/out}"
+mkdir -p "$OUT"
+[ -f .gpu/anchor_gpu.py ] || { echo "gpu_run: .gpu/anchor_gpu.py missing: run gpu_prepare.sh and carry .gpu" >&2; exit 2; }
+if compgen -G ".gpu/whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .gpu/whl/*.whl || exit 3
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c "import torch, lightning, scipy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', lightning.__version__, 'scipy', scipy.__version__)"
+    python3 -c "import curvlinops, pyhessian, hessian_eigenthings; print('peers importable')"
+} 2>&1 | tee "$OUT/env.txt"
+python3 benchmarks/gpu_suite.py --anchor .gpu/anchor_gpu.py --peers --out "$OUT/results_gpu.json" \
+    --markdown "$OUT/gpu.md" "$@" 2>&1 | tee "$OUT/gpu_suite.log"
