@@ -80,7 +80,8 @@ def main() -> None:
     sweep = monitor.probe_named("delta2").last_result.sweep
     density = monitor.probe_named("density").last_result
     print(f"Δ₂^(D) sweep slope {sweep.slope:.2f} ± {sweep.slope_stderr:.2f} (theory -2)")
-    print(f"negative mass {density.negative_mass():.2f}")
+    lower, upper = density.negative_mass_bounds()
+    print(f"negative mass {density.negative_mass():.2f} (bounds {lower:.2f}-{upper:.2f})")
     figures = {}  # the same figures the monitor logs to TensorBoard, by the tag's last part
     for probe in monitor.probes:
         if probe.last_result is not None:

@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 
 from .._validate import flag, integer
 from ..report import figures, tags
-from ..report.layout import SPECTRUM, Layout, multiline
+from ..report.layout import SPECTRUM, Layout, margin
 from ..solvers import DensityResult, spectral_density
 from .base import Probe, ProbeContext, Row, fmt
 
@@ -18,8 +18,11 @@ class SpectralDensity(Probe):
 
     Runs on the round's Hessian operator (under DDP the global Hessian), ``num_runs ×
     lanczos_steps`` products. Logs ``landscape/negative_mass`` (the fraction of the spectrum
-    below zero: read it with ``landscape/lambda_min``, since the bulk near zero has both signs)
-    and, with a TensorBoard logger, the figure ``landscape/density`` (log-scale density, negative
+    below zero: read it with ``landscape/lambda_min``, since the bulk near zero has both signs),
+    ``landscape/negative_mass_lower`` and ``landscape/negative_mass_upper`` (what the quadrature
+    guarantees, :meth:`~lightning_landscape.solvers.DensityResult.negative_mass_bounds`: far
+    apart when the bulk near zero is one heavy node, whose sign then decides the value) and,
+    with a TensorBoard logger, the figure ``landscape/density`` (log-scale density, negative
     part shaded).
 
     Args:
@@ -71,27 +74,37 @@ class SpectralDensity(Probe):
         return result.is_finite
 
     def scalars(self, result: DensityResult) -> dict[str, float]:
-        """The negative mass."""
-        return {tags.NEGATIVE_MASS: result.negative_mass()}
+        """The negative mass and its bounds."""
+        lower, upper = result.negative_mass_bounds()
+        return {
+            tags.NEGATIVE_MASS: result.negative_mass(),
+            tags.NEGATIVE_MASS_LOWER: lower,
+            tags.NEGATIVE_MASS_UPPER: upper,
+        }
 
     def figures(self, result: DensityResult, step: int) -> dict[str, Figure]:
         """The density figure."""
         return {tags.DENSITY_FIGURE: figures.density_figure(result, step)} if self.figure else {}
 
     def charts(self) -> Layout:
-        """The negative-mass chart of the spectrum category."""
-        chart = multiline(tags.exact(tags.NEGATIVE_MASS))
-        return {SPECTRUM: {"negative eigenvalue mass": chart}}
+        """The negative-mass chart of the spectrum category, in the band of its bounds."""
+        chart = margin(tags.NEGATIVE_MASS, tags.NEGATIVE_MASS_LOWER, tags.NEGATIVE_MASS_UPPER)
+        return {SPECTRUM: {"negative eigenvalue mass (band: quadrature bounds)": chart}}
 
     def rows(self, result: DensityResult) -> list[Row]:
-        """The negative mass."""
-        note = f"SLQ density, {result.num_runs} runs × {result.lanczos_steps}"
+        """The negative mass, with its bounds."""
+        lower, upper = result.negative_mass_bounds()
+        note = (
+            f"bounds {fmt(lower, 3)}–{fmt(upper, 3)}; SLQ density, "
+            f"{result.num_runs} runs × {result.lanczos_steps}"
+        )
         return [["negative mass", fmt(result.negative_mass()), note]]
 
     def summary(self, result: DensityResult) -> dict[str, Any]:
         """Negative mass, extreme nodes, the first moment and the quadrature itself."""
         return {
             "negative_mass": result.negative_mass(),
+            "negative_mass_bounds": list(result.negative_mass_bounds()),
             "lambda_max_node": result.lambda_max,
             "lambda_min_node": result.lambda_min,
             "mean_eigenvalue": result.moment(1),

@@ -13,7 +13,7 @@ from typing import Any
 from . import tags
 
 Layout = dict[str, dict[str, list[Any]]]
-"""``{category: {chart title: ["Multiline", [tag regexes]]}}``, as
+"""``{category: {chart title: ["Multiline", [tag regexes]] or ["Margin", [3 tags]]}}``, as
 :meth:`torch.utils.tensorboard.SummaryWriter.add_custom_scalars` takes it."""
 
 SHARPNESS = "landscape: sharpness"
@@ -27,6 +27,11 @@ CATEGORIES = (SHARPNESS, SPECTRUM, ALPHA, DELTA2, COST)
 def multiline(*patterns: str) -> list[Any]:
     """One chart with a line per tag matching one of ``patterns`` (regular expressions)."""
     return ["Multiline", list(patterns)]
+
+
+def margin(value: str, lower: str, upper: str) -> list[Any]:
+    """One chart of ``value`` in a band from ``lower`` to ``upper`` (exact tags, not patterns)."""
+    return ["Margin", [value, lower, upper]]
 
 
 def cost_charts() -> Layout:

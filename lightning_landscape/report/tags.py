@@ -48,6 +48,8 @@ BATCH_SHARPNESS_STDERR = _tag("batch_sharpness_stderr")
 TRACE = _tag("trace")
 TRACE_STDERR = _tag("trace_stderr")
 NEGATIVE_MASS = _tag("negative_mass")
+NEGATIVE_MASS_LOWER = _tag("negative_mass_lower")  # what the quadrature guarantees
+NEGATIVE_MASS_UPPER = _tag("negative_mass_upper")
 DENSITY_FIGURE = _tag("density")
 
 # Curvature exponent α.

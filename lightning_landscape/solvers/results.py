@@ -223,7 +223,8 @@ class DensityResult:
         scatter by about ``1e-7 … 1e-6 · ‖A‖`` to both sides of 0, and a single slightly negative
         node can carry the weight of the whole null space. The default ``1e-5`` sits above that
         fuzz and far below the negative curvature reported for networks (``1e-3 … 1e-1`` of
-        λ_max). Pass ``relative=0`` for the raw sign count.
+        λ_max). Pass ``relative=0`` for the raw sign count. Where the bulk sits in one node near
+        the cutoff the value is that node's sign: read it with :meth:`negative_mass_bounds`.
 
         Args:
             threshold: absolute cutoff (``>= 0``), in eigenvalue units.
@@ -235,6 +236,63 @@ class DensityResult:
         Raises:
             ValueError: if ``threshold`` or ``relative`` is negative or NaN.
         """
+        cutoff = self._cutoff(threshold, relative)
+        if not self.is_finite:
+            return float("nan")
+        theta, weights = self._flat()
+        return float(weights[theta < -cutoff].sum())
+
+    def negative_mass_bounds(
+        self, threshold: float = 0.0, *, relative: float = 1e-5
+    ) -> tuple[float, float]:
+        """What the quadrature itself guarantees about :meth:`negative_mass`: ``(lower, upper)``.
+
+        A Gauss rule does not resolve its measure inside a node's reach: by the
+        Chebyshev–Markov–Stieltjes inequalities the mass of run ``r``'s measure below ``−cutoff``
+        lies between its node sum with the last node below the cutoff left out and its node sum
+        with the first node above it added. When the bulk of a spectrum near 0 is a single node
+        holding most of the weight just past the cutoff, :meth:`negative_mass` reads 0 or 1 by
+        that node's sign, and these bounds say so (e.g. ``(0.002, 1.0)``); more Lanczos steps
+        narrow them. A run that found an invariant subspace (fewer steps than requested, or the
+        whole space) is exact. Both bounds are means over runs, like :meth:`negative_mass`,
+        which they contain; like it, they estimate the spectrum's fraction through random
+        start vectors.
+
+        Args:
+            threshold: absolute cutoff (``>= 0``), as in :meth:`negative_mass`.
+            relative: cutoff relative to the largest node magnitude, as in :meth:`negative_mass`.
+
+        Returns:
+            ``(lower, upper)`` in ``[0, 1]`` (NaN for a non-finite result).
+
+        Raises:
+            ValueError: if ``threshold`` or ``relative`` is negative or NaN.
+
+        Example:
+            >>> import torch
+            >>> from lightning_landscape.solvers import DensityResult
+            >>> nodes = torch.tensor([[-1e-2, 5.0]], dtype=torch.float64)
+            >>> weights = torch.tensor([[0.75, 0.25]], dtype=torch.float64)
+            >>> res = DensityResult(nodes, weights, 1, 2, (2,), 2, 0.0)
+            >>> res.negative_mass(), res.negative_mass_bounds()
+            (0.75, (0.0, 1.0))
+        """
+        cutoff = self._cutoff(threshold, relative)
+        if not self.is_finite:
+            return float("nan"), float("nan")
+        full_space = self.nodes.shape[1] < self.lanczos_steps  # n < steps: every run is exact
+        lows, highs = [], []
+        for r, k in enumerate(self.num_steps):
+            x, w = self.nodes[r, :k], self.weights[r, :k]
+            below = int((x < -cutoff).sum())  # ascending nodes: the first `below` of them
+            point = float(w[:below].sum())
+            exact = full_space or k < self.lanczos_steps
+            lows.append(point - (0.0 if exact or below == 0 else float(w[below - 1])))
+            highs.append(point + (0.0 if exact or below == k else float(w[below])))
+        return max(0.0, sum(lows) / len(lows)), min(1.0, sum(highs) / len(highs))
+
+    def _cutoff(self, threshold: float, relative: float) -> float:
+        """``max(threshold, relative · max|node|)``, with the arguments checked."""
         if not threshold >= 0 or not relative >= 0:
             raise ValueError(
                 f"threshold and relative must be >= 0, got threshold={threshold!r}, "
@@ -242,9 +300,7 @@ class DensityResult:
             )
         if not self.is_finite:
             return float("nan")
-        theta, weights = self._flat()
-        cutoff = max(float(threshold), float(relative) * float(theta.abs().max()))
-        return float(weights[theta < -cutoff].sum())
+        return max(float(threshold), float(relative) * float(self._flat()[0].abs().max()))
 
     def smoothed(
         self,

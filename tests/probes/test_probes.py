@@ -77,7 +77,13 @@ def test_trace_and_density_match_the_dense_trace(mlp: Any) -> None:
     density = SpectralDensity(num_runs=4, lanczos_steps=30).run(_ctx(model, loss_fn, batch))
     # SLQ's first moment is Hutchinson's estimate, within a few standard errors of tr(H) / n.
     assert abs(density.moment(1) - exact / n) < 5 * density.moment_stderr(1)
-    assert SpectralDensity().scalars(density) == {tags.NEGATIVE_MASS: density.negative_mass()}
+    lower, upper = density.negative_mass_bounds()
+    assert SpectralDensity().scalars(density) == {
+        tags.NEGATIVE_MASS: density.negative_mass(),
+        tags.NEGATIVE_MASS_LOWER: lower,
+        tags.NEGATIVE_MASS_UPPER: upper,
+    }
+    assert 0.0 <= lower <= density.negative_mass() <= upper <= 1.0
 
 
 def test_trace_reuses_converged_sharpness_pairs_only(mlp: Any) -> None:

@@ -130,3 +130,12 @@ def test_custom_scalars_layout(server: str) -> None:
         r"landscape/lambda_max$",
         r"landscape/stability_threshold$",
     ]
+    spectrum = layout["category"][titles.index("landscape: spectrum")]["chart"]
+    (band,) = [c["margin"]["series"] for c in spectrum if "margin" in c]
+    assert band == [
+        {
+            "value": "landscape/negative_mass",
+            "lower": "landscape/negative_mass_lower",
+            "upper": "landscape/negative_mass_upper",
+        }
+    ]

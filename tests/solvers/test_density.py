@@ -177,6 +177,51 @@ class _Recording(MatrixOperator):
         return super()._matmat(block)
 
 
+def _bounds_case(lam: Tensor, steps: int, runs: int = 4) -> tuple[DensityResult, float]:
+    """SLQ on a rotated spectrum, and the mean over runs of each start vector's true mass."""
+    n = lam.numel()
+    q = random_orthogonal(n, 11)
+    rot = _Recording((q * lam) @ q.T)
+    res = spectral_density(rot, num_runs=runs, lanczos_steps=steps, seed=2)
+    m = min(steps, n)
+    assert res.num_steps == (m,) * runs  # no breakdown: each run's first input is its start
+    cutoff = 1e-5 * float(lam.abs().max())  # negative_mass's default relative cutoff
+    starts = [rot.inputs[r * m][:, 0] for r in range(runs)]
+    truth = [float(((q.T @ v) ** 2)[lam < -cutoff].sum()) for v in starts]
+    return res, sum(truth) / runs
+
+
+def test_negative_mass_bounds_contain_the_truth_and_flag_an_unresolved_bulk() -> None:
+    gen = torch.Generator().manual_seed(7)
+    top = 1.0 + 9.0 * torch.rand(30, generator=gen, dtype=F64)
+    # A bulk of 270 eigenvalues straddling 0 (|λ| ≤ 1e-3 against λ_max ≈ 10): 8 steps give it one
+    # heavy node whose sign decides negative_mass; the bounds show the quadrature cannot tell.
+    bulk = -1e-3 + 2e-3 * torch.rand(270, generator=gen, dtype=F64)
+    res, truth = _bounds_case(torch.cat([bulk, top]), steps=8)
+    low, high = res.negative_mass_bounds()
+    assert low - 1e-12 <= res.negative_mass() <= high + 1e-12
+    assert low - 1e-12 <= truth <= high + 1e-12
+    assert high - low > 0.5
+    # A gap around 0: the nodes bracketing the cutoff carry little weight, the bounds are narrow.
+    gapped = torch.cat([-1.0 - torch.rand(60, generator=gen, dtype=F64), top.repeat(8)])
+    res, truth = _bounds_case(gapped, steps=30)
+    low, high = res.negative_mass_bounds()
+    assert low - 1e-12 <= truth <= high + 1e-12 and high - low < 0.1
+    # The whole space (more steps than n): exact, the bounds meet at the truth.
+    res, truth = _bounds_case(torch.cat([bulk[:40], top]), steps=100)
+    low, high = res.negative_mass_bounds()
+    assert low == high == pytest.approx(truth, abs=1e-9)
+    with pytest.raises(ValueError, match="threshold"):
+        res.negative_mass_bounds(threshold=-1.0)
+
+
+def test_negative_mass_bounds_after_a_breakdown_are_exact() -> None:
+    lam = torch.tensor([-1.0, 0.0, 1.0, 2.0, 3.0], dtype=F64).repeat_interleave(10)
+    res = spectral_density(MatrixOperator(torch.diag(lam)), num_runs=2, lanczos_steps=20)
+    assert res.num_steps == (5, 5)
+    assert res.negative_mass_bounds() == pytest.approx((0.2, 0.2), abs=1e-12)
+
+
 def test_breakdown_stops_early_with_exact_nodes_and_weights() -> None:
     # Five distinct eigenvalues, each ten times: the Krylov space of any start has dimension 5.
     values = torch.tensor([-1.0, 0.0, 1.0, 2.0, 3.0], dtype=F64)
