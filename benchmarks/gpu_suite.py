@@ -20,7 +20,8 @@ batches and the 30 SGD warm-up steps are identical), float32 with TF32 off, ``ev
   cost in training steps (target ≤ 100) over 120 steps, and the median products of a warm-started
   λ_max probe (target ≤ 5) over 200 steps, both probing every 20 steps;
 * ``--peers`` (last, time permitting): the anchor file's own ``run()`` per model (PyHessian,
-  hessian-eigenthings and its reference Lanczos, at ``--peer-ks``), its rows kept in ours.
+  hessian-eigenthings and its reference Lanczos, at ``--peer-ks``), its rows kept in ours (a peer
+  it could not run is a skipped row, which does not fail the suite).
 
 Sections run in that order while ``--budget-s`` seconds have not passed (later ones are written as
 skipped); each failure is a row of its own and the rest goes on. ``--out`` (JSON) and
@@ -76,6 +77,7 @@ class Recorder:
         self.t0 = time.perf_counter()
 
     def emit(self, **row: Any) -> None:
+        row = json.loads(json.dumps(row, default=str))  # e.g. a tensor as its text, not a crash
         self.rows.append(row)
         print(json.dumps(row), flush=True)
         if self.out:
@@ -186,7 +188,10 @@ def bench_model(
         emit(what="adamw_train_step", seconds=secs, peak_mib=peak)
 
     def anchor_steps() -> None:
-        """The anchor's run() times 12 SGD steps (lr 1e-3) before its truth: the same here."""
+        """The SGD steps (lr 1e-3) the anchor's run() takes before its truth, the same here.
+
+        12 timed in train mode; on CUDA one more in eval mode, for its peak memory.
+        """
         assert anchor is not None
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -196,8 +201,15 @@ def bench_model(
             loss_fn(model, batch).backward()
             opt.step()
 
-        emit(what="sgd_train_step", seconds=anchor.timeit(step, device))
+        secs = anchor.timeit(step, device)
         model.eval()
+        peak = None
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() / 2**20
+        emit(what="sgd_train_step", seconds=secs, peak_mib_total=peak)
         model.zero_grad(set_to_none=True)
 
     truth: list[float] = []

@@ -84,18 +84,23 @@ def full_float32() -> Iterator[None]:
 
     PyTorch lets cuDNN convolutions use TF32 on Ampere and later GPUs by default, and
     ``torch.set_float32_matmul_precision("high")`` (which Lightning suggests on such GPUs) does the
-    same for matrix products and oneDNN. TF32 keeps 10 mantissa bits: Hessian-vector products
-    then carry relative errors of about 1e-3, the size of the solvers' tolerances. Every
-    ``fp32_precision`` setting is set to ``"ieee"`` inside and restored on exit (with PyTorch
-    < 2.9, the legacy ``allow_tf32`` flags), so settings made through either API read back as
-    they were.
+    same for matrix products, ``"medium"`` bfloat16 for oneDNN's on CPUs. TF32 keeps 10 mantissa
+    bits: Hessian-vector products then carry relative errors of about 1e-3, the size of the
+    solvers' tolerances. With PyTorch ≥ 2.9 every ``fp32_precision`` setting (CUDA, cuDNN and
+    oneDNN; matmul, conv and rnn) is ``"ieee"`` inside; on exit each reads as before, through
+    either of PyTorch's APIs, and one that inherited its backend's value inherits it again. (Inside,
+    PyTorch's legacy getters such as ``torch.backends.cudnn.allow_tf32`` may refuse to answer,
+    since ``"ieee"`` has no legacy spelling.) Before 2.9: the matmul precision ``"highest"`` and
+    ``torch.backends.cudnn.allow_tf32 = False``, restored on exit.
 
     Example:
         >>> import torch
         >>> from lightning_landscape.context import full_float32
+        >>> a = torch.randn(4, 4)
         >>> with full_float32():
-        ...     torch.backends.cuda.matmul.fp32_precision
-        'ieee'
+        ...     exact = a @ a.T
+        >>> bool(torch.allclose(exact, exact.T))
+        True
     """
     knobs = _precision_knobs()
     if knobs:
@@ -106,17 +111,22 @@ def full_float32() -> Iterator[None]:
             yield
         finally:
             for knob, value in zip(knobs, saved, strict=True):
-                knob.fp32_precision = value
+                # A knob reads its parent's value until set ("none" stores exactly that), so an
+                # inherited value stays inherited: a later torch.backends.fp32_precision = ...
+                # still reaches it, as it would have without the probe.
+                knob.fp32_precision = "none"
+                if knob.fp32_precision != value:
+                    knob.fp32_precision = value
         return
-    legacy: tuple[Any, Any] = (torch.backends.cuda.matmul, torch.backends.cudnn)  # pragma: no cover
-    flags = [flag.allow_tf32 for flag in legacy]  # pragma: no cover
+    matmul = torch.get_float32_matmul_precision()  # pragma: no cover - torch < 2.9
+    cudnn = torch.backends.cudnn.allow_tf32  # pragma: no cover
     try:  # pragma: no cover
-        for flag in legacy:
-            flag.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
         yield
     finally:  # pragma: no cover
-        for flag, value in zip(legacy, flags, strict=True):
-            flag.allow_tf32 = value
+        torch.backends.cudnn.allow_tf32 = cudnn
+        torch.set_float32_matmul_precision(matmul)
 
 
 def _sdpa_math() -> contextlib.AbstractContextManager[Any]:

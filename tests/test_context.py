@@ -262,6 +262,12 @@ for setting in settings:  # in this order: once the new API is used, legacy read
             pass
         assert ([k.fp32_precision for k in knobs], legacy()) == before, before
     print(before)
+# A backend-wide setting reaches every knob that inherits it, after a probe as without one.
+torch.backends.fp32_precision = "tf32"
+with curvature_context(model):
+    pass
+torch.backends.fp32_precision = "ieee"
+assert [k.fp32_precision for k in knobs] == ["ieee"] * len(knobs)
 print("OK")
 """
 

@@ -252,11 +252,11 @@ class DensityResult:
         lies between its node sum with the last node below the cutoff left out and its node sum
         with the first node above it added. When the bulk of a spectrum near 0 is a single node
         holding most of the weight just past the cutoff, :meth:`negative_mass` reads 0 or 1 by
-        that node's sign, and these bounds say so (e.g. ``(0.002, 1.0)``); more Lanczos steps
-        narrow them. A run that found an invariant subspace (fewer steps than requested, or the
-        whole space) is exact. Both bounds are means over runs, like :meth:`negative_mass`,
-        which they contain; like it, they estimate the spectrum's fraction through random
-        start vectors.
+        that node's sign, and these bounds say so (e.g. ``(0.002, 0.998)``); more Lanczos steps
+        narrow them. A run that stopped early at an invariant subspace, or on an operator of
+        fewer dimensions than ``lanczos_steps``, is exact. Both bounds are means over runs, like
+        :meth:`negative_mass`, which they contain; like it, they estimate the spectrum's fraction
+        through random start vectors.
 
         Args:
             threshold: absolute cutoff (``>= 0``), as in :meth:`negative_mass`.

@@ -183,10 +183,15 @@ def test_probe_reports_rows_summaries_and_charts(mlp: Any) -> None:
     assert tags.DELTA2_SLOPE in probes[4].scalars(ctx.results["delta2"])
     layout = compose_layout([*(p.charts() for p in probes), cost_charts()])
     assert list(layout) == list(CATEGORIES)
-    for charts in layout.values():  # every chart's patterns are valid regular expressions
-        for _, patterns in charts.values():
-            for pattern in patterns:
-                re.compile(pattern)
+    results = [(p, ctx.results[p.name]) for p in probes if p.name in ctx.results]
+    logged = {tag for p, result in results for tag in p.scalars(result)}
+    for charts in layout.values():
+        for kind, entries in charts.values():
+            if kind == "Multiline":  # regular expressions
+                for pattern in entries:
+                    re.compile(pattern)
+            else:  # a Margin chart: value, lower and upper, exact tags that are logged
+                assert kind == "Margin" and len(entries) == 3 and set(entries) <= logged, entries
     ctx.release()
 
 
