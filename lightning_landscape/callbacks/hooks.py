@@ -37,6 +37,9 @@ class ProbeReport:
         seconds: their wall-clock time.
         negative_mass: fraction of the spectrum below zero from the probe's spectral density
             (stochastic Lanczos quadrature), or ``None`` when no density was computed.
+        negative_mass_bounds: ``(lower, upper)`` that the quadrature guarantees for it
+            (:meth:`~lightning_landscape.solvers.DensityResult.negative_mass_bounds`): act on
+            ``negative_mass`` only when they are close. ``None`` without a density.
         preconditioned_lambda_max: λ₁(P⁻¹H) for an Adam-family or RMSprop optimizer, else
             ``None``.
     """
@@ -56,6 +59,7 @@ class ProbeReport:
     seconds: float
     negative_mass: float | None = None
     preconditioned_lambda_max: float | None = None
+    negative_mass_bounds: tuple[float, float] | None = None
 
     @property
     def lambda_max(self) -> float:
@@ -100,6 +104,9 @@ class ProbeReport:
             seconds=cost[0],
             negative_mass=density.negative_mass() if isinstance(density, DensityResult) else None,
             preconditioned_lambda_max=sharp.preconditioned_lambda_max,
+            negative_mass_bounds=(
+                density.negative_mass_bounds() if isinstance(density, DensityResult) else None
+            ),
         )
 
 

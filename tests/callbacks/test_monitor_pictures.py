@@ -56,11 +56,17 @@ def test_density_every_other_probe_with_negative_mass(tmp_path: Any) -> None:
     assert density is not None and density.is_finite
     assert last.negative_mass == density.negative_mass()
     assert 0.0 <= last.negative_mass < 0.5
+    assert last.negative_mass_bounds == density.negative_mass_bounds()
+    low, high = last.negative_mass_bounds
+    assert 0.0 <= low <= last.negative_mass <= high <= 1.0
+    assert [r.negative_mass_bounds is None for r in monitor.history] == [False, True] * 2 + [False]
     # SLQ's extreme node is a lower bound on λ_max and close to it.
     assert density.lambda_max <= last.lambda_max * (1 + 1e-3)
     assert density.lambda_max > 0.9 * last.lambda_max
     events = _events(logger)
-    assert [e.step for e in events.Scalars("landscape/negative_mass")] == [0, 8, 16]
+    for tag in ("negative_mass", "negative_mass_lower", "negative_mass_upper"):
+        assert [e.step for e in events.Scalars(f"landscape/{tag}")] == [0, 8, 16]
+    assert events.Scalars("landscape/negative_mass_upper")[-1].value == pytest.approx(high)
     assert [e.step for e in events.Images("landscape/density")] == [0, 8, 16]
 
 
@@ -134,9 +140,12 @@ def test_history_round_trips_with_negative_mass() -> None:
     again = LandscapeMonitor(every_n_steps=4, top_k=1)
     again.load_state_dict(state)
     assert again.history == monitor.history
-    old = {k: v for k, v in state["history"][0].items() if k != "negative_mass"}
-    again.load_state_dict({**state, "history": [old]})  # checkpoints from before the field
+    assert all(r.negative_mass_bounds is not None for r in again.history)
+    fields = ("negative_mass", "negative_mass_bounds")
+    old = {k: v for k, v in state["history"][0].items() if k not in fields}
+    again.load_state_dict({**state, "history": [old]})  # checkpoints from before the fields
     assert again.history[0].negative_mass is None and math.isfinite(again.history[0].lambda_max)
+    assert again.history[0].negative_mass_bounds is None
 
 
 @pytest.mark.parametrize(
