@@ -63,12 +63,14 @@ from .probes import (
 from .solvers import (
     DensityResult,
     EigenResult,
+    SymmetryResult,
     TraceResult,
     deflated_trace,
     hutchpp_trace,
     lanczos,
     lanczos_ends,
     spectral_density,
+    symmetry_defect,
 )
 
 __version__ = "0.1.0.dev0"
@@ -99,6 +101,7 @@ __all__ = [
     "Stabilization",
     "StabilizationResult",
     "SweepResult",
+    "SymmetryResult",
     "Trace",
     "TraceResult",
     "UpdateCurvature",
@@ -123,4 +126,5 @@ __all__ = [
     "stability_threshold",
     "stabilization",
     "stabilization_sweep",
+    "symmetry_defect",
 ]

@@ -9,12 +9,14 @@ Loss functions follow the library's signature ``loss_fn(model, batch) -> scalar 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -88,6 +90,76 @@ class TinyCausalAttention(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         h = h + self.proj(a)
         return self.head(self.ln2(h))
+
+
+class DetachedGELU(torch.autograd.Function):
+    """GELU as a fused kernel provides it: a correct gradient that autograd cannot differentiate.
+
+    The backward computes the derivative on detached tensors (as a custom CUDA kernel would), so
+    double backward treats the incoming gradient's dependence on the parameters as constant.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return F.gelu(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_()
+            (dx,) = torch.autograd.grad(F.gelu(leaf), leaf, grad.detach())
+        return dx
+
+
+class OnceDifferentiableGELU(torch.autograd.Function):
+    """GELU with an analytic backward marked ``@once_differentiable`` (as many kernels' are)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return F.gelu(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        cdf = 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+        pdf = torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+        return grad * (cdf + x * pdf)
+
+
+class KernelMLP(nn.Module):
+    """``Linear(4, 12) → GELU → Linear(12, 12) → GELU → Linear(12, 3)``: 255 parameters.
+
+    ``kernel`` picks the GELU: ``None`` (``F.gelu``, the reference), ``"detached"``
+    (:class:`DetachedGELU`) or ``"once"`` (:class:`OnceDifferentiableGELU`). The forward pass
+    and the gradient are the same for all three; only double backward differs.
+    """
+
+    KERNELS: ClassVar[dict[str, type[torch.autograd.Function]]] = {
+        "detached": DetachedGELU,
+        "once": OnceDifferentiableGELU,
+    }
+
+    def __init__(self, kernel: str | None = None, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.l1, self.l2, self.l3 = nn.Linear(4, 12), nn.Linear(12, 12), nn.Linear(12, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+        self.kernel = kernel
+
+    def act(self, x: Tensor) -> Tensor:
+        if self.kernel is None:
+            return F.gelu(x)
+        out: Tensor = self.KERNELS[self.kernel].apply(x)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.l3(self.act(self.l2(self.act(self.l1(x)))))
 
 
 # --------------------------------------------------------------------------------------------------

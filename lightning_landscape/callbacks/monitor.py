@@ -55,6 +55,7 @@ from ..operators.sharded import (
 )
 from ..optim.thresholds import probed_stability
 from ..probes import Probe, ProbeContext, Sharpness, Trace, UpdateCurvature
+from ..probes.checks import ProductCheck, check_products
 from ..report import tags
 from ..report.layout import Layout, compose_layout, control_charts, cost_charts
 from .budget import OverheadLedger
@@ -198,6 +199,13 @@ class LandscapeMonitor(Callback):
             ``"running"``, that of the function evaluation computes (eval mode, running
             statistics). Dropout is off in both. Early in training the running statistics lag
             far behind, and the two can differ by orders of magnitude (see the README).
+        check_products: before the first round of each ``fit``, check with 4 products that the
+            Hessian-vector products are symmetric, as a Hessian's are
+            (:func:`~lightning_landscape.solvers.symmetry_defect`). They are not when an
+            operation's backward pass is not differentiable by autograd (fused kernels), and
+            then silently wrong; the monitor warns and, with ``route="auto"``, probes by finite
+            differences of the gradient from then on if those pass the check.
+            :attr:`product_check` holds the outcome.
         tensorboard_layout: register the probes' charts in TensorBoard's *Custom Scalars* tab
             (λ_max with the stability threshold, spectrum, α by layer type, Δ₂^(D), cost), once
             per run, on every TensorBoard logger.
@@ -234,6 +242,7 @@ class LandscapeMonitor(Callback):
         seed: int = 0,
         collective_timeout: float | None = None,
         norm_statistics: NormStatistics = "batch",
+        check_products: bool = True,
         tensorboard_layout: bool = True,
         enabled: bool = True,
     ) -> None:
@@ -272,12 +281,15 @@ class LandscapeMonitor(Callback):
         self.norm_statistics: NormStatistics = choice(
             "norm_statistics", norm_statistics, NORM_STATISTICS
         )
+        self.check_products = flag("check_products", check_products)
         self.tensorboard_layout = flag("tensorboard_layout", tensorboard_layout)
         self.enabled = flag("enabled", enabled)
 
         self.history: list[ProbeReport] = []
         self.num_probes = 0  # rounds run
         self.num_failed = 0  # measurements skipped
+        self.product_check: ProductCheck | None = None  # this fit's (None: not yet, or nothing)
+        self._products_checked = False  # in this fit
         self._resolved_route: HVPRoute | None = None
         self._batches: list[Any] | None = None
         self._sample_batch: Any = None
@@ -477,6 +489,7 @@ class LandscapeMonitor(Callback):
             check_hook(hook, trainer, pl_module)  # e.g. a guard that cannot drive this optimizer
         self._collect(trainer, pl_module)
         self._check_loss(pl_module)
+        self._products_checked = False  # once per fit, on its first round
         self._budget.start(trainer.global_step)
         if self.tensorboard_layout:
             _register_layout(trainer, self.layout())
@@ -830,6 +843,8 @@ class LandscapeMonitor(Callback):
             _rank_zero_buffers(pl_module, world),
         ):
             try:
+                if self.check_products and not self._products_checked:
+                    self._check_products(ctx)
                 for probe in sorted(due, key=lambda p: p.order):
                     probe.last_step = step
                     if probe.scope == "rank_zero" and not trainer.is_global_zero:
@@ -853,6 +868,18 @@ class LandscapeMonitor(Callback):
                 reshard(pl_module)
         self._resolved_route = ctx.resolved_route or self._resolved_route
         return ctx, measured, failed
+
+    def _check_products(self, ctx: ProbeContext) -> None:
+        """Check that the round's products are symmetric (see ``check_products``)."""
+        try:
+            check = check_products(ctx, switch=self.route == "auto", seed=self.seed)
+        except Exception:  # the probes meet the same failure, and report it
+            return
+        self._products_checked = True
+        self.product_check = check
+        message = None if check is None else check.message("pass check_products=False")
+        if message is not None:
+            rank_zero_warn(f"LandscapeMonitor: {message}")
 
     def _measure(
         self, probe: Probe, ctx: ProbeContext

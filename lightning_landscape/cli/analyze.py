@@ -26,7 +26,7 @@ from ..probes import BUILTIN, Probe, ProbeContext, Row, Sharpness, fmt
 from ..report import tags
 from ..report.layout import compose_layout
 from .args import add_common, num_params, out_dir, run_command
-from .load import CLIError, make_loss_fn, prepare, probe_loss
+from .load import CLIError, checked_products, make_loss_fn, prepare, probe_loss
 from .output import (
     Progress,
     print_table,
@@ -164,6 +164,7 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
     progress = Progress([p.name for p in probes], enabled=not args.no_progress)
     try:
         with curvature_context(model, norm_statistics=args.norm_statistics), silenced(model):
+            summary["product_check"] = checked_products(ctx, args.seed)
             for probe in probes:
                 progress.start(probe.name)
                 try:

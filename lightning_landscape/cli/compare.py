@@ -23,7 +23,7 @@ from ..operators import batch_size
 from ..probes import ProbeContext, Sharpness, SharpnessResult, fmt
 from ..report import figures, tags
 from .args import add_common, grid_steps, num_params, out_dir, run_command
-from .load import CLIError, check_state, make_loss_fn, prepare, probe_loss
+from .load import CLIError, check_state, checked_products, make_loss_fn, prepare, probe_loss
 from .output import Progress, print_table, save_figure, warn, write_summary
 
 
@@ -96,6 +96,8 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     out = out_dir(args.out, f"{Path(args.ckpt_a).stem}_vs_{Path(args.ckpt_b).stem}")
     batches, retain_graph = setup.probe_batches(args.norm_statistics)
 
+    checks: list[dict[str, Any] | None] = []  # the products' symmetry check, A then B
+
     def spectrum() -> SharpnessResult:
         ctx = ProbeContext(
             model,
@@ -108,6 +110,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         )
         try:
             with curvature_context(model, norm_statistics=args.norm_statistics), silenced(model):
+                checks.append(checked_products(ctx, args.seed))
                 return sharpness.run(ctx)
         finally:
             ctx.release()
@@ -169,6 +172,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         "ratio_b_over_a": ratios,
         "converged_a": eig_a.converged,
         "converged_b": eig_b.converged,
+        "product_check": checks,
         "connectivity": {
             "barrier": conn.barrier,
             "barrier_t": conn.barrier_t,

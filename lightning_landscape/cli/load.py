@@ -22,6 +22,8 @@ from torch.utils.data import DataLoader
 from ..callbacks.data import silenced, training_step_loss
 from ..context import NormStatistics, curvature_context, fork_rng, running_stat_norms
 from ..operators import LossFn, batch_size, split_batch
+from ..probes import ProbeContext, check_products
+from .output import warn
 
 
 class CLIError(Exception):
@@ -69,6 +71,33 @@ def probe_loss(
                 "the model's training_step(batch, 0) must return the loss tensor or a dict with "
                 "'loss' to be analysed"
             ) from None
+
+
+def checked_products(ctx: ProbeContext, seed: int) -> dict[str, Any] | None:
+    """Check the products' symmetry before the probes (see :func:`~..probes.check_products`).
+
+    Switches the context to finite differences where the exact products fail the check and
+    finite differences pass it, and warns on stderr when they failed. Call inside
+    ``curvature_context``.
+
+    Args:
+        ctx: the probes' context.
+        seed: seed of the check's vectors.
+
+    Returns:
+        What ``summary.json`` records of the check (``None``: nothing was checked, or it failed,
+        in which case the probes meet the same failure and report it).
+    """
+    try:
+        check = check_products(ctx, switch=True, seed=seed)
+    except Exception:
+        return None
+    if check is None:
+        return None
+    message = check.message()
+    if message is not None:
+        warn(message)
+    return check.summary()
 
 
 def require_file(path: str | Path, what: str) -> Path:

@@ -10,6 +10,7 @@ checkpoint. A new measurement is a new :class:`Probe` subclass (see ``docs/archi
 from .alpha import AlphaResults, CurvatureExponent
 from .base import Cadence, Probe, ProbeContext, Row, Scope, fmt
 from .batch import BatchSharpness
+from .checks import ProductCheck, check_products
 from .delta2 import Stabilization, StabilizationMeasurement
 from .density import SpectralDensity
 from .sharpness import Sharpness, SharpnessResult
@@ -40,6 +41,7 @@ __all__ = [
     "LossSlice",
     "Probe",
     "ProbeContext",
+    "ProductCheck",
     "Row",
     "Scope",
     "Sharpness",
@@ -50,5 +52,6 @@ __all__ = [
     "Trace",
     "UpdateCurvature",
     "UpdateCurvatureResult",
+    "check_products",
     "fmt",
 ]

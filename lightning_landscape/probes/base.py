@@ -241,6 +241,21 @@ class ProbeContext:
         """The route the shared operator settled on (``None`` before it was built)."""
         return None if self._local is None else self._local.route
 
+    def use_route(self, route: HVPRoute) -> None:
+        """Compute the shared operator's products by ``route`` from now on.
+
+        Frees its retained graphs (finite-difference products move the parameters in place,
+        which invalidates them; they are rebuilt on the next double-backward product).
+
+        Raises:
+            ProbeFailure: as :meth:`operator`.
+        """
+        self.operator()
+        assert self._local is not None
+        if isinstance(self._local, HessianOperator):
+            self._local.release()
+            self._local.route = route
+
     def warn(self, message: str) -> None:
         """Report a soft problem (once per rank, or on rank zero inside the monitor)."""
         if self._warn is not None:

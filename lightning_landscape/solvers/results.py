@@ -1,4 +1,4 @@
-"""Frozen result types of the solvers (eigenpairs, trace, spectral density).
+"""Frozen result types of the solvers (eigenpairs, trace, spectral density, symmetry check).
 
 Every result carries its own quality evidence (residuals, convergence flags, standard errors) and
 its cost (Hessian-vector products and wall-clock seconds), so a caller never has to guess whether a
@@ -93,6 +93,37 @@ class TraceResult:
     num_samples: int
     method: str
     seconds: float
+
+
+@dataclass(frozen=True)
+class SymmetryResult:
+    """How far an operator's products are from those of a symmetric matrix.
+
+    A Hessian is symmetric, so ``uᵀ(Av) = vᵀ(Au)`` for any ``u, v``; products that break this
+    beyond rounding do not come from a Hessian (see
+    :func:`~lightning_landscape.solvers.symmetry_defect`).
+
+    Attributes:
+        defect: root mean square over the pairs of random vectors of
+            ``|uᵀAv − vᵀAu| / √(‖Au‖² + ‖Av‖²)``: about ``‖A − Aᵀ‖_F / (√2 ‖A‖_F)`` for random
+            ``±1`` vectors, 0 for a symmetric operator up to rounding (NaN if a product was not
+            finite).
+        tolerance: the largest defect accepted as symmetric.
+        num_hvps: operator applications spent (one per vector).
+        num_vectors: random vectors used.
+        seconds: wall-clock time.
+    """
+
+    defect: float
+    tolerance: float
+    num_hvps: int
+    num_vectors: int
+    seconds: float
+
+    @property
+    def symmetric(self) -> bool:
+        """Whether ``defect <= tolerance`` (``False`` for a NaN defect)."""
+        return self.defect <= self.tolerance
 
 
 _SQRT_2PI = 2.5066282746310002  # √(2π)

@@ -1,4 +1,4 @@
-"""The prepared GPU suite and the real-size benchmark run end to end at smoke size on the CPU."""
+"""The benchmark scripts that run in the suite: the GPU suite, real sizes and the product check."""
 
 from __future__ import annotations
 
@@ -118,3 +118,16 @@ def test_gpu_suite_rows_written_as_they_come_and_failures_listed(tmp_path: Path)
     assert "- gpt alpha: ZeroDivisionError" in text
     assert "- gpt2s model: time budget spent" in text
     assert "curvlinops or scipy not importable" in text
+
+
+@pytest.mark.slow
+def test_product_symmetry_quick_run_separates_fused_kernels(tmp_path: Path) -> None:
+    out = tmp_path / "symmetry.json"
+    proc = _run("product_symmetry.py", "--quick", "--out", str(out), tmp=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert len(result["floors"]) == 4 and all(r["defect"] < 1e-4 for r in result["floors"])
+    for row in result["kernels"]:
+        assert row["double_backward_defect"] > 0.1 > 1e-4 > row["finite_difference_defect"]
+        fd, ref = row["lambda_max_finite_difference"], row["lambda_max_reference"]
+        assert abs(fd - ref) < 1e-3 * ref < abs(row["lambda_max_double_backward"] - ref)

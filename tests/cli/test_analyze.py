@@ -152,6 +152,9 @@ def test_analyze_end_to_end(
         "alpha",
         "slice",
     ]
+    check = summary["product_check"]  # the products' symmetry, checked before the probes
+    assert check["route"] == "double_backward" and check["defect"] < 1e-4
+    assert check["num_hvps"] == 4 and not check["switched"]
     batch = summary["batch_sharpness"]  # batches of the config's training batch size
     assert batch["batch_size"] == 16 and batch["num_batches"] >= 10 and batch["stderr"] > 0
     lam = summary["sharpness"]["lambda_max"]  # "eigen" on the command line is its old name
@@ -195,6 +198,7 @@ def test_compare_end_to_end(
     assert la[0] == pytest.approx(_reference_lambda_max(files["a"], 3), rel=1e-3)
     assert lb[0] == pytest.approx(_reference_lambda_max(files["b"], 3), rel=1e-3)
     assert summary["ratio_b_over_a"][0] == pytest.approx(lb[0] / la[0])
+    assert [c["switched"] for c in summary["product_check"]] == [False, False]  # A, then B
     conn = summary["connectivity"]
     assert conn["barrier"] >= 0.0 and len(conn["losses"]) == 11
     assert conn["loss_a"] == pytest.approx(summary["probe_loss_a"], rel=1e-5)

@@ -18,11 +18,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lightning_landscape import HessianOperator, MatrixOperator, curvature_context
 from tests._models import (
     KINDS,
     MLP,
+    KernelMLP,
     classification_loss,
     dense_hessian,
     make_model,
@@ -668,3 +670,40 @@ def test_matrix_operator_shape_errors_and_counting() -> None:
     op @ torch.ones(5, 2, dtype=F64)
     op @ torch.ones(5, dtype=F64)
     assert op.num_matvecs == 1 + 3 + 2 + 1
+
+
+class _Checkpointed(nn.Module):
+    """KernelMLP's reference layout with its middle layer under activation checkpointing."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.inner = KernelMLP()
+        self.reentrant = reentrant
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.inner
+        h = m.act(m.l1(x))
+        h = checkpoint(lambda t: m.act(m.l2(t)), h, use_reentrant=self.reentrant)
+        out: Tensor = m.l3(h)
+        return out
+
+
+def test_activation_checkpointing_non_reentrant_is_exact_reentrant_is_refused() -> None:
+    """Non-reentrant checkpointing recomputes the same graph (exact products); the reentrant
+    variant refuses ``torch.autograd.grad``, with PyTorch's own advice (use_reentrant=False)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 4, dtype=F64, generator=gen)
+    batch = (x, torch.randint(0, 3, (16,), generator=gen))
+    reference = KernelMLP().double()
+    with curvature_context(reference):
+        truth = dense_hessian(reference, classification_loss, batch)
+    for route in ("double_backward", "finite_difference"):
+        model = _Checkpointed(reentrant=False).double()
+        with curvature_context(model):
+            op = HessianOperator(model, classification_loss, [batch], route=route)
+            dense = op.matmat(torch.eye(op.size, dtype=F64))
+        torch.testing.assert_close(dense, truth, rtol=1e-6, atol=1e-8)
+    model = _Checkpointed(reentrant=True).double()
+    with curvature_context(model), pytest.raises(RuntimeError, match="use_reentrant=False"):
+        op = HessianOperator(model, classification_loss, [batch])
+        op.matvec(torch.ones(op.size, dtype=F64))
