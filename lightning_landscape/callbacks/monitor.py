@@ -204,8 +204,9 @@ class LandscapeMonitor(Callback):
             (:func:`~lightning_landscape.solvers.symmetry_defect`). They are not when an
             operation's backward pass is not differentiable by autograd (fused kernels), and
             then silently wrong; the monitor warns and, with ``route="auto"``, probes by finite
-            differences of the gradient from then on if those pass the check.
-            :attr:`product_check` holds the outcome.
+            differences of the gradient for the rest of the fit if those pass the check
+            (``BatchSharpness`` differentiates twice by itself and is not covered). A resumed
+            fit checks again. :attr:`product_check` holds the outcome.
         tensorboard_layout: register the probes' charts in TensorBoard's *Custom Scalars* tab
             (λ_max with the stability threshold, spectrum, α by layer type, Δ₂^(D), cost), once
             per run, on every TensorBoard logger.
@@ -490,6 +491,9 @@ class LandscapeMonitor(Callback):
         self._collect(trainer, pl_module)
         self._check_loss(pl_module)
         self._products_checked = False  # once per fit, on its first round
+        self.product_check = None
+        if self.route == "auto" and self._resolved_route == "finite_difference":
+            self._resolved_route = None  # a checkpointed switch: this fit checks again
         self._budget.start(trainer.global_step)
         if self.tensorboard_layout:
             _register_layout(trainer, self.layout())
@@ -817,7 +821,7 @@ class LandscapeMonitor(Callback):
             sample_batch=self._sample_batch,
             single_batch=self._single_batch,
             params=self.params,
-            route=self._resolved_route or self.route,
+            route=(self._resolved_route or "auto") if self.route == "auto" else self.route,
             seed=self.seed + self.num_probes,
             step=step,
             epoch=trainer.current_epoch,
@@ -875,7 +879,7 @@ class LandscapeMonitor(Callback):
             check = check_products(ctx, switch=self.route == "auto", seed=self.seed)
         except Exception:  # the probes meet the same failure, and report it
             return
-        self._products_checked = True
+        self._products_checked = check is None or not check.inconclusive  # NaN: next round
         self.product_check = check
         message = None if check is None else check.message("pass check_products=False")
         if message is not None:

@@ -19,7 +19,7 @@ import torch
 from ..callbacks.data import silenced
 from ..context import curvature_context
 from ..metrics import mode_connectivity
-from ..operators import batch_size
+from ..operators import HVPRoute, batch_size
 from ..probes import ProbeContext, Sharpness, SharpnessResult, fmt
 from ..report import figures, tags
 from .args import add_common, grid_steps, num_params, out_dir, run_command
@@ -97,20 +97,25 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     batches, retain_graph = setup.probe_batches(args.norm_statistics)
 
     checks: list[dict[str, Any] | None] = []  # the products' symmetry check, A then B
+    route: list[HVPRoute] = ["auto"]  # both spectra by finite differences once a check switched
 
-    def spectrum() -> SharpnessResult:
+    def spectrum(check: bool = True) -> SharpnessResult:
         ctx = ProbeContext(
             model,
             make_loss_fn(),
             batches,
             sample_batch=batch,
             retain_graph=retain_graph,
+            route=route[0],
             seed=args.seed,
             warn=warn,
         )
         try:
             with curvature_context(model, norm_statistics=args.norm_statistics), silenced(model):
-                checks.append(checked_products(ctx, args.seed))
+                if check:
+                    checks.append(checked_products(ctx, args.seed))
+                if ctx.route == "finite_difference":
+                    route[0] = "finite_difference"
                 return sharpness.run(ctx)
         finally:
             ctx.release()
@@ -123,6 +128,10 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         progress.start("spectrum B")
         model.load_state_dict(state_b, strict=True)
         loss_b, eig_b = probe_loss(model, batches, args.norm_statistics), spectrum()
+        if route[0] == "finite_difference" and not (checks[0] or {}).get("switched"):
+            model.load_state_dict(state_a, strict=True)  # B's products switched: A's too
+            eig_a = spectrum(check=False)
+            model.load_state_dict(state_b, strict=True)
         progress.done()
         progress.start("connectivity")
         loss_fn = make_loss_fn()
@@ -173,6 +182,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         "converged_a": eig_a.converged,
         "converged_b": eig_b.converged,
         "product_check": checks,
+        "route": route[0],
         "connectivity": {
             "barrier": conn.barrier,
             "barrier_t": conn.barrier_t,

@@ -242,16 +242,21 @@ class ProbeContext:
         return None if self._local is None else self._local.route
 
     def use_route(self, route: HVPRoute) -> None:
-        """Compute the shared operator's products by ``route`` from now on.
+        """Compute this round's products by ``route`` from now on.
 
-        Frees its retained graphs (finite-difference products move the parameters in place,
-        which invalidates them; they are rebuilt on the next double-backward product).
+        Sets :attr:`route` (which probes that build their own operators, α and Δ₂, pass on) and
+        the shared operator's route, freeing its retained graphs: finite-difference products
+        move the parameters in place, which invalidates them, and they are rebuilt on the next
+        double-backward product. Works after a failed product too (to restore a route). The
+        sharded operator always uses finite differences and is left as it is.
 
         Raises:
-            ProbeFailure: as :meth:`operator`.
+            ProbeFailure: as :meth:`operator`, if the shared operator was not built yet and
+                building it fails.
         """
-        self.operator()
-        assert self._local is not None
+        if self._local is None:
+            self.operator()
+        self.route = route
         if isinstance(self._local, HessianOperator):
             self._local.release()
             self._local.route = route

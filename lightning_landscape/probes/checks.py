@@ -9,9 +9,11 @@ gradient, which need first-order gradients only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..operators import HVPRoute
 from ..solvers import SymmetryResult, symmetry_defect
 from .base import ProbeContext
 
@@ -29,18 +31,20 @@ class ProductCheck:
         switched: whether the operator now uses ``"finite_difference"``.
     """
 
-    route: str
+    route: HVPRoute
     exact: SymmetryResult
     finite_difference: SymmetryResult | None
     switched: bool
 
     @property
-    def passed(self) -> bool:
-        """Whether the exact products are symmetric (also when the defect is NaN).
+    def inconclusive(self) -> bool:
+        """Whether the exact products were not finite (the probes report that themselves)."""
+        return math.isnan(self.exact.defect)
 
-        Non-finite products are reported by the probes themselves.
-        """
-        return self.exact.symmetric or self.exact.defect != self.exact.defect
+    @property
+    def passed(self) -> bool:
+        """Whether the exact products are symmetric (``True`` also when :attr:`inconclusive`)."""
+        return self.exact.symmetric or self.inconclusive
 
     def summary(self) -> dict[str, Any]:
         """The check as plain numbers (for ``summary.json``)."""
@@ -60,6 +64,9 @@ class ProductCheck:
         Args:
             opt_out: how this caller's user keeps the exact route anyway (e.g. a keyword), if
                 they can.
+
+        Returns:
+            The warning text, or ``None``.
         """
         if self.passed:
             return None
@@ -79,6 +86,12 @@ class ProductCheck:
                 "more gradients per product). For exact products use the operation's "
                 "differentiable reference implementation while probing"
                 + (f"; {opt_out} to keep {self.route}." if opt_out else ".")
+                + " BatchSharpness differentiates twice by itself: its values stay unreliable."
+            )
+        if fd is not None and math.isnan(fd.defect):
+            return (
+                f"{head} Finite differences of the gradient were not finite either; kept "
+                f"{self.route}: the curvature measured on this model is not reliable."
             )
         if fd is not None:
             return (
@@ -107,7 +120,8 @@ def check_products(
         ctx: the round's context (the operator is built if it was not).
         switch: when the exact products are not symmetric, measure finite differences on the
             same vectors and, if those are symmetric, keep them for the rest of the round
-            (``ProbeContext.resolved_route`` then says ``"finite_difference"``).
+            (:meth:`ProbeContext.use_route`: ``ctx.route`` and ``ctx.resolved_route`` then say
+            ``"finite_difference"``); otherwise the routes are left as they were.
         num_vectors: random vectors of the check (see
             :func:`~lightning_landscape.solvers.symmetry_defect`).
         seed: seed of the check's private generator.
@@ -136,14 +150,21 @@ def check_products(
         return None
     exact = symmetry_defect(op, num_vectors, seed=seed)
     route = ctx.resolved_route or route  # "auto" settles on its first product
-    if exact.symmetric or exact.defect != exact.defect or not switch:
-        return ProductCheck(route, exact, None, switched=False)
+    check = ProductCheck(route, exact, None, switched=False)
+    if check.passed or not switch:
+        return check
+    configured = ctx.route
+
+    def restore() -> None:
+        ctx.use_route(route)
+        ctx.route = configured  # what the round's own operators (α, Δ₂) were given
+
     ctx.use_route("finite_difference")
     try:
         fd = symmetry_defect(op, num_vectors, seed=seed)
     except BaseException:
-        ctx.use_route(route)
+        restore()
         raise
     if not fd.symmetric:
-        ctx.use_route(route)
+        restore()
     return ProductCheck(route, exact, fd, switched=fd.symmetric)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_landscape import LandscapeMonitor, Sharpness, curvature_context
+from lightning_landscape.probes import ProbeContext
 from tests._lightning import trainer_kwargs
 from tests._models import KernelMLP, classification_loss, dense_hessian
 
@@ -44,13 +45,16 @@ def _loader(seed: int = 0) -> torch.utils.data.DataLoader[Any]:
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
 
 
-def _fit(kernel: str | None, monitor: LandscapeMonitor | None) -> tuple[KernelModule, list[str]]:
+def _fit(
+    kernel: str | None, monitor: LandscapeMonitor | None
+) -> tuple[KernelModule, list[str], pl.Trainer]:
     module = KernelModule(kernel)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = pl.Trainer(**trainer_kwargs(callbacks=[] if monitor is None else [monitor]))
         trainer.fit(module, _loader())
-    return module, [str(w.message) for w in caught if "LandscapeMonitor" in str(w.message)]
+    messages = [str(w.message) for w in caught if "LandscapeMonitor" in str(w.message)]
+    return module, messages, trainer
 
 
 def _monitor(**kwargs: Any) -> LandscapeMonitor:
@@ -70,7 +74,7 @@ def _true_lambda_max(module: KernelModule) -> float:
 
 def test_a_fused_kernel_is_probed_by_finite_differences_from_the_first_round() -> None:
     monitor = _monitor()
-    module, messages = _fit("detached", monitor)
+    module, messages, _ = _fit("detached", monitor)
     symmetry = [m for m in messages if SYMMETRY in m]
     assert len(symmetry) == 1  # once per fit, not per round
     assert "probing with route='finite_difference' from now on" in symmetry[0]
@@ -84,16 +88,25 @@ def test_a_fused_kernel_is_probed_by_finite_differences_from_the_first_round() -
 
 
 def test_the_switch_leaves_training_bit_identical() -> None:
-    """Finite differences move the parameters in place; they come back bit for bit."""
-    plain, _ = _fit("detached", None)
-    probed, _ = _fit("detached", _monitor())
+    """Finite differences move the parameters in place; they come back bit for bit, and the
+    optimizer state and the global RNG are those of the run without the monitor."""
+    torch.manual_seed(3)
+    plain, _, t0 = _fit("detached", None)
+    rng0 = torch.get_rng_state()
+    torch.manual_seed(3)
+    probed, _, t1 = _fit("detached", _monitor())
+    assert torch.equal(torch.get_rng_state(), rng0)
     for (name, a), b in zip(plain.state_dict().items(), probed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+    s0, s1 = t0.optimizers[0].state_dict()["state"], t1.optimizers[0].state_dict()["state"]
+    assert s0.keys() == s1.keys()
+    for idx in s0:
+        assert torch.equal(s0[idx]["momentum_buffer"], s1[idx]["momentum_buffer"]), idx
 
 
 def test_an_explicit_route_is_kept_with_a_warning() -> None:
     monitor = _monitor(route="double_backward")
-    _, messages = _fit("once", monitor)
+    _, messages, _ = _fit("once", monitor)
     symmetry = [m for m in messages if SYMMETRY in m]
     assert len(symmetry) == 1 and "not reliable" in symmetry[0]
     assert monitor.product_check is not None and not monitor.product_check.switched
@@ -102,12 +115,49 @@ def test_an_explicit_route_is_kept_with_a_warning() -> None:
 
 def test_correct_products_pass_silently_and_the_check_can_be_switched_off() -> None:
     monitor = _monitor()
-    _, messages = _fit(None, monitor)
+    _, messages, _ = _fit(None, monitor)
     assert not [m for m in messages if SYMMETRY in m]
     assert monitor.product_check is not None and monitor.product_check.passed
     assert monitor.state_dict()["route"] == "double_backward"
 
     off = _monitor(check_products=False)
-    _, messages = _fit("detached", off)
+    _, messages, _ = _fit("detached", off)
     assert not [m for m in messages if SYMMETRY in m]
     assert off.product_check is None and off.state_dict()["route"] == "double_backward"
+
+
+def test_a_resumed_fit_checks_again_and_an_explicit_route_wins() -> None:
+    first = _monitor()
+    _fit("detached", first)
+    saved = first.state_dict()
+    assert saved["route"] == "finite_difference"
+
+    again = _monitor()  # route="auto": the checkpointed switch is decided anew
+    again.load_state_dict(saved)
+    _, messages, _ = _fit("detached", again)
+    assert sum(SYMMETRY in m for m in messages) == 1
+    assert again.product_check is not None and again.product_check.switched
+
+    explicit = _monitor(route="double_backward")  # the user's route, not the saved one
+    explicit.load_state_dict(saved)
+    _, messages, _ = _fit(None, explicit)
+    assert not [m for m in messages if SYMMETRY in m]
+    assert explicit.product_check is not None and explicit.product_check.passed
+    assert explicit.state_dict()["route"] == "double_backward"
+
+
+def test_non_finite_products_leave_the_check_for_the_next_round() -> None:
+    """A finite loss with NaN curvature (√|w| at w = 0): inconclusive, so checked again later."""
+
+    def loss(model: torch.nn.Module, batch: Tensor) -> Tensor:
+        out: Tensor = (model.weight.abs().sqrt() * batch).sum()
+        return out
+
+    monitor = _monitor()
+    model = torch.nn.Linear(3, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.zero_()
+    with curvature_context(model):
+        monitor._check_products(ProbeContext(model, loss, [torch.tensor(1.0).double()]))
+    assert monitor.product_check is not None and monitor.product_check.inconclusive
+    assert not monitor._products_checked

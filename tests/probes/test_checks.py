@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_landscape import Sharpness, curvature_context
+from lightning_landscape import CurvatureExponent, ProbeFailure, Sharpness, curvature_context
+from lightning_landscape.operators import HessianOperator
 from lightning_landscape.probes import ProbeContext, ProductCheck, check_products
 from tests._models import KernelMLP, classification_loss, dense_hessian
 
@@ -138,3 +139,53 @@ def test_nothing_to_check_with_finite_differences() -> None:
     model = KernelMLP("detached").double()
     with curvature_context(model):
         assert check_products(_context(model, route="finite_difference"), switch=True) is None
+
+
+def test_probes_with_their_own_operators_follow_the_switch() -> None:
+    """α builds its own products from ``ctx.route``: after the switch, finite differences too."""
+
+    def alphas(model: nn.Module, route: str) -> dict[str, float]:
+        with curvature_context(model):
+            ctx = _context(model, route=route)
+            if route == "auto":
+                check = check_products(ctx, switch=True)
+                assert check is not None and check.switched and ctx.route == "finite_difference"
+            result = CurvatureExponent(top_k=6, layers=["l1.weight", "l2.weight"]).run(ctx)
+        return {name: r.alpha for name, r in result.items()}
+
+    truth = alphas(KernelMLP().double(), "double_backward")
+    switched = alphas(KernelMLP("detached").double(), "auto")
+    assert truth.keys() == switched.keys() == {"l1.weight", "l2.weight"}
+    for name, alpha in truth.items():
+        assert switched[name] == pytest.approx(alpha, rel=1e-4, abs=1e-6), name
+
+
+def test_a_failed_finite_difference_product_restores_the_routes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fail(self: HessianOperator, block: Tensor) -> Tensor:
+        raise ProbeFailure("another rank's Hessian-vector product failed")
+
+    monkeypatch.setattr(HessianOperator, "_fd_matmat", fail)
+    model = KernelMLP("detached").double()
+    with curvature_context(model):
+        ctx = _context(model)
+        with pytest.raises(ProbeFailure):
+            check_products(ctx, switch=True)
+        assert ctx.route == "auto" and ctx.resolved_route == "double_backward"
+
+
+def _sqrt_loss(model: nn.Module, batch: Any) -> Tensor:
+    out: Tensor = (model.w.abs().sqrt() * batch).sum()  # finite loss, NaN curvature at 0
+    return out
+
+
+def test_non_finite_products_are_inconclusive() -> None:
+    model = _TwistedModel()
+    with torch.no_grad():
+        model.w.zero_()
+    with curvature_context(model):
+        ctx = ProbeContext(model, _sqrt_loss, [torch.tensor(1.0, dtype=F64)])
+        check = check_products(ctx, switch=True)
+    assert check is not None and check.inconclusive and check.passed and not check.switched
+    assert check.message() is None
