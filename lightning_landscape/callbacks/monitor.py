@@ -206,7 +206,8 @@ class LandscapeMonitor(Callback):
             then silently wrong; the monitor warns and, with ``route="auto"``, probes by finite
             differences of the gradient for the rest of the fit if those pass the check
             (``BatchSharpness`` differentiates twice by itself and is not covered). A resumed
-            fit checks again. :attr:`product_check` holds the outcome.
+            fit checks again (without the check it keeps a checkpointed switch); an explicit
+            ``route`` is kept with a warning. :attr:`product_check` holds the outcome.
         tensorboard_layout: register the probes' charts in TensorBoard's *Custom Scalars* tab
             (λ_max with the stability threshold, spectrum, α by layer type, Δ₂^(D), cost), once
             per run, on every TensorBoard logger.
@@ -492,7 +493,8 @@ class LandscapeMonitor(Callback):
         self._check_loss(pl_module)
         self._products_checked = False  # once per fit, on its first round
         self.product_check = None
-        if self.route == "auto" and self._resolved_route == "finite_difference":
+        checks_again = self.check_products and self.route == "auto"
+        if checks_again and self._resolved_route == "finite_difference":
             self._resolved_route = None  # a checkpointed switch: this fit checks again
         self._budget.start(trainer.global_step)
         if self.tensorboard_layout:
@@ -881,7 +883,7 @@ class LandscapeMonitor(Callback):
             return
         self._products_checked = check is None or not check.inconclusive  # NaN: next round
         self.product_check = check
-        message = None if check is None else check.message("pass check_products=False")
+        message = None if check is None else check.message(f"pass route={check.route!r}")
         if message is not None:
             rank_zero_warn(f"LandscapeMonitor: {message}")
 

@@ -4,7 +4,10 @@ Both checkpoints are loaded into one model rebuilt from the training config (see
 :mod:`lightning_landscape.cli.analyze`); the top-k Hessian spectrum of each is measured by the
 monitor's :class:`~lightning_landscape.probes.Sharpness` probe on the same probe batch, and the
 loss on the straight line between the two weight vectors gives the linear-mode-connectivity
-barrier.
+barrier. Before each spectrum the products are checked for symmetry
+(:func:`~lightning_landscape.probes.check_products`, ``product_check`` in ``summary.json``: A's,
+then B's, ``null`` where there was nothing to check); when one check moves to finite differences,
+both spectra are measured by them, and ``route`` in ``summary.json`` says which route was used.
 """
 
 from __future__ import annotations
@@ -182,7 +185,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         "converged_a": eig_a.converged,
         "converged_b": eig_b.converged,
         "product_check": checks,
-        "route": route[0],
+        "route": route[0] if route[0] != "auto" else (checks[0] or {}).get("route", "auto"),
         "connectivity": {
             "barrier": conn.barrier,
             "barrier_t": conn.barrier_t,

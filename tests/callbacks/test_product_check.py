@@ -78,6 +78,7 @@ def test_a_fused_kernel_is_probed_by_finite_differences_from_the_first_round() -
     symmetry = [m for m in messages if SYMMETRY in m]
     assert len(symmetry) == 1  # once per fit, not per round
     assert "probing with route='finite_difference' from now on" in symmetry[0]
+    assert "pass route='double_backward' to keep double_backward" in symmetry[0]
     check = monitor.product_check
     assert check is not None and check.switched and check.exact.defect > 0.1
     assert monitor.state_dict()["route"] == "finite_difference"  # kept, and checkpointed
@@ -137,6 +138,12 @@ def test_a_resumed_fit_checks_again_and_an_explicit_route_wins() -> None:
     _, messages, _ = _fit("detached", again)
     assert sum(SYMMETRY in m for m in messages) == 1
     assert again.product_check is not None and again.product_check.switched
+
+    off = _monitor(check_products=False)  # no check: the checkpointed switch is kept
+    off.load_state_dict(saved)
+    _, messages, _ = _fit("detached", off)
+    assert not [m for m in messages if SYMMETRY in m] and off.product_check is None
+    assert off.state_dict()["route"] == "finite_difference"
 
     explicit = _monitor(route="double_backward")  # the user's route, not the saved one
     explicit.load_state_dict(saved)

@@ -245,6 +245,44 @@ def test_compare_with_itself(
     assert summary["ratio_b_over_a"] == [1.0, 1.0]
 
 
+def test_compare_measures_both_spectra_alike_when_one_check_switches(
+    files: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """B's products fail the symmetry check (faked): A is measured again by finite differences."""
+    import lightning_landscape.cli.compare as compare_cli
+
+    routes: list[str] = []
+
+    def fake_check(ctx: ll.probes.ProbeContext, seed: int) -> dict[str, object]:
+        routes.append(ctx.route)
+        if len(routes) == 2:  # B's
+            ctx.use_route("finite_difference")
+        return {"route": "double_backward", "switched": len(routes) == 2}
+
+    measured: list[str] = []  # the route of each spectrum
+    run = compare_cli.Sharpness.run
+
+    def counted_run(self: ll.Sharpness, ctx: ll.probes.ProbeContext) -> object:
+        measured.append(ctx.route)
+        return run(self, ctx)
+
+    monkeypatch.setattr(compare_cli, "checked_products", fake_check)
+    monkeypatch.setattr(compare_cli.Sharpness, "run", counted_run)
+    a, cfg = str(files["a"]), str(files["config"])
+    argv = ["compare", a, a, "--config", cfg, "--out", str(tmp_path), "--steps", "3"]
+    code, _, err = _in_process([*argv, "--top-k", "2", "--no-progress"], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["route"] == "finite_difference" and len(summary["product_check"]) == 2
+    assert routes == ["auto", "auto"]  # A's re-measurement is not checked again
+    assert measured == ["auto", "finite_difference", "finite_difference"]  # A, B, A again
+    # Same checkpoint, same route: the same spectrum (to the finite differences' accuracy).
+    assert summary["eigenvalues_a"] == pytest.approx(summary["eigenvalues_b"], rel=1e-6)
+
+
 def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _in_process(["analyze", "--help"], capsys)
     assert code == 0

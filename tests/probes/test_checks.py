@@ -73,10 +73,10 @@ def test_a_fused_kernel_switches_the_round_to_finite_differences(kernel: str) ->
         assert check.finite_difference is not None and check.finite_difference.defect < 1e-6
         assert ctx.resolved_route == "finite_difference"
         assert check.summary()["num_hvps"] == 8
-        message = check.message("pass check_products=False")
+        message = check.message("pass route='double_backward'")
         assert message is not None
         assert "not symmetric" in message and "finite_difference" in message
-        assert "check_products=False to keep double_backward" in message
+        assert "pass route='double_backward' to keep double_backward." in message
         # The eigenvalues measured after the switch are the true ones (to FD accuracy).
         torch.testing.assert_close(_top(ctx), _true_top(), rtol=1e-6, atol=0.0)
 
