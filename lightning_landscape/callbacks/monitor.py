@@ -204,8 +204,8 @@ class LandscapeMonitor(Callback):
             (:func:`~lightning_landscape.solvers.symmetry_defect`). They are not when an
             operation's backward pass is not differentiable by autograd (fused kernels), and
             then silently wrong; the monitor warns and, with ``route="auto"``, probes by finite
-            differences of the gradient for the rest of the fit if those pass the check
-            (``BatchSharpness`` differentiates twice by itself and is not covered). A resumed
+            differences of the gradient for the rest of the fit if those pass the check (every
+            probe: the shared operator and those that build their own products). A resumed
             fit checks again (without the check it keeps a checkpointed switch); an explicit
             ``route`` is kept with a warning. :attr:`product_check` holds the outcome.
         tensorboard_layout: register the probes' charts in TensorBoard's *Custom Scalars* tab

@@ -11,15 +11,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._validate import integer, real
+from .._validate import choice, integer, real
 from ..operators import (
     LossFn,
     batch_size,
     check_scalar_loss,
     differentiable,
+    restored_parameters,
     select_parameters,
     take_batch,
 )
+from ..operators.differences import GradientDifference
+
+ROUTES = ("double_backward", "finite_difference")
+"""The routes :func:`batch_sharpness` takes for its products."""
 
 Average = Callable[[Callable[[], Tensor], Tensor], Tensor]
 """``average(compute, like)``: the mean over the ranks of what ``compute()`` returns (shaped
@@ -37,7 +42,9 @@ class BatchSharpnessResult:
         batch_size: samples per batch (per process under data parallelism).
         samples: each batch's ``g_Bᵀ H_B g_B / ‖g_B‖²``.
         converged: whether ``stderr ≤ rtol · |value|`` was reached before ``max_batches``.
-        num_hvps: Hessian-vector products (one per batch).
+        num_hvps: Hessian-vector products (one per batch; by finite differences each costs
+            four or more gradients, see
+            :class:`~lightning_landscape.operators.differences.GradientDifference`).
         seconds: wall-clock time.
     """
 
@@ -67,6 +74,7 @@ def batch_sharpness(
     max_batches: int = 200,
     seed: int = 0,
     average: Average | None = None,
+    route: str = "double_backward",
 ) -> BatchSharpnessResult:
     r"""Batch sharpness (Andreyev & Beneventano): ``E_B[g_Bᵀ H_B g_B / ‖g_B‖²]``.
 
@@ -92,6 +100,12 @@ def batch_sharpness(
         max_batches: the most draws.
         seed: seed of the draws (a private generator: the global RNG is left alone).
         average: the mean over ranks (see :data:`Average`); default: one process.
+        route: how ``H_B g_B`` is computed: ``"double_backward"`` (exact) or
+            ``"finite_difference"`` (central differences of the batch's gradient along ``g_B``
+            with the step control of :class:`~lightning_landscape.HessianOperator`'s route of
+            that name; the parameters are moved in place and restored bit for bit), for models
+            whose backward pass autograd cannot differentiate (see
+            :func:`~lightning_landscape.solvers.symmetry_defect`).
 
     Returns:
         The estimate.
@@ -119,6 +133,7 @@ def batch_sharpness(
             f"{pool}: there is nothing to draw. Take more probe samples (more than {size})."
         )
     average = _identity if average is None else average
+    route = choice("route", route, ROUTES)
     chosen = [p for _, p in select_parameters(model, params)]
     like = torch.empty(
         sum(p.numel() for p in chosen), dtype=chosen[0].dtype, device=chosen[0].device
@@ -129,7 +144,11 @@ def batch_sharpness(
     converged = False
     while len(samples) < max_batches:
         index = torch.randperm(pool, generator=generator)[:size]
-        samples.append(_draw(model, loss_fn, take_batch(data, index), chosen, like, average))
+        drawn = take_batch(data, index)
+        if route == "finite_difference":
+            samples.append(_draw_by_differences(model, loss_fn, drawn, chosen, like, average))
+        else:
+            samples.append(_draw(model, loss_fn, drawn, chosen, like, average))
         n = len(samples)
         if n >= min_batches:
             mean, stderr = _mean_stderr(samples)
@@ -158,6 +177,47 @@ def _mean_stderr(samples: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def _flat(params: Sequence[Tensor], tensors: Sequence[Tensor | None]) -> Tensor:
+    """Per-parameter pieces as one flat vector, zeros where a piece is ``None``."""
+    return torch.cat(
+        [
+            torch.zeros_like(p).reshape(-1) if t is None else t.detach().reshape(-1)
+            for p, t in zip(params, tensors, strict=True)
+        ]
+    )
+
+
+def _draw_by_differences(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    params: list[Tensor],
+    like: Tensor,
+    average: Average,
+) -> float:
+    """``gᵀHg / gᵀg`` of one batch with ``Hg`` from central differences of its gradient."""
+
+    def gradient() -> Tensor:
+        def local() -> Tensor:
+            with torch.enable_grad(), differentiable(params):
+                loss = check_scalar_loss(loss_fn(model, batch))
+                return _flat(params, torch.autograd.grad(loss, params, allow_unused=True))
+
+        return average(local, like)
+
+    g = gradient()
+    gg = float(g @ g)
+    if gg == 0.0:
+        return 0.0
+    with restored_parameters(params) as saved:
+        theta = math.sqrt(math.fsum(float((t.double() ** 2).sum()) for t in saved))
+        pieces = list(torch.split(g, [p.numel() for p in params]))
+        pieces = [piece.view_as(p) for piece, p in zip(pieces, params, strict=True)]
+        difference = GradientDifference(g.dtype)
+        hg = difference.hvp(params, saved, g, pieces, gradient, theta, lambda t: float(t.norm()))
+    return float(g @ hg) / gg
+
+
 def _draw(
     model: nn.Module,
     loss_fn: LossFn,
@@ -169,19 +229,11 @@ def _draw(
     """``gᵀHg / gᵀg`` of one batch (the global batch's under ``average``)."""
     graph: dict[str, Any] = {}
 
-    def flat(tensors: Sequence[Tensor | None]) -> Tensor:
-        return torch.cat(
-            [
-                torch.zeros_like(p).reshape(-1) if t is None else t.detach().reshape(-1)
-                for p, t in zip(params, tensors, strict=True)
-            ]
-        )
-
     def local_gradient() -> Tensor:
         with torch.enable_grad(), differentiable(params):
             loss = check_scalar_loss(loss_fn(model, batch))
             graph["grads"] = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-        return flat(graph["grads"])
+        return _flat(params, graph["grads"])
 
     g = average(local_gradient, like)
 
@@ -201,7 +253,7 @@ def _draw(
             for i, t in zip(live, out, strict=True):
                 hv[i] = t
         graph.clear()
-        return flat(hv)
+        return _flat(params, hv)
 
     hg = average(local_product, like)
     gg = float(g @ g)

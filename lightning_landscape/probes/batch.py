@@ -28,7 +28,10 @@ class BatchSharpness(Probe):
     while the full-batch λ_max stays below it (Andreyev & Beneventano), so with SGD it is logged
     next to that threshold. With BatchNorm in the monitor's default ``norm_statistics="batch"``
     each drawn batch is normalised with its own statistics, as in training. Under data
-    parallelism every rank draws its own batch: the estimate is that of the global batch.
+    parallelism every rank draws its own batch: the estimate is that of the global batch. When
+    the round's route is ``"finite_difference"`` (chosen, or switched to by the monitor's product
+    check), the products are finite differences of each batch's gradient; otherwise double
+    backward.
 
     Logs ``landscape/batch_sharpness``, ``landscape/batch_sharpness_stderr`` and, under SGD,
     ``landscape/stability_threshold``.
@@ -122,6 +125,7 @@ class BatchSharpness(Probe):
                 max_batches=self.max_batches,
                 seed=ctx.seed + _BATCH_SEED,
                 average=average if ctx.world_size > 1 else None,
+                route="double_backward" if ctx.route != "finite_difference" else ctx.route,
             )
         except ValueError as err:
             raise ProbeFailure(str(err)) from err

@@ -86,7 +86,6 @@ class ProductCheck:
                 "more gradients per product). For exact products use the operation's "
                 "differentiable reference implementation while probing"
                 + (f"; {opt_out} to keep {self.route}." if opt_out else ".")
-                + " BatchSharpness differentiates twice by itself: its values stay unreliable."
             )
         if fd is not None and math.isnan(fd.defect):
             return (

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_landscape import curvature_context
 from lightning_landscape.metrics import batch_sharpness
-from lightning_landscape.probes import BatchSharpness, ProbeContext
-from tests._models import dense_hessian
+from lightning_landscape.probes import BatchSharpness, ProbeContext, check_products
+from tests._models import KernelMLP, classification_loss, dense_hessian
 
 N, B = 7, 5
 
@@ -110,3 +111,41 @@ def test_probe_reports_the_sgd_threshold_and_needs_a_batch_size() -> None:
         probe.run(ProbeContext(model, loss_fn, [data]))
     with pytest.raises(ProbeFailure, match="num_probe_samples"):
         BatchSharpness(batch_size=N).run(ProbeContext(model, loss_fn, [data]))
+
+
+def test_finite_differences_draw_the_same_batches_to_their_accuracy() -> None:
+    """The same seed draws the same batches; each value agrees with double backward's to the
+    differences' accuracy (float64), and the parameters come back bit for bit."""
+    model, loss_fn, data = _setup()
+    before = [p.detach().clone() for p in model.parameters()]
+    exact = batch_sharpness(model, loss_fn, data, B, min_batches=8, max_batches=8, seed=2)
+    fd = batch_sharpness(
+        model, loss_fn, data, B, min_batches=8, max_batches=8, seed=2, route="finite_difference"
+    )
+    assert fd.num_batches == exact.num_batches == 8
+    for a, b in zip(fd.samples, exact.samples, strict=True):
+        assert a == pytest.approx(b, rel=1e-7)
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="route"):
+        batch_sharpness(model, loss_fn, data, B, route="functorch")
+
+
+def test_the_probe_follows_a_switch_to_finite_differences() -> None:
+    """A kernel-style GELU: double backward is off, finite differences match the reference."""
+    gen = torch.Generator().manual_seed(0)
+    data = (torch.randn(40, 4, dtype=torch.float64, generator=gen), torch.randint(0, 3, (40,)))
+
+    def measure(kernel: str | None, switch: bool) -> float:
+        model = KernelMLP(kernel).double()
+        probe = BatchSharpness(batch_size=8, min_batches=6, max_batches=6)
+        with curvature_context(model):
+            ctx = ProbeContext(model, classification_loss, [data])
+            if switch:
+                check = check_products(ctx, switch=True)
+                assert check is not None and check.switched
+            return probe.run(ctx).value
+
+    truth = measure(None, switch=False)
+    assert measure("detached", switch=True) == pytest.approx(truth, rel=1e-6)
+    assert abs(measure("detached", switch=False) - truth) > 1e-3 * abs(truth)
