@@ -139,6 +139,7 @@ def batch_sharpness(
         sum(p.numel() for p in chosen), dtype=chosen[0].dtype, device=chosen[0].device
     )
     generator = torch.Generator().manual_seed(seed)
+    difference = GradientDifference(like.dtype)  # its step control carries over between draws
     start = time.perf_counter()
     samples: list[float] = []
     converged = False
@@ -146,7 +147,8 @@ def batch_sharpness(
         index = torch.randperm(pool, generator=generator)[:size]
         drawn = take_batch(data, index)
         if route == "finite_difference":
-            samples.append(_draw_by_differences(model, loss_fn, drawn, chosen, like, average))
+            draw = _draw_by_differences(model, loss_fn, drawn, chosen, like, average, difference)
+            samples.append(draw)
         else:
             samples.append(_draw(model, loss_fn, drawn, chosen, like, average))
         n = len(samples)
@@ -194,6 +196,7 @@ def _draw_by_differences(
     params: list[Tensor],
     like: Tensor,
     average: Average,
+    difference: GradientDifference,
 ) -> float:
     """``gᵀHg / gᵀg`` of one batch with ``Hg`` from central differences of its gradient."""
 
@@ -213,7 +216,6 @@ def _draw_by_differences(
         theta = math.sqrt(math.fsum(float((t.double() ** 2).sum()) for t in saved))
         pieces = list(torch.split(g, [p.numel() for p in params]))
         pieces = [piece.view_as(p) for piece, p in zip(pieces, params, strict=True)]
-        difference = GradientDifference(g.dtype)
         hg = difference.hvp(params, saved, g, pieces, gradient, theta, lambda t: float(t.norm()))
     return float(g @ hg) / gg
 
