@@ -232,11 +232,20 @@ def bench_model(
         route[0], seconds = calibrated_route(model, loss_fn, batch)
         emit(what="route", route=route[0], seconds_per_product=seconds)
 
+    def symmetry() -> None:
+        """The monitor's product check on this device (tolerance 1e-2): correct products' defect."""
+        with ll.curvature_context(model):
+            op = ll.HessianOperator(model, loss_fn, [batch], route=route[0])
+            res = ll.symmetry_defect(op)
+            op.release()
+        emit(what="product_symmetry", route=route[0], defect=res.defect, seconds=res.seconds)
+
     rec.section(name, "adamw_train_step", train_step)
     if anchor is not None:
         rec.section(name, "sgd_train_step", anchor_steps)
         rec.section(name, "truth", reference)
     rec.section(name, "route", calibration)
+    rec.section(name, "product_symmetry", symmetry)
 
     def ours(k: int) -> None:
         res, secs, peak = timed(
@@ -403,8 +412,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     failed = [r for r in rows if "error" in r or "skipped" in r]
     trained = [r for r in rows if "target" in r and r not in failed]
     routes = [r for r in rows if r.get("what") == "route" and r not in failed]
+    checks = [r for r in rows if r.get("what") == "product_symmetry" and r not in failed]
     for r in rows:
-        if r in failed or r in trained or r in routes or "seconds" not in r:
+        if r in failed or r in trained or r in routes or r in checks or "seconds" not in r:
             continue
         lines.append(
             f"| {r['model']} | {_millions(r)} M | {r['what']} | "
@@ -415,6 +425,11 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         per = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in r["seconds_per_product"].items())
         per = per or "not calibrated"
         lines.append(f"\n{r['model']}: route `{r['route']}` ({per} per product).")
+    for r in checks:
+        lines.append(
+            f"\n{r['model']}: the products' symmetry defect {r['defect']:.1e} by `{r['route']}` "
+            "(the monitor's check; tolerance 1e-2)."
+        )
     if trained:
         lines += [
             "",

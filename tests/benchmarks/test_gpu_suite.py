@@ -44,6 +44,9 @@ def test_gpu_suite_smoke_writes_json_and_markdown(tmp_path: Path) -> None:
     assert len(routes) == 2 and all(len(r["seconds_per_product"]) == 2 for r in routes)
     route_of = {r["model"]: r["route"] for r in routes}
     assert all(r["route"] == route_of[r["model"]] for r in ours)
+    checks = [r for r in rows if r["what"] == "product_symmetry"]  # the monitor's check
+    assert len(checks) == 2 and all(r["defect"] < 1e-4 for r in checks)
+    assert "symmetry defect" in md.read_text()
     assert "| resnet18 |" in md.read_text()
     # Issue 16's in-training figures: a default round's cost in steps, warm λ_max products.
     trained = {r["what"]: r for r in rows if "target" in r}
