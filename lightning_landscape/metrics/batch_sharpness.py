@@ -189,6 +189,15 @@ def _flat(params: Sequence[Tensor], tensors: Sequence[Tensor | None]) -> Tensor:
     )
 
 
+def _batch_gradients(
+    model: nn.Module, loss_fn: LossFn, batch: Any, params: list[Tensor], create_graph: bool
+) -> tuple[Tensor | None, ...]:
+    """The gradients of ``batch``'s loss w.r.t. ``params`` (frozen ones too), per parameter."""
+    with torch.enable_grad(), differentiable(params):
+        loss = check_scalar_loss(loss_fn(model, batch))
+        return torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+
+
 def _draw_by_differences(
     model: nn.Module,
     loss_fn: LossFn,
@@ -202,9 +211,7 @@ def _draw_by_differences(
 
     def gradient() -> Tensor:
         def local() -> Tensor:
-            with torch.enable_grad(), differentiable(params):
-                loss = check_scalar_loss(loss_fn(model, batch))
-                return _flat(params, torch.autograd.grad(loss, params, allow_unused=True))
+            return _flat(params, _batch_gradients(model, loss_fn, batch, params, False))
 
         return average(local, like)
 
@@ -214,9 +221,7 @@ def _draw_by_differences(
         return 0.0
     with restored_parameters(params) as saved:
         theta = math.sqrt(math.fsum(float((t.double() ** 2).sum()) for t in saved))
-        pieces = list(torch.split(g, [p.numel() for p in params]))
-        pieces = [piece.view_as(p) for piece, p in zip(pieces, params, strict=True)]
-        hg = difference.hvp(params, saved, g, pieces, gradient, theta, lambda t: float(t.norm()))
+        hg = difference.hvp(params, saved, g, gradient, theta, lambda t: float(t.norm()))
     return float(g @ hg) / gg
 
 
@@ -232,9 +237,7 @@ def _draw(
     graph: dict[str, Any] = {}
 
     def local_gradient() -> Tensor:
-        with torch.enable_grad(), differentiable(params):
-            loss = check_scalar_loss(loss_fn(model, batch))
-            graph["grads"] = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        graph["grads"] = _batch_gradients(model, loss_fn, batch, params, True)
         return _flat(params, graph["grads"])
 
     g = average(local_gradient, like)

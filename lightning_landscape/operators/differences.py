@@ -90,20 +90,18 @@ class GradientDifference:
         tensors: Sequence[Tensor],
         saved: Sequence[Tensor],
         v: Tensor,
-        pieces: Sequence[Tensor],
         gradient: Callable[[], Tensor],
         theta: float,
         norm: Norm,
     ) -> Tensor:
-        """``Hv`` by moving ``tensors`` in place to ``saved + s · pieces`` and back.
+        """``Hv`` by moving ``tensors`` in place to ``saved + s · v`` (``v`` cut like them).
 
         Args:
             tensors: the probed parameters (or this process's slices of them), moved in place;
                 the caller restores them
                 (:func:`~lightning_landscape.operators.restored_parameters`).
             saved: their original values.
-            v: the flat vector.
-            pieces: ``v`` cut like ``tensors`` (views).
+            v: the flat vector (the concatenation of one piece per tensor).
             gradient: the flat gradient at the parameters' current values.
             theta: ``‖θ‖`` (over every shard when sharded).
             norm: how to take a flat vector's norm (reduced over the shards when sharded).
@@ -114,6 +112,8 @@ class GradientDifference:
         size = norm(v)
         if size == 0.0:
             return torch.zeros_like(v)
+        parts = torch.split(v, [t.numel() for t in tensors])
+        pieces = [part.view_as(t) for part, t in zip(parts, tensors, strict=True)]
 
         def gradient_at(s: float) -> Tensor:
             with torch.no_grad():

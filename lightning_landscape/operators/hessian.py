@@ -367,9 +367,7 @@ class HessianOperator(CurvatureOperator):
             theta = float(torch.sqrt(sum((t.double() ** 2).sum() for t in saved)))  # type: ignore[arg-type]
             for j in range(block.shape[1]):
                 v = block[:, j]
-                out[:, j] = self.difference.hvp(
-                    self.params, saved, v, self.split(v), self._gradient, theta, _norm
-                )
+                out[:, j] = self.difference.hvp(self.params, saved, v, self._gradient, theta, _norm)
         return out
 
     @property

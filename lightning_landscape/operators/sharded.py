@@ -281,13 +281,9 @@ class ShardedHessianOperator(CurvatureOperator):
         try:
             with restored_parameters(self.locals) as saved:
                 theta = self._norm(saved)
-                sizes = [t.numel() for t in self.locals]
                 for j in range(block.shape[1]):
-                    v = block[:, j]
-                    parts = torch.split(v, sizes)
-                    pieces = [p.view_as(t) for p, t in zip(parts, self.locals, strict=True)]
                     out[:, j] = self.difference.hvp(
-                        self.locals, saved, v, pieces, self._gradient, theta, self._vector_norm
+                        self.locals, saved, block[:, j], self._gradient, theta, self._vector_norm
                     )
         except Exception as err:  # keep the schedule of collectives: agree, then raise
             error = err
