@@ -41,6 +41,7 @@ from ..operators import (
     ProbeFailure,
     batch_size,
     check_scalar_loss,
+    join_batches,
     select_parameters,
     slice_batch,
     split_batch,
@@ -163,7 +164,10 @@ class LandscapeMonitor(Callback):
         top_k: top eigenvalues of the default ``Sharpness``; with ``probes=`` set it there.
         num_probe_samples: samples taken from the train dataset for the probe data.
         probe_dataloader: explicit probe data; every batch it yields is used (the Hessian is the
-            sample-weighted mean over them). Overrides ``num_probe_samples``.
+            sample-weighted mean over them). Overrides ``num_probe_samples``. Measurements that
+            take the probe data as one batch (α, loss slices, batch sharpness, Δ₂) get its
+            batches joined (:func:`~lightning_landscape.operators.join_batches`); where they
+            cannot be joined (ragged shapes) a warning says so and they use the first batch.
         probe_micro_batch_size: memory cap: split the probe data into micro-batches of at most
             this many samples, processed one at a time (sample-weighted, so the result is the
             same; exact since probes run in eval mode). Peak probe memory is then that of one
@@ -523,11 +527,24 @@ class LandscapeMonitor(Callback):
             trainer, pl_module, self.num_probe_samples + extra, self.probe_dataloader
         )
         sample = batches[0]
+        if len(batches) > 1:  # a probe_dataloader's batches: single-batch measurements join them
+            joined = join_batches(batches)
+            if joined is None:
+                rank_zero_warn(
+                    f"LandscapeMonitor: the probe_dataloader's {len(batches)} batches cannot be "
+                    "joined into one (their tensors differ in shape or type beyond the sample "
+                    "dimension), so the measurements that take the probe data as one batch (α, "
+                    f"loss slices, batch sharpness, Δ₂) use its first batch only "
+                    f"({batch_size(sample)} samples). Pad them to one shape, or yield one batch."
+                )
+            else:
+                sample = joined
         for probe in self.probes:
             probe.check_data(sample)  # e.g. too few samples for Δ₂'s k: say so now
         if extra and batch_size(sample) > self.num_probe_samples:
             batches = [slice_batch(sample, 0, self.num_probe_samples)]
-        whole = batches[0]  # single-batch measurements (α, slices) take it as one batch ...
+        # Single-batch measurements (α, slices) take the probe set as one batch ...
+        whole = batches[0] if len(batches) == 1 else sample
         chunk, self._retain_graph = self.probe_micro_batch_size, None
         statistics = self.norm_statistics == "batch" and bool(running_stat_norms(pl_module))
         if chunk is None and statistics and own_data:

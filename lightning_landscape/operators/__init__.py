@@ -17,6 +17,7 @@ from .base import (
 from .batches import (
     batch_size,
     iter_tensors,
+    join_batches,
     map_tensors,
     normal_tensors,
     slice_batch,
@@ -46,6 +47,7 @@ __all__ = [
     "default_max_basis",
     "differentiable",
     "iter_tensors",
+    "join_batches",
     "map_tensors",
     "normal_tensors",
     "restored_parameters",

@@ -6,6 +6,7 @@ import copy
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .._validate import is_int
@@ -157,6 +158,88 @@ def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(map_tensors(v, fn) for v in obj)
     return obj
+
+
+def join_batches(batches: list[Any]) -> Any | None:
+    """The batches as one batch: their tensors concatenated along the sample dimension.
+
+    The inverse of :func:`split_batch`: every batch must have the same containers (tuples,
+    lists, dicts, namedtuples), each tensor with a sample dimension the same dtype, device and
+    trailing shape in every batch, and every other leaf (0-d tensors, strings, numbers) equal in
+    all of them. Anything else (ragged sequence lengths, a container type these functions do not
+    look into) cannot be joined.
+
+    Args:
+        batches: one or more batches.
+
+    Returns:
+        The joined batch (the batch itself when there is one), or ``None`` if they cannot be
+        joined.
+
+    Example:
+        >>> import torch
+        >>> from lightning_landscape.operators import join_batches
+        >>> a = (torch.zeros(2, 3), torch.tensor([0, 1]), "train")
+        >>> b = (torch.ones(1, 3), torch.tensor([2]), "train")
+        >>> x, y, tag = join_batches([a, b])
+        >>> x.shape, y.tolist(), tag
+        (torch.Size([3, 3]), [0, 1, 2], 'train')
+        >>> join_batches([a, (torch.ones(1, 4), torch.tensor([2]), "train")]) is None
+        True
+    """
+    if not batches:
+        return None
+    if len(batches) == 1:
+        return batches[0]
+    try:
+        return _joined(batches)
+    except _Ragged:
+        return None
+
+
+class _Ragged(Exception):
+    """Batches that :func:`join_batches` cannot join."""
+
+
+def _joined(parts: list[Any]) -> Any:
+    first = parts[0]
+    if isinstance(first, Tensor):
+        if not all(isinstance(p, Tensor) for p in parts):
+            raise _Ragged
+        if first.ndim == 0:
+            if all(p.ndim == 0 and bool(torch.equal(p, first)) for p in parts):
+                return first
+            raise _Ragged
+        if any(
+            p.ndim == 0 or p.shape[1:] != first.shape[1:] or p.dtype != first.dtype
+            or p.device != first.device
+            for p in parts
+        ):  # fmt: skip
+            raise _Ragged
+        return torch.cat(parts, dim=0)
+    if any(type(p) is not type(first) for p in parts):
+        raise _Ragged
+    if isinstance(first, dict):
+        if any(list(p.keys()) != list(first.keys()) for p in parts):
+            raise _Ragged
+        out = copy.copy(first)  # the mapping type, as map_tensors keeps it
+        for key in first:
+            out[key] = _joined([p[key] for p in parts])
+        return out
+    if isinstance(first, (list, tuple)):
+        if any(len(p) != len(first) for p in parts):
+            raise _Ragged
+        items = [_joined([p[i] for p in parts]) for i in range(len(first))]
+        if isinstance(first, tuple) and hasattr(first, "_fields"):  # namedtuple
+            return type(first)(*items)
+        return type(first)(items)
+    try:
+        same = all(p is first or bool(p == first) for p in parts)
+    except Exception:  # a leaf whose == is not a truth value
+        same = False
+    if not same:
+        raise _Ragged
+    return first
 
 
 def slice_batch(batch: Any, start: int, stop: int) -> Any:

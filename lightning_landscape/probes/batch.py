@@ -107,7 +107,7 @@ class BatchSharpness(Probe):
             raise ProbeFailure(
                 f"has too little probe data: batches of {size} samples are drawn from the probe "
                 f"data, which holds {pool} on this rank; raise the monitor's num_probe_samples "
-                f"above {size}"
+                f"(or the samples its probe_dataloader yields) above {size}"
             )
 
         def average(compute: Any, like: Any) -> Any:

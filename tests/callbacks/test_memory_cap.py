@@ -11,6 +11,7 @@ at once (see :class:`SavedBytes`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections import OrderedDict, namedtuple
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_landscape import HessianOperator, curvature_context
-from lightning_landscape.operators import HVPRoute, split_batch
+from lightning_landscape.operators import HVPRoute, join_batches, split_batch
 from tests._models import KINDS, cnn_batch, lm_batch, make_model, mlp_batch
 
 F64 = torch.float64
@@ -47,6 +48,40 @@ def _big_batch(kind: str, n: int = 48) -> Any:
 # --------------------------------------------------------------------------------------------------
 # split_batch
 # --------------------------------------------------------------------------------------------------
+
+
+def test_join_batches_inverts_split_batch() -> None:
+    Pair = collections.namedtuple("Pair", "x y")
+    batch = {
+        "pair": Pair(torch.arange(14.0).reshape(7, 2), torch.arange(7)),
+        "mask": [torch.ones(7, 3, dtype=torch.bool)],
+        "scale": torch.tensor(2.0),
+        "tag": "train",
+    }
+    joined = join_batches(split_batch(batch, 3))
+    assert isinstance(joined["pair"], Pair) and joined["tag"] == "train"
+    torch.testing.assert_close(joined["pair"].x, batch["pair"].x, rtol=0, atol=0)
+    torch.testing.assert_close(joined["pair"].y, batch["pair"].y, rtol=0, atol=0)
+    torch.testing.assert_close(joined["mask"][0], batch["mask"][0], rtol=0, atol=0)
+    assert joined["scale"] is batch["scale"]
+    one = (torch.zeros(2, 3),)
+    assert join_batches([one]) is one  # one batch: itself, not a copy
+    assert join_batches([]) is None
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        pytest.param((torch.zeros(2, 5), torch.zeros(2), "a"), id="ragged-length"),
+        pytest.param((torch.zeros(2, 4), torch.zeros(2, dtype=torch.long), "a"), id="dtype"),
+        pytest.param((torch.zeros(2, 4), torch.zeros(2), "b"), id="leaf"),
+        pytest.param([torch.zeros(2, 4), torch.zeros(2), "a"], id="container"),
+        pytest.param((torch.zeros(2, 4), torch.zeros(2)), id="length"),
+        pytest.param((torch.zeros(2, 4), torch.tensor(1.0), "a"), id="0-d"),
+    ],
+)
+def test_join_batches_refuses_what_it_cannot_join(other: Any) -> None:
+    assert join_batches([(torch.zeros(3, 4), torch.zeros(3), "a"), other]) is None
 
 
 def test_split_tensor_with_remainder_gives_views() -> None:

@@ -555,6 +555,35 @@ def test_probe_dataloader_with_uneven_batches() -> None:
     assert monitor.history[-1].lambda_max != pytest.approx(float(first.eigenvalues[0]), rel=1e-3)
 
 
+def test_probe_dataloader_batches_are_one_batch_for_single_batch_probes() -> None:
+    # A probe loader with the training batch size (16) yields 16 + 16 + 8 samples: batch
+    # sharpness draws training-size batches from all 40 (from the first batch alone it could not).
+    x, y = make_dataset(num_samples=40, seed=5).tensors
+    monitor = sharpness_monitor(
+        10,
+        1,
+        extra=[BatchSharpness(every_n_steps=10, min_batches=2, max_batches=4)],
+        probe_dataloader=DataLoader(TensorDataset(x, y), batch_size=16),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(lambda: ClassifierModule(batch_norm=False), [monitor], max_steps=10)
+    assert not [w for w in caught if "LandscapeMonitor" in str(w.message)]
+    assert monitor.num_failed == 0
+    probe = monitor.probe_named("batch_sharpness")
+    assert probe.last_step == 10 and probe.last_result.num_batches >= 2
+
+
+def test_probe_dataloader_batches_that_cannot_be_joined_are_said() -> None:
+    x, y = make_dataset(num_samples=40, seed=5).tensors
+    ragged = [(x[:24], y[:24]), (x[24:, :-1], y[24:])]  # the second has one feature fewer
+    monitor = sharpness_monitor(10, 1, probe_dataloader=ragged)  # type: ignore[arg-type]
+    trainer = pl.Trainer(**trainer_kwargs(callbacks=[monitor], max_steps=1))
+    with pytest.warns(UserWarning, match=r"2 batches cannot be joined .* first batch only \(24"):
+        monitor._collect(trainer, ClassifierModule(batch_norm=False))
+    torch.testing.assert_close(monitor._single_batch[0], x[:24], rtol=0, atol=0)
+
+
 def test_custom_loss_fn_is_used() -> None:
     # Probes are deterministic and do not affect training: two runs give the same trajectory.
     default = sharpness_monitor(5, 2)
