@@ -166,8 +166,10 @@ class LandscapeMonitor(Callback):
         probe_dataloader: explicit probe data; every batch it yields is used (the Hessian is the
             sample-weighted mean over them). Overrides ``num_probe_samples``. Measurements that
             take the probe data as one batch (α, loss slices, batch sharpness, Δ₂) get its
-            batches joined (:func:`~lightning_landscape.operators.join_batches`); where they
-            cannot be joined (ragged shapes) a warning says so and they use the first batch.
+            batches joined (:func:`~lightning_landscape.operators.join_batches`), as they get
+            the whole of the monitor's own probe set (and, likewise, only the first micro-batch
+            under ``probe_micro_batch_size``); where the batches cannot be joined (ragged
+            shapes) a warning says so and they use the first.
         probe_micro_batch_size: memory cap: split the probe data into micro-batches of at most
             this many samples, processed one at a time (sample-weighted, so the result is the
             same; exact since probes run in eval mode). Peak probe memory is then that of one
