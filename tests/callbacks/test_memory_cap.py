@@ -11,7 +11,6 @@ at once (see :class:`SavedBytes`).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 from collections import OrderedDict, namedtuple
 from collections.abc import Iterator
@@ -51,7 +50,7 @@ def _big_batch(kind: str, n: int = 48) -> Any:
 
 
 def test_join_batches_inverts_split_batch() -> None:
-    Pair = collections.namedtuple("Pair", "x y")
+    Pair = namedtuple("Pair", "x y")
     batch = {
         "pair": Pair(torch.arange(14.0).reshape(7, 2), torch.arange(7)),
         "mask": [torch.ones(7, 3, dtype=torch.bool)],
