@@ -4,17 +4,22 @@
 A Hessian-vector product at 10 M parameters frees and allocates tens of MB of tensors. With
 glibc's defaults a freed block at the top of the heap is returned to the kernel once it passes
 the (dynamic) trim threshold, so the next product faults the same pages back in. This runs the
-same work in two fresh child processes, with the defaults and with
+same work in fresh child processes, with three settings: glibc's defaults;
 
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184
 
 (tensors up to 32 MiB from the heap, freed memory kept for reuse; the peak RSS is unchanged, the
-RSS just does not shrink after it): one SGD training step of the torchvision-style ResNet-18 of
-``real_sizes.py`` (11.2 M parameters, 16 samples, median of 20) and a cold λ_max solve on it
-(``eval()``, ``tol=1e-4``, after one warm-up solve), with the solve's minor page faults and each
-process's peak RSS.
+RSS just does not shrink after it); and those plus ``THP_MEM_ALLOC_ENABLE=1``, PyTorch's own
+switch: CPU tensors of 2 MiB or more are aligned to 2 MiB and ``madvise``-d for transparent huge
+pages, so a fresh 45 MB vector takes ~22 page faults instead of ~11,000 (the kernel's
+``/sys/kernel/mm/transparent_hugepage/enabled`` must be ``madvise`` or ``always``). The work:
+one SGD training step of the torchvision-style ResNet-18 of ``real_sizes.py`` (11.2 M
+parameters, 16 samples, median of 20) and a cold λ_max solve on it (``eval()``, ``tol=1e-4``,
+after one warm-up solve), with the solve's minor page faults and each process's peak RSS.
 
-    python benchmarks/cpu_allocator.py --out benchmarks/results_cpu_allocator.json
+    python benchmarks/cpu_allocator.py --repeats 3 --out benchmarks/results_cpu_allocator.json
+
+With ``--repeats`` the configurations run round-robin, each repeat in fresh processes.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ import time
 from pathlib import Path
 
 TUNED = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
+HUGE = TUNED | {"THP_MEM_ALLOC_ENABLE": "1"}
+CONFIGS = (("glibc defaults", {}), ("freed memory kept", TUNED), ("kept + huge pages", HUGE))
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def child() -> dict[str, float]:
@@ -69,35 +77,54 @@ def child() -> dict[str, float]:
     }
 
 
+def _run_child(extra: dict[str, str]) -> dict[str, float]:
+    env = {k: v for k, v in os.environ.items() if k not in HUGE} | extra
+    out = subprocess.run(
+        [sys.executable, __file__, "--child"], env=env, capture_output=True, text=True
+    )
+    if out.returncode:
+        raise SystemExit(out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--repeats", type=int, default=1, help="round-robin repeats (fresh processes)")
     ap.add_argument("--out", default=None, help="write the rows to this JSON path")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child()))
         return
-    rows = {}
-    for name, extra in (("glibc defaults", {}), ("freed memory kept", TUNED)):
-        env = {k: v for k, v in os.environ.items() if k not in TUNED} | extra
-        out = subprocess.run(
-            [sys.executable, __file__, "--child"], env=env, capture_output=True, text=True
-        )
-        if out.returncode:
-            raise SystemExit(out.stderr)
-        rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        r = rows[name]
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in CONFIGS}
+    for _ in range(args.repeats):
+        for name, extra in CONFIGS:
+            r = _run_child(extra)
+            runs[name].append(r)
+            print(
+                f"{name:<18} λ_max solve {r['solve_seconds']:.2f} s ({r['solve_products']} "
+                f"products, {r['solve_minor_faults']} page faults), step "
+                f"{1e3 * r['step_seconds']:.1f} ms, peak RSS {r['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
+    rows = {
+        name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} | {"runs": rs}
+        for name, rs in runs.items()
+    }
+    for name, r in rows.items():
         print(
-            f"{name:<18} λ_max solve {r['solve_seconds']:.2f} s ({r['solve_products']} products, "
-            f"{r['solve_minor_faults']} page faults), step {1e3 * r['step_seconds']:.1f} ms, "
-            f"peak RSS {r['peak_rss_mib']:.0f} MiB"
+            f"median {name:<18} solve {r['solve_seconds']:.2f} s, faults "
+            f"{r['solve_minor_faults']:.0f}, step {1e3 * r['step_seconds']:.1f} ms"
         )
     if args.out:
         meta = {
             "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "command": " ".join(["python", *sys.argv]),
             "cpu_count": os.cpu_count(),
-            "tuned_env": TUNED,
+            "repeats": args.repeats,
+            "configs": dict(CONFIGS),
+            "transparent_hugepage": THP_MODE.read_text().strip() if THP_MODE.exists() else None,
+            "loadavg": os.getloadavg(),
         }
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 

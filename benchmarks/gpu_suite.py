@@ -19,6 +19,9 @@ batches and the 30 SGD warm-up steps are identical), float32 with TF32 off, ``ev
   ``warm_start.py`` on a one-GPU ``Trainer``): the default ``LandscapeMonitor()`` round's median
   cost in training steps (target ≤ 100) over 120 steps, and the median products of a warm-started
   λ_max probe (target ≤ 5) over 200 steps, both probing every 20 steps;
+* after GPT-98M, ``route="compiled"`` (``torch.compile`` of the functorch product) on ResNet-18
+  and GPT-11M: the compilation and then seconds per product, against the double backward's
+  product (``--no-compiled`` skips it);
 * ``--peers`` (last, time permitting): the anchor file's own ``run()`` per model (PyHessian,
   hessian-eigenthings and its reference Lanczos, at ``--peer-ks``), its rows kept in ours (a peer
   it could not run is a skipped row, which does not fail the suite).
@@ -27,7 +30,8 @@ Sections run in that order while ``--budget-s`` seconds have not passed (later o
 skipped); each failure is a row of its own and the rest goes on. ``--out`` (JSON) and
 ``--markdown`` (a RESULTS.md section) are rewritten after every row, so a run cut short keeps what
 it measured. The exit status is 1 if any section failed. ``--smoke`` runs tiny models on the CPU in
-seconds (used by the test suite); only there may the anchor file be missing (``real_sizes.py``'s
+seconds (used by the test suite; ``torch.compile`` there uses the ``aot_eager`` backend); only there
+may the anchor file be missing (``real_sizes.py``'s
 models stand in). On a lent device: ``benchmarks/gpu_prepare.sh`` here, then
 ``bash benchmarks/gpu_run.sh`` there (see benchmarks/README.md).
 
@@ -40,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import functools
 import importlib.util
 import json
 import sys
@@ -108,6 +113,7 @@ def load_anchor(path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location("anchor_gpu", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["anchor_gpu"] = mod  # importable by name: torch.compile looks its classes up
     spec.loader.exec_module(mod)
     return mod
 
@@ -321,6 +327,34 @@ def bench_model(
         rec.section(name, "delta2_stabilization", delta2)
 
 
+def compiled_route(
+    rec: Recorder, anchor: ModuleType | None, name: str, args: argparse.Namespace
+) -> None:
+    """``route="compiled"`` on one model: the compilation (the first product), then seconds per
+    product (median of 5), beside the double backward's product on the same vector."""
+    device = args.device
+    model, loss_fn, batch, _ = build(anchor, name, device, args.smoke)
+    model.eval()
+    with ll.curvature_context(model):
+        op = ll.HessianOperator(model, loss_fn, [batch], route="compiled")
+        v = torch.randn(op.size, generator=torch.Generator().manual_seed(3)).to(op.device)
+        first, compile_secs, _ = timed(lambda: op.matvec(v), device)
+        times = [timed(lambda: op.matvec(v), device)[1] for _ in range(5)]
+        reference = ll.HessianOperator(model, loss_fn, [batch], route="double_backward")
+        exact = reference.matvec(v)
+        reference.release()
+        op.release()
+    rec.emit(
+        model=name,
+        params=op.size,
+        what="compiled_route",
+        route=op.route,  # "functorch" if it fell back (the warning says why)
+        compile_seconds=compile_secs,
+        seconds_per_product=sorted(times)[2],
+        rel_diff=float((first - exact).norm() / exact.norm()),
+    )
+
+
 def in_training(rec: Recorder, args: argparse.Namespace) -> None:
     """Issue 16's in-training figures on the suite's device, through ``warm_start.py``."""
     import warm_start
@@ -413,6 +447,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     trained = [r for r in rows if "target" in r and r not in failed]
     routes = [r for r in rows if r.get("what") == "route" and r not in failed]
     checks = [r for r in rows if r.get("what") == "product_symmetry" and r not in failed]
+    compiled = [r for r in rows if r.get("what") == "compiled_route" and r not in failed]
     for r in rows:
         if r in failed or r in trained or r in routes or r in checks or "seconds" not in r:
             continue
@@ -425,6 +460,14 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         per = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in r["seconds_per_product"].items())
         per = per or "not calibrated"
         lines.append(f"\n{r['model']}: route `{r['route']}` ({per} per product).")
+    for r in compiled:
+        lines.append(
+            f"\n{r['model']}: route `compiled` (torch.compile) "
+            f"{r['seconds_per_product'] * 1e3:.1f} ms per product after "
+            f"{r['compile_seconds']:.1f} s for the first (compilation), "
+            f"{r['rel_diff']:.1e} off the double backward"
+            + ("." if r["route"] == "compiled" else f"; it fell back to `{r['route']}`.")
+        )
     for r in checks:
         lines.append(
             f"\n{r['model']}: the products' symmetry defect {r['defect']:.1e} by `{r['route']}` "
@@ -463,6 +506,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-curvlinops", dest="curvlinops", action="store_false")
     ap.add_argument("--curvlinops-max-k", type=int, default=20)
     ap.add_argument("--curvlinops-max-params", type=float, default=30e6)
+    ap.add_argument(
+        "--no-compiled",
+        dest="compiled",
+        action="store_false",
+        help="skip timing route='compiled' (torch.compile of the functorch product)",
+    )
     ap.add_argument("--budget-s", type=float, default=None, help="start no section after this")
     ap.add_argument(
         "--no-in-training",
@@ -476,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     args.device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     if args.smoke:
         args.truth_m = args.truth_m or 80
+        # The compiled route's section through dynamo and AOT autograd as on the GPU, without
+        # inductor's C++ code generation (39-76 s per smoke model on the 2-core CPU).
+        torch.compile = functools.partial(torch.compile, backend="aot_eager")
     path = find_anchor(args.anchor)
     if path is None and not args.smoke:
         print(
@@ -503,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         "source": library_fingerprint(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "anchor": str(path) if path is not None else None,
+        "compile_backend": "aot_eager" if args.smoke else "inductor",
     }
     print(json.dumps(meta), flush=True)
     budget = args.budget_s if args.budget_s is not None else (1e9 if args.smoke else 450.0)
@@ -522,6 +575,12 @@ def main(argv: list[str] | None = None) -> int:
         in_training(rec, args)
     if not args.smoke:
         rec.section("gpt2s", "model", lambda: bench_model(rec, anchor, "gpt2s", [10], args))
+    if args.compiled:  # after the issue's own rows: each compilation can take a minute
+        for name, _ in plan:
+            run = lambda name=name: compiled_route(rec, anchor, name, args)  # noqa: E731
+            rec.section(name, "compiled_route", run)
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
     if args.peers and anchor is not None:
         peer_ks = [int(k) for k in args.peer_ks.split(",")]
         for name, _ in [*plan, ("gpt2s", [10])] if not args.smoke else plan:

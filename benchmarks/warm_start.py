@@ -367,7 +367,9 @@ def main() -> None:
         "accelerator": args.accelerator,
         "lightning_landscape_src_sha256_16": library_fingerprint(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "malloc_env": {
+            k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "THP_MEM_"))
+        },
         "steps": args.steps,
         "every_n_steps": args.every,
         "tol": args.tol,

@@ -111,8 +111,8 @@ def hessian_eigenvalues(
         max_hvps: Hessian-vector-product budget; pairs not converged by then are flagged.
         start: warm-start vector(s), e.g. ``previous.eigenvectors``.
         return_eigenvectors: keep the ``(num_params, k)`` eigenvectors in the result.
-        route: HVP route: ``"auto"``, ``"functorch"``, ``"double_backward"`` or
-            ``"finite_difference"``.
+        route: HVP route: ``"auto"``, ``"functorch"``, ``"compiled"``, ``"double_backward"``
+            or ``"finite_difference"`` (see :class:`~lightning_landscape.HessianOperator`).
         seed: seed of the private generator for the random start vector.
         eval_mode: probe in ``eval()`` mode (default) or in the model's current modes.
         distributed: treat ``batch`` as this rank's shard and return the result for the union
@@ -185,8 +185,8 @@ def hessian_trace(
         batch: the probe batch, already on the model's device.
         num_hvps: Hessian-vector products to spend (at least 3).
         params: parameter subset: names, ``fnmatch`` patterns or tensors.
-        route: HVP route: ``"auto"``, ``"functorch"``, ``"double_backward"`` or
-            ``"finite_difference"``.
+        route: HVP route: ``"auto"``, ``"functorch"``, ``"compiled"``, ``"double_backward"``
+            or ``"finite_difference"`` (see :class:`~lightning_landscape.HessianOperator`).
         seed: seed of the private generator for the random probes.
         eval_mode: probe in ``eval()`` mode (default) or in the model's current modes.
         distributed: treat ``batch`` as this rank's shard and return the result for the union

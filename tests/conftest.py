@@ -10,3 +10,13 @@ def _one_thread():  # type: ignore[no-untyped-def]
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def fast_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch.compile`` with the ``aot_eager`` backend: dynamo and AOT autograd trace the product
+    as with the default backend, without inductor's C++ code generation (about 15 s per graph on
+    these CPUs). The compiled route's one inductor test does not use it."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))

@@ -181,7 +181,9 @@ class LandscapeMonitor(Callback):
         params: names or ``fnmatch`` patterns of the parameters to probe (default all trainable).
         route: Hessian-vector-product route: ``"auto"`` (see
             :class:`~lightning_landscape.HessianOperator`; resolved on the first round and kept),
-            ``"functorch"``, ``"double_backward"`` or ``"finite_difference"``.
+            ``"functorch"``, ``"compiled"`` (``torch.compile`` of the functorch product; the
+            first round pays the compilation), ``"double_backward"`` or
+            ``"finite_difference"``.
         max_overhead: adaptive cadence: the largest fraction of training wall time the probes
             may take (e.g. ``0.02``). The monitor measures the optimizer-step time and the cost
             of its rounds, and runs the probes that have no epoch cadence together as early as

@@ -273,7 +273,10 @@ def _layer_alpha(
     directions = outer.reshape(m * n, k)
     directions = directions / directions.norm(dim=0, keepdim=True).clamp_min(1e-300)
     directions = directions.to(grad.dtype)
-    op = HessianOperator(model, loss_fn, [batch], params=[name], route=route)
+    # One layer per operator: compiled, each layer would be a graph of its own (and one layer of
+    # a Hugging Face GPT-2 failed in dynamo at its LayerNorm, torch 2.13), so they stay eager.
+    layer_route: HVPRoute = "functorch" if route == "compiled" else route
+    op = HessianOperator(model, loss_fn, [batch], params=[name], route=layer_route)
     try:
         hd = op.matmat(directions)
     finally:
@@ -339,7 +342,9 @@ def curvature_exponents(
             ``"*.conv*"``) and module names (``"fc1"``), restricted to parameters with at least
             2 dimensions.
         layer_types: overrides of the inferred :func:`layer_type`, by parameter name.
-        route: HVP route of :class:`~lightning_landscape.operators.HessianOperator`.
+        route: HVP route of :class:`~lightning_landscape.operators.HessianOperator`
+            (``"compiled"`` means ``"functorch"`` here: every layer has its own operator, which
+            would compile a graph of its own).
         eval_mode: probe in ``eval()`` mode (default) or in the model's current modes.
 
     Returns:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -18,14 +19,26 @@ from .differences import GradientDifference
 from .loss import LossFn, LossModule, check_scalar_loss
 from .params import differentiable, restored_parameters, select_parameters
 
-HVPRoute = Literal["auto", "functorch", "double_backward", "finite_difference"]
-ROUTES: tuple[HVPRoute, ...] = ("auto", "functorch", "double_backward", "finite_difference")
+# The models, and their probed-parameter sets, whose compiled product failed: later operators on
+# them (a monitor builds one per round) take "functorch" at once instead of failing again.
+_UNCOMPILABLE: weakref.WeakKeyDictionary[nn.Module, set[tuple[str, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+HVPRoute = Literal["auto", "functorch", "compiled", "double_backward", "finite_difference"]
+ROUTES: tuple[HVPRoute, ...] = (
+    "auto",
+    "functorch",
+    "compiled",
+    "double_backward",
+    "finite_difference",
+)
 
 
 class HessianOperator(CurvatureOperator):
     """Hessian of ``loss_fn(model, batch)`` w.r.t. a parameter subset, on fixed probe data.
 
-    Three routes compute Hessian-vector products, two of them exact:
+    Four routes compute Hessian-vector products, three of them exact:
 
     * ``"double_backward"`` (Pearlmutter): the gradient graph of a batch (forward, then backward
       with ``create_graph``) is differentiated once more per product; blocks use
@@ -34,6 +47,17 @@ class HessianOperator(CurvatureOperator):
       over a block of vectors with ``vmap``, recomputed on every product one batch at a time.
       Needs a model that ``torch.func`` can trace (e.g. no NumPy conversion of activations or
       in-place updates of module state inside the loss).
+    * ``"compiled"``: the ``"functorch"`` product through :func:`torch.compile` (the whole
+      forward-over-reverse product, as curvlinops compiles it; blocks through a compiled
+      ``vmap``). The first product pays the compilation (about a minute for an 11 M ResNet-18
+      or a 27 M GPT on a 2-core CPU); later operators on the same model, parameter subset and
+      batch shapes reuse the compiled code. If compiling or running it fails, the operator
+      warns and continues on ``"functorch"``, and so do later operators on the same model and
+      parameters, without trying again (e.g. a parameter subset of a Hugging Face GPT-2 failed
+      in dynamo at its LayerNorm, torch 2.13; the whole model compiled). ``"auto"`` does not
+      pick it: on the CPU it measured no faster than the double backward (ResNet-18 0.38 s
+      against 0.18 s per product, GPT 2.40 s against 2.32 s), and it has not been measured on
+      a GPU yet (``benchmarks/gpu_suite.py`` times it there).
 
     ``"auto"`` (default) uses ``"double_backward"`` on the CPU (measured 2-3× faster there, see
     ``benchmarks/RESULTS.md``); on accelerators (or with ``calibrate=True``) it times both routes on
@@ -74,7 +98,8 @@ class HessianOperator(CurvatureOperator):
         batches: the probe batches (a sequence; wrap a single batch in a list).
         params: parameter subset, see :func:`select_parameters`.
         weights: per-batch weights; default the number of samples in each batch.
-        route: ``"auto"``, ``"functorch"``, ``"double_backward"`` or ``"finite_difference"``.
+        route: ``"auto"``, ``"functorch"``, ``"compiled"``, ``"double_backward"`` or
+            ``"finite_difference"``.
         max_block: largest number of vectors pushed through one vmapped product.
         fd_eps: relative step of the finite-difference route (default ``ε_mach^(1/3)``).
         fd_order: the finite-difference route's scheme: ``4`` (default), Richardson-extrapolated
@@ -165,6 +190,7 @@ class HessianOperator(CurvatureOperator):
         self._wrapper = LossModule(model, loss_fn)
         self._graphs: list[tuple[list[int], tuple[Tensor, ...]]] | None = None
         self._func_hvps: list[Callable[..., tuple[Tensor, ...]]] | None = None
+        self._compiled: dict[bool, list[Callable[..., tuple[Tensor, ...]]]] = {}
         self.loss_value = self._evaluate_loss()
 
     # ------------------------------------------------------------------ helpers
@@ -458,22 +484,63 @@ class HessianOperator(CurvatureOperator):
             self._func_hvps = [batch_hvp(batch) for batch in self.batches]
         return self._func_hvps
 
-    def _func_matmat(self, block: Tensor) -> Tensor:
-        hvps = self._functorch_hvps()
+    def _compiled_hvps(self, vmapped: bool) -> list[Callable[..., tuple[Tensor, ...]]]:
+        """:meth:`_functorch_hvps` through ``torch.compile`` (``vmapped``: over a block).
+
+        Static shapes: each block width compiles once (a dynamic width failed in dynamo's fake
+        tensors on convolutions and attention), and the widths a solver uses are few (1, its
+        block size, a trace's probe count, the last chunk of ``max_block``).
+        """
+        if vmapped not in self._compiled:
+            self._compiled[vmapped] = [
+                torch.compile(torch.vmap(h) if vmapped else h, dynamic=False)
+                for h in self._functorch_hvps()
+            ]
+        return self._compiled[vmapped]
+
+    def _func_matmat(self, block: Tensor, compiled: bool = False) -> Tensor:
+        """Forward-over-reverse products of the columns of ``block``, compiled or not."""
         out = torch.zeros_like(block)
         if block.shape[1] == 1:
+            hvps = self._compiled_hvps(False) if compiled else self._functorch_hvps()
             for w, hvp in zip(self.weights, hvps, strict=True):
                 out[:, 0] += w * self.flatten(hvp(*self.split(block[:, 0])))
             return out
+        if compiled:
+            blocked = self._compiled_hvps(True)
+        else:
+            blocked = [torch.vmap(h) for h in self._functorch_hvps()]
         for start in range(0, block.shape[1], self.max_block):
             chunk = block[:, start : start + self.max_block]
             tangents = self.split(chunk)
-            for w, hvp in zip(self.weights, hvps, strict=True):
-                hv = torch.vmap(hvp)(*tangents)
+            for w, hvp in zip(self.weights, blocked, strict=True):
+                hv = hvp(*tangents)
                 flat = torch.cat([h.reshape(chunk.shape[1], -1) for h in hv], dim=1).T
                 out[:, start : start + chunk.shape[1]] += w * flat
                 del hv, flat
         return out
+
+    def _compiled_matmat(self, block: Tensor) -> Tensor:
+        """The compiled products, or on any failure the uncompiled ones from then on.
+
+        A failure is remembered for this model and parameter set: later operators skip compiling.
+        """
+        key = tuple(self.names)
+        if key not in _UNCOMPILABLE.get(self.model, ()):
+            try:
+                return self._func_matmat(block, compiled=True)
+            except Exception as err:  # dynamo/inductor cannot compile (or run) the product
+                _UNCOMPILABLE.setdefault(self.model, set()).add(key)
+                warnings.warn(
+                    f"torch.compile failed on the Hessian-vector product ({type(err).__name__}: "
+                    f"{str(err)[:300]}); using the uncompiled route 'functorch' for this model "
+                    "and parameter set from now on.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        self.route = "functorch"
+        self._compiled = {}
+        return self._func_matmat(block)
 
     # ------------------------------------------------------------------ dispatch
     @property
@@ -519,6 +586,8 @@ class HessianOperator(CurvatureOperator):
             out = self._calibrate(block)
         elif self.route == "functorch":
             out = self._func_matmat(block)
+        elif self.route == "compiled":
+            out = self._compiled_matmat(block)
         elif self.route == "finite_difference":
             out = self._fd_matmat(block)
         else:
@@ -573,6 +642,7 @@ class HessianOperator(CurvatureOperator):
         """Free retained autograd graphs and traced functions (call when done probing)."""
         self._graphs = None
         self._func_hvps = None
+        self._compiled = {}
 
 
 def _norm(t: Tensor) -> float:

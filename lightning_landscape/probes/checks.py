@@ -23,8 +23,8 @@ class ProductCheck:
     """The outcome of :func:`check_products`.
 
     Attributes:
-        route: the exact route whose products were checked (``"double_backward"`` or
-            ``"functorch"``).
+        route: the exact route whose products were checked (``"double_backward"``,
+            ``"functorch"`` or ``"compiled"``).
         exact: the symmetry check of those products.
         finite_difference: the same check of finite-difference products, measured only when the
             exact products failed and switching was allowed (``None`` otherwise).

@@ -47,6 +47,12 @@ def test_gpu_suite_smoke_writes_json_and_markdown(tmp_path: Path) -> None:
     checks = [r for r in rows if r["what"] == "product_symmetry"]  # the monitor's check
     assert len(checks) == 2 and all(r["defect"] < 1e-4 for r in checks)
     assert "symmetry defect" in md.read_text()
+    # route="compiled" timed beside the double backward, without falling back, on both models.
+    compiled = [r for r in rows if r["what"] == "compiled_route"]
+    assert {r["model"] for r in compiled} == {"resnet18", "gpt"}
+    assert all(r["route"] == "compiled" and r["rel_diff"] < 1e-4 for r in compiled)
+    assert all(r["compile_seconds"] > r["seconds_per_product"] > 0 for r in compiled)
+    assert "route `compiled`" in md.read_text()
     assert "| resnet18 |" in md.read_text()
     # Issue 16's in-training figures: a default round's cost in steps, warm λ_max products.
     trained = {r["what"]: r for r in rows if "target" in r}

@@ -135,10 +135,15 @@ def _loss(module: Any, batch: Any) -> Tensor:
         pytest.param(ClassifierModule, True, 0, "auto", id="tensor-loss+metric-seeded-auto"),
         pytest.param(DictLossModule, True, None, "double_backward", id="dict-loss-global-rng"),
         pytest.param(ClassifierModule, False, None, "functorch", id="functorch-global-rng"),
+        pytest.param(ClassifierModule, False, None, "compiled", id="compiled-global-rng"),
     ],
 )
 def test_training_is_bit_identical(
-    module_cls: type[ClassifierModule], with_metric: bool, loader_seed: int | None, route: str
+    module_cls: type[ClassifierModule],
+    with_metric: bool,
+    loader_seed: int | None,
+    route: str,
+    fast_compile: None,
 ) -> None:
     """Weights, BN stats, grads, optimizer state and every logged metric are unchanged.
 
@@ -165,6 +170,7 @@ def test_training_is_bit_identical(
     (m0, t0, log0, _), (m1, t1, log1, mon) = runs[False], runs[True]
     assert _steps(mon) == [0, 5, 10, 15, 20, 24]
     assert all(math.isfinite(r.lambda_max) for r in mon.history)
+    assert route == "auto" or mon._resolved_route == route  # e.g. no fallback from "compiled"
     assert t0.global_step == t1.global_step == 24
 
     _assert_same_state(m0, m1)
