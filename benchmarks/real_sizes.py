@@ -222,31 +222,43 @@ def speed(prob: Problem, ks: list[int], peers: bool, repeats: int = 1) -> list[d
 
 
 # ------------------------------------------------------------------------------------- compiled
-def compiled(prob: Problem, repeats: int = 5) -> dict[str, Any]:
+def compiled(prob: Problem, repeats: int = 5, width: int = 4) -> dict[str, Any]:
     """Seconds per product of the three exact routes of ``HessianOperator`` on one model: the
     double backward, forward-over-reverse (``functorch``) and ``compiled`` (``torch.compile`` of
     that product, as curvlinops compiles it), each the median of ``repeats`` products after a
-    first one, which for ``compiled`` is the compilation (its seconds are reported). ``auto``
-    takes a compiled route only where it measured faster."""
+    first one, which for ``compiled`` is the compilation (its seconds are reported); then the
+    same per vector for blocks of ``width`` vectors (a vmapped product; for ``compiled`` a
+    second compilation). ``auto`` takes a compiled route only where it measured faster."""
     model, batch = prob.model, prob.batch
     g = torch.Generator().manual_seed(5)
     v = torch.randn(prob.params, generator=g)
-    row: dict[str, Any] = {"model": prob.name, "params": prob.params}
+    block = torch.randn(prob.params, width, generator=g)
+    row: dict[str, Any] = {"model": prob.name, "params": prob.params, "repeats": repeats}
     products: dict[str, Tensor] = {}
+
+    def median_seconds(fn: Any) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
     with ll.curvature_context(model):
         for route in ("double_backward", "functorch", "compiled"):
             op = ll.HessianOperator(model, prob.loss_fn, [batch], route=route)
             t0 = time.perf_counter()
             products[route] = op.matvec(v)
             row[f"{route}_first_seconds"] = time.perf_counter() - t0
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                op.matvec(v)
-                times.append(time.perf_counter() - t0)
-            row[route] = sorted(times)[len(times) // 2]
+            row[route] = median_seconds(lambda op=op: op.matvec(v))
+            t0 = time.perf_counter()
+            op.matmat(block)
+            row[f"{route}_block_first_seconds"] = time.perf_counter() - t0
+            per_block = median_seconds(lambda op=op: op.matmat(block))
+            row[f"{route}_block_per_vector"] = per_block / width
             row[f"{route}_resolved"] = op.route  # "functorch" if the compilation fell back
             op.release()
+    row["block_width"] = width
     exact = products["double_backward"]
     for route in ("functorch", "compiled"):
         row[f"{route}_rel_diff"] = float((products[route] - exact).norm() / exact.norm())

@@ -182,7 +182,8 @@ class LandscapeMonitor(Callback):
         route: Hessian-vector-product route: ``"auto"`` (see
             :class:`~lightning_landscape.HessianOperator`; resolved on the first round and kept),
             ``"functorch"``, ``"compiled"`` (``torch.compile`` of the functorch product; the
-            first round pays the compilation), ``"double_backward"`` or
+            first round compiles, about a minute per graph on a CPU, so under DDP set
+            ``collective_timeout`` above that), ``"double_backward"`` or
             ``"finite_difference"``.
         max_overhead: adaptive cadence: the largest fraction of training wall time the probes
             may take (e.g. ``0.02``). The monitor measures the optimizer-step time and the cost

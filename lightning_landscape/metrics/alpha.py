@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .._validate import integer
 from ..context import curvature_context
 from ..operators import HessianOperator, HVPRoute, LossFn, check_scalar_loss
+from ..operators.hessian import eager_route
 from ._fit import assess_fit, fit_power_law
 
 LAYER_TYPES = ("conv", "attention", "mlp", "embedding", "head", "other")
@@ -273,10 +274,7 @@ def _layer_alpha(
     directions = outer.reshape(m * n, k)
     directions = directions / directions.norm(dim=0, keepdim=True).clamp_min(1e-300)
     directions = directions.to(grad.dtype)
-    # One layer per operator: compiled, each layer would be a graph of its own (and one layer of
-    # a Hugging Face GPT-2 failed in dynamo at its LayerNorm, torch 2.13), so they stay eager.
-    layer_route: HVPRoute = "functorch" if route == "compiled" else route
-    op = HessianOperator(model, loss_fn, [batch], params=[name], route=layer_route)
+    op = HessianOperator(model, loss_fn, [batch], params=[name], route=eager_route(route))
     try:
         hd = op.matmat(directions)
     finally:

@@ -34,6 +34,7 @@ from ..operators import (
     select_parameters,
     slice_batch,
 )
+from ..operators.hessian import eager_route
 from ..solvers import lanczos
 
 Estimator = Literal["gm", "qmc", "mc"]
@@ -201,7 +202,8 @@ def stabilization(
         tol: relative Ritz-residual tolerance of the eigensolver.
         params: parameter subset (see :func:`~lightning_landscape.operators.select_parameters`).
         start: warm start for the eigensolver, e.g. a previous result's ``eigenvectors``.
-        route: Hessian-vector product route of :class:`HessianOperator`.
+        route: Hessian-vector product route of :class:`HessianOperator` (``"compiled"``
+            means ``"functorch"`` here: the two batch sizes of every ``k`` would each compile).
         seed: seeds the eigensolver and the Monte Carlo draws.
         eval_mode: probe with every submodule in ``eval()`` (restored afterwards).
 
@@ -226,6 +228,7 @@ def stabilization(
         )
     small, large = _first(batch, k), _first(batch, k + 1)
     with curvature_context(model, eval_mode=eval_mode):
+        route = eager_route(route)  # one operator per batch size k: no compilation for each
         op_k = HessianOperator(model, loss_fn, [small], params=params, route=route)
         op_k1 = HessianOperator(model, loss_fn, [large], params=params, route=route)
         try:

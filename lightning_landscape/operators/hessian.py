@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
+import logging
 import time
 import warnings
 import weakref
@@ -14,14 +16,14 @@ from torch import Tensor, nn
 
 from .._validate import choice, integer
 from .base import CurvatureOperator
-from .batches import batch_size, normal_tensors
+from .batches import batch_size, map_tensors, normal_tensors
 from .differences import GradientDifference
 from .loss import LossFn, LossModule, check_scalar_loss
 from .params import differentiable, restored_parameters, select_parameters
 
-# The models, and their probed-parameter sets, whose compiled product failed: later operators on
-# them (a monitor builds one per round) take "functorch" at once instead of failing again.
-_UNCOMPILABLE: weakref.WeakKeyDictionary[nn.Module, set[tuple[str, ...]]] = (
+# Per model, the products whose compilation failed (probed parameters, block width, batch shapes):
+# later operators on them (a monitor builds one per round) take "functorch" at once.
+_UNCOMPILABLE: weakref.WeakKeyDictionary[nn.Module, set[tuple[Any, ...]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -48,16 +50,22 @@ class HessianOperator(CurvatureOperator):
       Needs a model that ``torch.func`` can trace (e.g. no NumPy conversion of activations or
       in-place updates of module state inside the loss).
     * ``"compiled"``: the ``"functorch"`` product through :func:`torch.compile` (the whole
-      forward-over-reverse product, as curvlinops compiles it; blocks through a compiled
-      ``vmap``). The first product pays the compilation (about a minute for an 11 M ResNet-18
-      or a 27 M GPT on a 2-core CPU); later operators on the same model, parameter subset and
-      batch shapes reuse the compiled code. If compiling or running it fails, the operator
-      warns and continues on ``"functorch"``, and so do later operators on the same model and
-      parameters, without trying again (e.g. a parameter subset of a Hugging Face GPT-2 failed
-      in dynamo at its LayerNorm, torch 2.13; the whole model compiled). ``"auto"`` does not
-      pick it: on the CPU it measured no faster than the double backward (ResNet-18 0.38 s
-      against 0.18 s per product, GPT 2.40 s against 2.32 s), and it has not been measured on
-      a GPU yet (``benchmarks/gpu_suite.py`` times it there).
+      forward-over-reverse product in one graph, as curvlinops compiles it; blocks through a
+      compiled ``vmap``; ``logging`` calls inside the loss are skipped while tracing). Each new
+      block width and batch shape compiles once, on its first product (a minute or more for an
+      11 M ResNet-18 or a 27 M GPT on a 2-core CPU; a monitor's first round compiles a few:
+      its product check's block, single vectors, the trace's block); later operators on the
+      same model, parameters and shapes reuse the compiled code. Where compiling fails (a graph
+      break, an operation dynamo cannot trace, the recompilation limit) and the uncompiled
+      product works, the operator warns and continues on ``"functorch"``, and so do later
+      operators on the same model, parameters, width and batch shapes, without trying again
+      (e.g. a parameter subset of a Hugging Face GPT-2 failed in dynamo at its LayerNorm,
+      torch 2.13; the whole model compiles). Out of memory is raised as it is. Under DDP each
+      rank compiles inside the round: give the monitor a ``collective_timeout`` above the
+      compilation time. ``"auto"`` does not pick it: on the CPU a single product measured no
+      faster than the double backward (ResNet-18 0.22 s against 0.19 s, a 27 M GPT 2.54 s
+      against 2.54 s; only blocks on the GPT were faster, 2.01 s per vector against 2.35 s),
+      and it has not been measured on a GPU yet (``benchmarks/gpu_suite.py`` times it there).
 
     ``"auto"`` (default) uses ``"double_backward"`` on the CPU (measured 2-3× faster there, see
     ``benchmarks/RESULTS.md``); on accelerators (or with ``calibrate=True``) it times both routes on
@@ -493,8 +501,7 @@ class HessianOperator(CurvatureOperator):
         """
         if vmapped not in self._compiled:
             self._compiled[vmapped] = [
-                torch.compile(torch.vmap(h) if vmapped else h, dynamic=False)
-                for h in self._functorch_hvps()
+                _compile(torch.vmap(h) if vmapped else h) for h in self._functorch_hvps()
             ]
         return self._compiled[vmapped]
 
@@ -521,26 +528,35 @@ class HessianOperator(CurvatureOperator):
         return out
 
     def _compiled_matmat(self, block: Tensor) -> Tensor:
-        """The compiled products, or on any failure the uncompiled ones from then on.
+        """The compiled products, or where they fail the uncompiled ones from then on.
 
-        A failure is remembered for this model and parameter set: later operators skip compiling.
+        A failure is blamed on the compilation only if the uncompiled product then works (else
+        that error is raised, and nothing is remembered); out of memory is raised as it is. It is
+        remembered for this model, parameter set, block width and batch shapes: later operators
+        on them skip compiling.
         """
-        key = tuple(self.names)
+        key = (tuple(self.names), block.shape[1], _shapes(self.batches))
+        failure: Exception | None = None
         if key not in _UNCOMPILABLE.get(self.model, ()):
             try:
                 return self._func_matmat(block, compiled=True)
+            except torch.OutOfMemoryError:
+                raise
             except Exception as err:  # dynamo/inductor cannot compile (or run) the product
-                _UNCOMPILABLE.setdefault(self.model, set()).add(key)
-                warnings.warn(
-                    f"torch.compile failed on the Hessian-vector product ({type(err).__name__}: "
-                    f"{str(err)[:300]}); using the uncompiled route 'functorch' for this model "
-                    "and parameter set from now on.",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+                failure = err
+        out = self._func_matmat(block)
         self.route = "functorch"
         self._compiled = {}
-        return self._func_matmat(block)
+        if failure is not None:
+            _UNCOMPILABLE.setdefault(self.model, set()).add(key)
+            warnings.warn(
+                f"torch.compile failed on the Hessian-vector product ({type(failure).__name__}: "
+                f"{str(failure)[:300]}); using the uncompiled route 'functorch' for this model, "
+                "parameter set and batch shapes from now on.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return out
 
     # ------------------------------------------------------------------ dispatch
     @property
@@ -643,6 +659,77 @@ class HessianOperator(CurvatureOperator):
         self._graphs = None
         self._func_hvps = None
         self._compiled = {}
+
+
+def eager_route(route: HVPRoute) -> HVPRoute:
+    """``route`` for operators that each cover a different layer or batch size (α, Δ₂).
+
+    ``"compiled"`` becomes ``"functorch"``: every such operator would compile a graph of its own
+    (about a minute each on a CPU), and one layer of a Hugging Face GPT-2 failed in dynamo at its
+    LayerNorm (torch 2.13). Other routes are returned as they are.
+
+    Example:
+        >>> eager_route("compiled"), eager_route("double_backward")
+        ('functorch', 'double_backward')
+    """
+    return "functorch" if route == "compiled" else route
+
+
+def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compile`` for a product.
+
+    One graph (``fullgraph``: a graph break raises, so the route falls back instead of running
+    partly eager), static shapes, and, where this torch has the option, room for the block widths
+    and batch shapes of many operators before the recompilation limit (which with ``fullgraph``
+    raises too).
+    """
+    options: dict[str, Any] = {"dynamic": False, "fullgraph": True}
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        options["recompile_limit"] = 64
+    compiled = torch.compile(fn, **options)
+
+    def run(*args: Any) -> Any:
+        with _silent_logging():
+            return compiled(*args)
+
+    return run
+
+
+def _silent_logging() -> contextlib.AbstractContextManager[Any]:
+    """Dynamo settings under which ``logging.Logger`` calls inside the product are no-ops.
+
+    Otherwise each is a graph break, which ``fullgraph`` refuses: a Hugging Face GPT-2's forward
+    pass logs through ``logger.warning_once`` (transformers adds that method to
+    ``logging.Logger``). The messages are the loss's own, which training's forward passes log.
+    """
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    # The setting's name in torch 2.13, and its older one; a torch with neither keeps the breaks.
+    setting = next(
+        (n for n in ("ignore_logging_functions", "ignore_logger_methods") if hasattr(config, n)),
+        None,
+    )
+    if setting is None:
+        return contextlib.nullcontext()
+    names = ("debug", "info", "warning", "info_once", "warning_once")
+    methods = {getattr(logging.Logger, n) for n in names if hasattr(logging.Logger, n)}
+    changes: dict[str, Any] = {setting: set(getattr(config, setting)) | methods}
+    patched: contextlib.AbstractContextManager[Any] = config.patch(**changes)
+    return patched
+
+
+def _shapes(batches: Sequence[Any]) -> tuple[tuple[int, ...], ...]:
+    """The shapes of every tensor in ``batches``, in order."""
+    shapes: list[tuple[int, ...]] = []
+
+    def note(t: Tensor) -> Tensor:
+        shapes.append(tuple(t.shape))
+        return t
+
+    for batch in batches:
+        map_tensors(batch, note)
+    return tuple(shapes)
 
 
 def _norm(t: Tensor) -> float:

@@ -52,6 +52,7 @@ def test_gpu_suite_smoke_writes_json_and_markdown(tmp_path: Path) -> None:
     assert {r["model"] for r in compiled} == {"resnet18", "gpt"}
     assert all(r["route"] == "compiled" and r["rel_diff"] < 1e-4 for r in compiled)
     assert all(r["compile_seconds"] > r["seconds_per_product"] > 0 for r in compiled)
+    assert all(r["block_compile_seconds"] > r["block_seconds_per_vector"] > 0 for r in compiled)
     assert "route `compiled`" in md.read_text()
     assert "| resnet18 |" in md.read_text()
     # Issue 16's in-training figures: a default round's cost in steps, warm λ_max products.

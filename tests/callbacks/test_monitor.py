@@ -143,7 +143,7 @@ def test_training_is_bit_identical(
     with_metric: bool,
     loader_seed: int | None,
     route: str,
-    fast_compile: None,
+    fast_compile: list[object],
 ) -> None:
     """Weights, BN stats, grads, optimizer state and every logged metric are unchanged.
 
@@ -171,6 +171,7 @@ def test_training_is_bit_identical(
     assert _steps(mon) == [0, 5, 10, 15, 20, 24]
     assert all(math.isfinite(r.lambda_max) for r in mon.history)
     assert route == "auto" or mon._resolved_route == route  # e.g. no fallback from "compiled"
+    assert bool(fast_compile) == (route == "compiled")  # graphs compiled for that route only
     assert t0.global_step == t1.global_step == 24
 
     _assert_same_state(m0, m1)

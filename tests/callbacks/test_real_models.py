@@ -124,6 +124,28 @@ def test_gpt2_with_adamw_sharpness_alpha_delta2() -> None:
     assert delta2.k == 16 and math.isfinite(delta2.value)
 
 
+def test_gpt2_compiled_route_gives_the_double_backwards_eigenvalues(
+    fast_compile: list[object],
+) -> None:
+    """The whole GPT-2 compiles in one graph (``fullgraph``) and gives the same top pair."""
+    import warnings
+
+    model = GPT2Module().model
+    (tokens,) = next(iter(_token_loader()))
+
+    def loss_fn(m: nn.Module, b: Tensor) -> Tensor:
+        loss: Tensor = m(input_ids=b, labels=b).loss
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to "functorch"
+        compiled = ll.hessian_eigenvalues(model, loss_fn, tokens, k=2, route="compiled")
+    exact = ll.hessian_eigenvalues(model, loss_fn, tokens, k=2, route="double_backward")
+    assert fast_compile  # graphs were compiled, not run eagerly
+    assert compiled.converged.all() and exact.converged.all()
+    torch.testing.assert_close(compiled.eigenvalues, exact.eigenvalues, rtol=1e-3, atol=0)
+
+
 def test_guard_with_adamw_scales_the_learning_rate() -> None:
     # force an action; the warm-up is a LambdaLR, which rewrites the rate: "closed_form"
     guard = StabilityLRGuard(target=1e-6, min_scale=1e-9, recovery=1.0, scheduler="closed_form")
@@ -214,6 +236,7 @@ def test_compiled_module_is_probed_through_its_original_code() -> None:
     runs = {}
     for compiled in (False, True):
         monitor = sharpness_monitor(5, 2, lambda_min=True)
+        torch.manual_seed(0)  # the same initial weights in both runs
         module = CompiledClassifier(compiled)
         trainer = _fit(module, make_dataloader(), monitor, max_steps=10)
         assert trainer.global_step == 10 and monitor.num_failed == 0
