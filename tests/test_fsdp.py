@@ -191,8 +191,9 @@ def test_tensor_parallelism_is_refused() -> None:
 
 
 def test_second_order_routes_and_probes_are_refused_under_fsdp2() -> None:
-    with pytest.raises(ValueError, match="route='double_backward' needs second-order"):
-        _setup_with(ModelParallelStrategy(), route="double_backward")
+    for route in ("double_backward", "functorch", "compiled"):
+        with pytest.raises(ValueError, match=f"route='{route}' needs second-order"):
+            _setup_with(ModelParallelStrategy(), route=route)
     with pytest.raises(ValueError, match="CurvatureExponent cannot use"):
         _setup_with(ModelParallelStrategy(), probes=[Sharpness(2), CurvatureExponent()])
 
