@@ -15,7 +15,8 @@ deliberately leaves the process group out of step, after which both ranks leave 
 Scenarios:
 
 * ``functional``: the distributed functional API and ``DistributedOperator`` against single-process
-  results, the all-reduce cost model, failure agreement, and (last) the collective timeout.
+  results, the all-reduce cost model, ``route="compiled"`` on every rank, failure agreement, and
+  (last) the collective timeout.
 * ``trainer``: ``LandscapeMonitor`` in ``Trainer(strategy="ddp", devices=2)`` (Lightning picks up
   torchrun's environment): runs without monitor, with monitor, with a probe failing on rank 1
   inside a product, and (last) with the loss failing on rank 1 while the operator is built.
@@ -191,6 +192,43 @@ def check_agreement(rank: int, kind: str) -> dict[str, Any]:
     }
 
 
+def check_compiled(rank: int) -> dict[str, Any]:
+    """``route="compiled"`` under DDP: each rank compiles its shard's product (``aot_eager``, as
+    the single-process tests) and the all-reduced results equal the uncompiled route's."""
+    import functools
+
+    from torch._dynamo.backends.registry import lookup_backend
+
+    aot_eager = lookup_backend("aot_eager")
+    graphs: list[Any] = []
+
+    def backend(gm: Any, example_inputs: Any) -> Any:
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    model, loss_fn, _ = make_model("mlp")
+    shard = shard_of(union_batch("mlp"), rank)
+    compile_ = torch.compile
+    torch.compile = functools.partial(compile_, backend=backend)  # type: ignore[assignment]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled = ll.hessian_eigenvalues(
+                model, loss_fn, shard, k=3, tol=1e-10, route="compiled", timeout=BOUND
+            )
+    finally:
+        torch.compile = compile_  # type: ignore[assignment]
+    eager = ll.hessian_eigenvalues(
+        model, loss_fn, shard, k=3, tol=1e-10, route="functorch", timeout=BOUND
+    )
+    return {
+        "compiled": eig(compiled),
+        "functorch": eig(eager),
+        "graphs": len(graphs),
+        "fell_back": any("torch.compile failed" in str(w.message) for w in caught),
+    }
+
+
 def check_cost_model(rank: int) -> dict[str, Any]:
     """Per-product all-reduce counts and sizes of DistributedOperator."""
     model, loss_fn, _ = make_model("mlp")
@@ -356,6 +394,7 @@ def scenario_functional(rank: int, rec: Recorder) -> None:
     for kind in KINDS:
         guarded(rec, f"agreement_{kind}", lambda kind=kind: check_agreement(rank, kind))
     guarded(rec, "cost_model", lambda: check_cost_model(rank))
+    guarded(rec, "compiled", lambda: check_compiled(rank))
     for route in ("double_backward", "functorch", "finite_difference"):
         guarded(rec, f"hvp_exception_{route}", lambda route=route: check_hvp_exception(rank, route))
     guarded(rec, "nan_on_rank1", lambda: check_nan_on_one_rank(rank))

@@ -137,6 +137,16 @@ def test_functional_results_are_bit_identical_on_every_rank(functional: Launch, 
     assert r1["explicit_largest"] == r1["dist"]["largest"]
 
 
+def test_compiled_route_on_every_rank(functional: Launch) -> None:
+    """Each rank compiles its own product; the all-reduced spectrum is the uncompiled one's."""
+    r0, r1 = functional.both("compiled")
+    for r in (r0, r1):
+        assert r["graphs"] >= 1 and not r["fell_back"]
+        assert r["compiled"]["converged"]
+        _assert_close_lists(r["compiled"]["values"], r["functorch"]["values"], 1e-10, "compiled")
+    assert r0["compiled"] == r1["compiled"]  # bit-identical on both ranks
+
+
 def test_all_reduce_cost_model(functional: Launch) -> None:
     """Cost model of ``DistributedOperator`` with ``n`` parameters.
 
