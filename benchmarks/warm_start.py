@@ -177,6 +177,7 @@ def run(
 ) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
     module, loader, probe, clip = setup(name, args.steps, args.quick)
+    module.lr = args.lr or module.lr
     cls = VariantSharpness if variants else ll.Sharpness
     sharpness = cls(
         k,
@@ -266,6 +267,7 @@ def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """A probe round of the default ``LandscapeMonitor()`` probes, in training steps."""
     pl.seed_everything(0, verbose=False)
     module, loader, probe, clip = setup(name, args.steps, args.quick)
+    module.lr = args.lr or module.lr
     monitor = ll.LandscapeMonitor(
         every_n_steps=args.every, probe_dataloader=probe, tensorboard_layout=False
     )
@@ -332,6 +334,12 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
         "--tol", type=float, default=TOL, help=f"the λ_max probes' tolerance (default {TOL})"
     )
     ap.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="SGD learning rate (default: the model's, 0.05 for the CNNs, 0.1 for the GPT)",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -372,6 +380,7 @@ def main() -> None:
         },
         "steps": args.steps,
         "every_n_steps": args.every,
+        "lr": args.lr,
         "tol": args.tol,
         "criterion": args.criterion,
     }
