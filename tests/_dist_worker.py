@@ -197,15 +197,10 @@ def check_compiled(rank: int) -> dict[str, Any]:
     the single-process tests) and the all-reduced results equal the uncompiled route's."""
     import functools
 
-    from torch._dynamo.backends.registry import lookup_backend
+    from tests._compile import recording_aot_eager
 
-    aot_eager = lookup_backend("aot_eager")
     graphs: list[Any] = []
-
-    def backend(gm: Any, example_inputs: Any) -> Any:
-        graphs.append(gm)
-        return aot_eager(gm, example_inputs)
-
+    backend = recording_aot_eager(graphs)
     model, loss_fn, _ = make_model("mlp")
     shard = shard_of(union_batch("mlp"), rank)
     compile_ = torch.compile

@@ -14,20 +14,16 @@ def _one_thread():  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def fast_compile(monkeypatch: pytest.MonkeyPatch) -> list[torch.fx.GraphModule]:
-    """``torch.compile`` with the ``aot_eager`` backend: dynamo and AOT autograd trace the product
-    as with the default backend, without inductor's C++ code generation (about 15 s per graph on
-    these CPUs). Returns the list of graphs compiled while the test runs. The compiled route's one
-    inductor test does not use it."""
+    """``torch.compile`` with the recording ``aot_eager`` backend of ``tests/_compile.py``.
+
+    Returns the list of graphs compiled while the test runs. The compiled route's one inductor
+    test does not use it.
+    """
     import functools
 
-    from torch._dynamo.backends.registry import lookup_backend
+    from tests._compile import recording_aot_eager
 
-    aot_eager = lookup_backend("aot_eager")
     graphs: list[torch.fx.GraphModule] = []
-
-    def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> object:
-        graphs.append(gm)
-        return aot_eager(gm, example_inputs)
-
+    backend = recording_aot_eager(graphs)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
     return graphs

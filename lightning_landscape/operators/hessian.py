@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import time
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from .._validate import choice, integer
 from .base import CurvatureOperator
-from .batches import batch_size, map_tensors, normal_tensors
+from .batches import batch_size, iter_tensors, normal_tensors
 from .differences import GradientDifference
 from .loss import LossFn, LossModule, check_scalar_loss
 from .params import differentiable, restored_parameters, select_parameters
@@ -527,6 +528,11 @@ class HessianOperator(CurvatureOperator):
                 del hv, flat
         return out
 
+    @functools.cached_property
+    def _batch_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The shapes of every tensor in the probe batches (fixed for the operator's life)."""
+        return tuple(tuple(t.shape) for batch in self.batches for t in iter_tensors(batch))
+
     def _compiled_matmat(self, block: Tensor) -> Tensor:
         """The compiled products, or where they fail the uncompiled ones from then on.
 
@@ -535,7 +541,7 @@ class HessianOperator(CurvatureOperator):
         remembered for this model, parameter set, block width and batch shapes: later operators
         on them skip compiling.
         """
-        key = (tuple(self.names), block.shape[1], _shapes(self.batches))
+        key = (tuple(self.names), block.shape[1], self._batch_shapes)
         failure: Exception | None = None
         if key not in _UNCOMPILABLE.get(self.model, ()):
             try:
@@ -717,19 +723,6 @@ def _silent_logging() -> contextlib.AbstractContextManager[Any]:
     changes: dict[str, Any] = {setting: set(getattr(config, setting)) | methods}
     patched: contextlib.AbstractContextManager[Any] = config.patch(**changes)
     return patched
-
-
-def _shapes(batches: Sequence[Any]) -> tuple[tuple[int, ...], ...]:
-    """The shapes of every tensor in ``batches``, in order."""
-    shapes: list[tuple[int, ...]] = []
-
-    def note(t: Tensor) -> Tensor:
-        shapes.append(tuple(t.shape))
-        return t
-
-    for batch in batches:
-        map_tensors(batch, note)
-    return tuple(shapes)
 
 
 def _norm(t: Tensor) -> float:
