@@ -18,7 +18,8 @@ Scenarios:
   results, the all-reduce cost model, ``route="compiled"`` on every rank, failure agreement, and
   (last) the collective timeout.
 * ``trainer``: ``LandscapeMonitor`` in ``Trainer(strategy="ddp", devices=2)`` (Lightning picks up
-  torchrun's environment): runs without monitor, with monitor, with a probe failing on rank 1
+  torchrun's environment): runs without monitor, with monitor, with Adam, with
+  ``route="compiled"``, with a probe failing on rank 1
   inside a product, and (last) with the loss failing on rank 1 while the operator is built.
 """
 
@@ -551,6 +552,30 @@ def scenario_trainer(rank: int, rec: Recorder, outdir: Path) -> None:
             AdamModule,
         ),
     )
+
+    def fit_compiled() -> dict[str, Any]:
+        """The monitor with ``route="compiled"`` (``aot_eager``, as the single-process tests):
+        each rank compiles its shard's product during the first round."""
+        import functools
+
+        from tests._compile import recording_aot_eager
+
+        graphs: list[Any] = []
+        compile_ = torch.compile
+        torch.compile = functools.partial(  # type: ignore[assignment]
+            compile_, backend=recording_aot_eager(graphs)
+        )
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                res = fit("compiled", monitor(route="compiled", collective_timeout=60))
+        finally:
+            torch.compile = compile_  # type: ignore[assignment]
+        res["graphs"] = len(graphs)
+        res["fell_back"] = any("torch.compile failed" in str(w.message) for w in caught)
+        return res
+
+    guarded(rec, "fit_compiled", fit_compiled)
 
     def fit_failing(name: str, under_grad: bool, **kwargs: Any) -> dict[str, Any]:
         loss = FailOnRank1(rank, at_probe=2, under_grad=under_grad)

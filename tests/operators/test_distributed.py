@@ -473,6 +473,32 @@ def _single_process_probe(state: dict[str, torch.Tensor]) -> dict[str, float]:
     }
 
 
+def test_ddp_compiled_route_inside_a_trainer(trainer_run: Launch) -> None:
+    """``LandscapeMonitor(route="compiled")`` under DDP: every rank compiles its shard's product
+    without falling back, the ranks report the same probes, those equal the default route's,
+    and training is bit-identical to training without the monitor."""
+    for rank in RANKS:
+        res = trainer_run.get(rank, "fit_compiled")
+        assert "error" not in res, res
+        assert res["graphs"] >= 1 and not res["fell_back"], res
+        assert res["num_probes"] == 3 and res["num_failed"] == 0
+        _assert_states_equal(
+            _load_state(trainer_run, "compiled", rank),
+            _load_state(trainer_run, "plain", rank),
+            f"compiled r{rank}",
+        )
+    h0, h1 = (_timeless(trainer_run.get(r, "fit_compiled")["history"]) for r in RANKS)
+    assert h0 == h1
+    default = trainer_run.get(0, "fit_monitor")["history"]
+    assert [h["step"] for h in h0] == [h["step"] for h in default] == [0, 4, 8]
+    for got, want in zip(h0, default, strict=True):
+        assert got["converged"]
+        _assert_close_lists(got["eigenvalues"], want["eigenvalues"], 1e-4, f"step {got['step']}")
+        assert _rel(got["lambda_min"], want["lambda_min"]) <= 1e-4
+        assert _rel(got["trace"], want["trace"]) <= 1e-4
+        assert got["probe_loss"] == want["probe_loss"]
+
+
 def test_ddp_first_probe_matches_single_process(trainer_run: Launch) -> None:
     """Probe at train start on 13 + 12 samples vs one process on the first 25 samples with the
     same (initial) weights, float32: λ_max, λ_2, λ_min, Hutch++ trace and probe loss."""
