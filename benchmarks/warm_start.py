@@ -11,8 +11,9 @@ cold, so the statistics exclude it. Targets (issue 5): median HVPs for λ_max <=
 
 ``--variants`` adds a second table from one extra warm-started run per model and K (so the main
 table's counts stay clean): at each probe the same operator and the same previous Ritz vectors
-also go to other ``lanczos`` settings (random start, no noise, block starts, looser tol), and the
-residual of the previous top vector on the new Hessian is measured. The main solve's vectors
+also go to other ``lanczos`` settings (random start, no noise, block starts, looser tol, the probe
+batch's gradient as the start), and the residual of the previous top vector on the new Hessian and
+the alignment of that vector and of the gradient with the new top eigenvector are measured. The main solve's vectors
 still carry over, and training is unchanged.
 
     python benchmarks/warm_start.py                       # 300 steps, probe every 20
@@ -152,11 +153,22 @@ class VariantSharpness(ll.Sharpness):
         hv = op.matmat(v[:, None])[:, 0]
         theta = float(v @ hv)
         row["start_resid_top1"] = float((hv - theta * v).norm()) / abs(theta)
+        # The probe batch's gradient, which SGD keeps mostly inside the top eigenspace
+        # (Gur-Ari et al. 2018): how well each start is aligned with the new top eigenvector.
+        grad = ctx.gradient()
+        grad = grad / grad.norm()
+        top = out.top.eigenvectors
+        if top is not None:
+            row["cos_previous_top1"] = abs(float(v @ top[:, 0]))
+            row["cos_gradient_top1"] = abs(float(grad @ top[:, 0]))
         variants: dict[str, dict[str, Any]] = {
             "cold": {"start": None},
             "noise0": {"start_noise": 0.0},
             "tol1e-3": {"tol": 1e-3},
             "tol1e-2": {"tol": 1e-2},
+            "gradient": {"start": grad[:, None]},
+            "warm+gradient": {"start": torch.cat([start, grad[:, None]], dim=1)},
+            "gradient_tol1e-3": {"start": grad[:, None], "tol": 1e-3},
         }
         if k > 1:
             variants["block_k"] = {"block_size": k, "max_basis": 3 * k}
@@ -420,7 +432,7 @@ def main() -> None:
         print("\nwarm-start variants on the same operators and start vectors: median / max HVPs")
         for r in vrows:
             for key, (med, mx, conv, err) in variant_summary(r).items():
-                unit = "" if key.startswith("start_resid") else " HVPs"
+                unit = "" if key.startswith(("start_resid", "cos_")) else " HVPs"
                 fmt = f"{med:.2e} / {mx:.2e}" if unit == "" else f"{med:g} / {mx:g}"
                 print(
                     f"  {r['model']:<7} k={r['k']:<3} {key:<16} {fmt}{unit}"

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from lightning_landscape import EigenResult, MatrixOperator, lanczos, lanczos_ends
+from lightning_landscape.operators import CurvatureOperator
 from tests._models import random_orthogonal
 
 F64 = torch.float64
@@ -516,6 +517,8 @@ def test_eigenvalue_criterion_safeguards_against_a_bad_gap_estimate(
 
     monkeypatch.setattr(mod, "_error_bounds", naive_bounds)
     monkeypatch.setattr(mod, "_converged", naive_converged)
+    # and without the near-zero guard, which here would hide the gap rule's early stop
+    monkeypatch.setattr(mod, "_separated", lambda theta, *_: torch.ones_like(theta, dtype=bool))
     naive = lanczos(MatrixOperator(a), 1, tol=tol, criterion="eigenvalue", start=start)
     assert abs(float(naive.eigenvalues[0]) - 1.0) > 10 * tol  # the unsafe rule stops wrongly
 
@@ -617,3 +620,61 @@ def test_both_ends_warm_start_and_validation() -> None:
     nan[0, 1] = nan[1, 0] = float("nan")
     top, bottom = lanczos_ends(MatrixOperator(nan), 2, 1)
     assert not top.is_finite and not bottom.is_finite and bottom.eigenvalues.shape == (1,)
+
+
+class _Diagonal(CurvatureOperator):
+    """``diag(d)`` without a dense matrix: a large dimension, as a network's Hessian has."""
+
+    def __init__(self, d: Tensor) -> None:
+        super().__init__(d.numel(), d.dtype, d.device)
+        self.d = d
+
+    def _matmat(self, block: Tensor) -> Tensor:
+        return self.d[:, None] * block
+
+
+def _bulk_and_outliers(n: int = 100_000) -> Tensor:
+    """A dense bulk in [-1e-2, 1e-2] and two outliers, λ_max = 50 and λ_min = -204 (a
+    train-mode ResNet-18 early in training looked like this: λ_max 129, λ_min -204)."""
+    g = torch.Generator().manual_seed(0)
+    d = (torch.rand(n, generator=g, dtype=F64) * 2 - 1) * 1e-2
+    d[0], d[1] = 50.0, -204.0
+    return d
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+def test_a_ritz_value_in_the_bulk_near_zero_is_not_taken_for_the_end(
+    monkeypatch: pytest.MonkeyPatch, which: str
+) -> None:
+    """From a random start in a large dimension the first Ritz values sit in the bulk near zero
+    with residuals far below tol·‖A‖; without the guard most seeds stop there after 2 products."""
+    import importlib
+
+    d = _bulk_and_outliers()
+    if which == "smallest":  # the mirror image: λ_min = -50 beside λ_max = 204
+        d = -d
+    want = 50.0 if which == "largest" else -50.0
+    ours = [lanczos(_Diagonal(d), 1, which=which, tol=1e-3, seed=s) for s in range(10)]
+    for res in ours:
+        assert res.all_converged
+        assert abs(float(res.eigenvalues[0]) - want) <= 1e-3 * 204
+    mod = importlib.import_module("lightning_landscape.solvers.lanczos")
+    monkeypatch.setattr(mod, "_separated", lambda theta, *_: torch.ones_like(theta, dtype=bool))
+    unguarded = [lanczos(_Diagonal(d), 1, which=which, tol=1e-3, seed=s) for s in range(10)]
+    wrong = [r for r in unguarded if abs(float(r.eigenvalues[0])) < 1.0]
+    assert len(wrong) >= 3 and all(r.all_converged and r.num_hvps == 2 for r in wrong)
+
+
+def test_an_eigenvalue_at_zero_still_converges_after_the_floor() -> None:
+    """A true end at zero (a PSD Hessian's λ_min: 50 exact zeros below a bulk in [1, 11]) is
+    never separated from zero, so it is accepted once ARPACK's default Krylov dimension (20) is
+    spent, not earlier (14 products without the guard) and not much later."""
+    g = torch.Generator().manual_seed(1)
+    d = 1 + torch.rand(5_000, generator=g, dtype=F64) * 10
+    d[:50] = 0.0
+    res = lanczos(_Diagonal(d), 1, which="smallest", tol=1e-3)
+    assert res.all_converged and 20 <= res.num_hvps <= 22
+    assert abs(float(res.eigenvalues[0])) <= 1e-3 * 11
+    top, bottom = lanczos_ends(_Diagonal(d), 2, 1, tol=1e-3)
+    assert top.all_converged and bottom.all_converged
+    assert abs(float(bottom.eigenvalues[0])) <= 1e-3 * 11
