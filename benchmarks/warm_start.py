@@ -13,8 +13,8 @@ cold, so the statistics exclude it. Targets (issue 5): median HVPs for λ_max <=
 table's counts stay clean): at each probe the same operator and the same previous Ritz vectors
 also go to other ``lanczos`` settings (random start, no noise, block starts, looser tol, the probe
 batch's gradient as the start), and the residual of the previous top vector on the new Hessian and
-the alignment of that vector and of the gradient with the new top eigenvector are measured. The main solve's vectors
-still carry over, and training is unchanged.
+the alignment of that vector and of the gradient with the new top eigenvector are measured. The
+main solve's vectors still carry over, and training is unchanged.
 
     python benchmarks/warm_start.py                       # 300 steps, probe every 20
     python benchmarks/warm_start.py --quick               # < 60 s smoke run
