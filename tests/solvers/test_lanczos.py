@@ -678,3 +678,15 @@ def test_an_eigenvalue_at_zero_still_converges_after_the_floor() -> None:
     top, bottom = lanczos_ends(_Diagonal(d), 2, 1, tol=1e-3)
     assert top.all_converged and bottom.all_converged
     assert abs(float(bottom.eigenvalues[0])) <= 1e-3 * 11
+
+
+def test_a_budget_below_the_floor_reports_a_value_near_zero_unconverged() -> None:
+    """With ``max_hvps`` under the floor the guard still holds: a Ritz value in the bulk comes
+    back flagged unconverged (the monitor then warns), not as a converged λ_max."""
+    d = _bulk_and_outliers()
+    for seed in range(10):
+        res = lanczos(_Diagonal(d), 1, tol=1e-3, seed=seed, max_hvps=2)
+        if abs(float(res.eigenvalues[0])) < 1.0:
+            assert not res.all_converged
+    short = [lanczos(_Diagonal(d), 1, tol=1e-3, seed=s, max_hvps=2) for s in range(10)]
+    assert sum(abs(float(r.eigenvalues[0])) < 1.0 for r in short) >= 3
