@@ -196,24 +196,16 @@ def check_agreement(rank: int, kind: str) -> dict[str, Any]:
 def check_compiled(rank: int) -> dict[str, Any]:
     """``route="compiled"`` under DDP: each rank compiles its shard's product (``aot_eager``, as
     the single-process tests) and the all-reduced results equal the uncompiled route's."""
-    import functools
-
-    from tests._compile import recording_aot_eager
+    from tests._compile import recording_compile
 
     graphs: list[Any] = []
-    backend = recording_aot_eager(graphs)
     model, loss_fn, _ = make_model("mlp")
     shard = shard_of(union_batch("mlp"), rank)
-    compile_ = torch.compile
-    torch.compile = functools.partial(compile_, backend=backend)  # type: ignore[assignment]
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            compiled = ll.hessian_eigenvalues(
-                model, loss_fn, shard, k=3, tol=1e-10, route="compiled", timeout=BOUND
-            )
-    finally:
-        torch.compile = compile_  # type: ignore[assignment]
+    with recording_compile(graphs), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = ll.hessian_eigenvalues(
+            model, loss_fn, shard, k=3, tol=1e-10, route="compiled", timeout=BOUND
+        )
     eager = ll.hessian_eigenvalues(
         model, loss_fn, shard, k=3, tol=1e-10, route="functorch", timeout=BOUND
     )
@@ -556,21 +548,12 @@ def scenario_trainer(rank: int, rec: Recorder, outdir: Path) -> None:
     def fit_compiled() -> dict[str, Any]:
         """The monitor with ``route="compiled"`` (``aot_eager``, as the single-process tests):
         each rank compiles its shard's product during the first round."""
-        import functools
-
-        from tests._compile import recording_aot_eager
+        from tests._compile import recording_compile
 
         graphs: list[Any] = []
-        compile_ = torch.compile
-        torch.compile = functools.partial(  # type: ignore[assignment]
-            compile_, backend=recording_aot_eager(graphs)
-        )
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                res = fit("compiled", monitor(route="compiled", collective_timeout=60))
-        finally:
-            torch.compile = compile_  # type: ignore[assignment]
+        with recording_compile(graphs), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = fit("compiled", monitor(route="compiled", collective_timeout=60))
         res["graphs"] = len(graphs)
         res["fell_back"] = any("torch.compile failed" in str(w.message) for w in caught)
         return res
