@@ -767,7 +767,7 @@ def _solve(op: CurvatureOperator, ends: tuple[int, int], settings: _Settings) ->
     result_cols = torch.arange(0)
     resid = torch.zeros(0, dtype=torch.float64)
     bounds = torch.zeros(0, dtype=torch.float64)
-    separated = torch.zeros(0, dtype=torch.bool)
+    converged = torch.zeros(0, dtype=torch.bool)  # the wanted pairs' flags at the last check
     moved: Tensor | None = None
     previous: Tensor | None = None  # the wanted Ritz values at the previous check
     anorm = 0.0  # the largest Ritz value magnitude seen: the spectral scale
@@ -850,7 +850,7 @@ def _solve(op: CurvatureOperator, ends: tuple[int, int], settings: _Settings) ->
         vectors,
         resid,
         bounds,
-        _converged(resid, bounds, tol, criterion, moved) & separated,
+        converged,
         tol=tol,
         criterion=criterion,
         num_hvps=num_hvps,
