@@ -79,8 +79,14 @@ class Module(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
-def setup(name: str, steps: int, quick: bool) -> tuple[Module, DataLoader, DataLoader, float]:
-    """(module, train loader, probe loader, grad clip): bench_cpu's models, data and probes."""
+def setup(
+    name: str, steps: int, quick: bool, probe_samples: int = 16
+) -> tuple[Module, DataLoader, DataLoader, float]:
+    """(module, train loader, probe loader, grad clip): bench_cpu's models, data and probes.
+
+    ``probe_samples`` sizes the ResNet-18's probe set (held-out samples in batches of 16, the
+    training batch size, so that BatchNorm normalises each as in training).
+    """
     torch.manual_seed(0)
     if name == "resnet":
         from sklearn.datasets import load_digits
@@ -101,10 +107,10 @@ def setup(name: str, steps: int, quick: bool) -> tuple[Module, DataLoader, DataL
 
         g = torch.Generator().manual_seed(4)
         templates = torch.randn(10, 3, 32, 32, generator=g)  # a learnable synthetic task
-        y = torch.randint(0, 10, (16 * steps + 16,), generator=g)
+        y = torch.randint(0, 10, (16 * steps + probe_samples,), generator=g)
         x = templates[y] + 2.0 * torch.randn(len(y), 3, 32, 32, generator=g)
-        train = TensorDataset(x[:-16], y[:-16])
-        probe = TensorDataset(x[-16:], y[-16:])
+        train = TensorDataset(x[:-probe_samples], y[:-probe_samples])
+        probe = TensorDataset(x[-probe_samples:], y[-probe_samples:])
         net = TorchvisionResNet18(width=16 if quick else 64)
         loader = DataLoader(train, batch_size=16)  # a fresh batch every step
         return Module(net, cnn_loss, 0.05), loader, DataLoader(probe, batch_size=16), 0.0
@@ -188,7 +194,7 @@ def run(
     name: str, k: int, warm: bool, args: argparse.Namespace, variants: bool = False
 ) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
-    module, loader, probe, clip = setup(name, args.steps, args.quick)
+    module, loader, probe, clip = setup(name, args.steps, args.quick, args.probe_samples)
     module.lr = args.lr or module.lr
     cls = VariantSharpness if variants else ll.Sharpness
     sharpness = cls(
@@ -278,7 +284,7 @@ def _count_products(probe: ll.Probe, counts: list[int]) -> None:
 def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """A probe round of the default ``LandscapeMonitor()`` probes, in training steps."""
     pl.seed_everything(0, verbose=False)
-    module, loader, probe, clip = setup(name, args.steps, args.quick)
+    module, loader, probe, clip = setup(name, args.steps, args.quick, args.probe_samples)
     module.lr = args.lr or module.lr
     monitor = ll.LandscapeMonitor(
         every_n_steps=args.every, probe_dataloader=probe, tensorboard_layout=False
@@ -333,6 +339,13 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
         "--default-monitor",
         action="store_true",
         help="instead: the default LandscapeMonitor() probe round's cost in training steps",
+    )
+    ap.add_argument(
+        "--probe-samples",
+        type=int,
+        default=16,
+        help="resnet18's probe samples, in batches of 16 (default 16; the monitor's own default "
+        "num_probe_samples is 256)",
     )
     ap.add_argument("--out", default=None, help="write rows + metadata to this JSON path")
     ap.add_argument("--quick", action="store_true", help="small smoke run (< 60 s)")
@@ -395,6 +408,7 @@ def main() -> None:
         "lr": args.lr,
         "tol": args.tol,
         "criterion": args.criterion,
+        "probe_samples": args.probe_samples,
     }
     if args.default_monitor:
         drows = [run_default_monitor(name, args) for name in args.models.split(",")]
