@@ -282,13 +282,22 @@ def _count_products(probe: ll.Probe, counts: list[int]) -> None:
 
 
 def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """A probe round of the default ``LandscapeMonitor()`` probes, in training steps."""
+    """A probe round of the default ``LandscapeMonitor()`` probes, in training steps.
+
+    With ``--criterion eigenvalue`` the same probes, but ``Sharpness(criterion="eigenvalue")``.
+    """
     pl.seed_everything(0, verbose=False)
     module, loader, probe, clip = setup(name, args.steps, args.quick, args.probe_samples)
     module.lr = args.lr or module.lr
     monitor = ll.LandscapeMonitor(
         every_n_steps=args.every, probe_dataloader=probe, tensorboard_layout=False
     )
+    if args.criterion != "residual":
+        sharpness = ll.Sharpness(criterion=args.criterion, every_n_steps=args.every)
+        defaults = [p for p in monitor.probes if not isinstance(p, ll.Sharpness)]
+        monitor = ll.LandscapeMonitor(
+            probes=[sharpness, *defaults], probe_dataloader=probe, tensorboard_layout=False
+        )
     timer = _StepTimer()
     per_probe: dict[str, list[int]] = {type(p).__name__: [] for p in monitor.probes}
     for probe in monitor.probes:
@@ -353,7 +362,8 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
         "--criterion",
         choices=("residual", "eigenvalue"),
         default="residual",
-        help="lanczos stopping rule of the monitor's solves (default residual)",
+        help="lanczos stopping rule of the Sharpness solves (default residual; also applies to "
+        "--default-monitor's Sharpness)",
     )
     ap.add_argument(
         "--tol", type=float, default=TOL, help=f"the λ_max probes' tolerance (default {TOL})"
