@@ -310,6 +310,9 @@ def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "model": name,
         "params": sum(p.numel() for p in module.parameters()),
         "probes": [type(p).__name__ for p in monitor.probes],
+        "sharpness_criterion": next(
+            p.criterion for p in monitor.probes if isinstance(p, ll.Sharpness)
+        ),
         "median_step_seconds": step,
         "round_seconds": [r.seconds for r in monitor.history],
         "round_hvps": [r.num_hvps for r in monitor.history],

@@ -57,9 +57,12 @@ def test_gpu_suite_smoke_writes_json_and_markdown(tmp_path: Path) -> None:
     assert "| resnet18 |" in md.read_text()
     # Issue 16's in-training figures: a default round's cost in steps, warm λ_max products.
     trained = {r["what"]: r for r in rows if "target" in r}
-    assert set(trained) == {"default_round_in_steps", "warm_lambda_max_hvps"}
-    assert trained["default_round_in_steps"]["value"] > 0
-    assert all(n > 0 for n in trained["default_round_in_steps"]["round_hvps"])
+    rounds = ("default_round_in_steps", "default_round_in_steps_eigenvalue")
+    assert set(trained) == {*rounds, "warm_lambda_max_hvps"}
+    for name, criterion in zip(rounds, ("residual", "eigenvalue"), strict=True):
+        assert trained[name]["criterion"] == criterion
+        assert trained[name]["value"] > 0
+        assert all(n > 0 for n in trained[name]["round_hvps"])
     assert trained["warm_lambda_max_hvps"]["converged"]
     assert trained["warm_lambda_max_hvps"]["value"] >= 1
     assert "default_round_in_steps" in md.read_text()
