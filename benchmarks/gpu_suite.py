@@ -18,11 +18,12 @@ batches and the 30 SGD warm-up steps are identical), float32 with TF32 off, ``ev
 * inside training (issue 16's ResNet-18 of ``real_sizes.py``, 16-sample batches, through
   ``warm_start.py`` on a one-GPU ``Trainer``): the default ``LandscapeMonitor()`` round's median
   cost in training steps (target ≤ 100) over 120 steps, and the median products of a warm-started
-  λ_max probe (target ≤ 5) over 200 steps, both probing every 20 steps, then the default round
-  again with ``Sharpness(criterion="eigenvalue")`` (``default_round_in_steps_eigenvalue``);
+  λ_max probe (target ≤ 5) over 200 steps, both probing every 20 steps;
 * after GPT-98M, ``route="compiled"`` (``torch.compile`` of the functorch product) on ResNet-18
   and GPT-11M: the compilation and then seconds per product, against the double backward's
   product (``--no-compiled`` skips it);
+* the default round again with ``Sharpness(criterion="eigenvalue")``
+  (``default_round_in_steps_eigenvalue``, an option that was cheaper on the CPU);
 * ``--peers`` (last, time permitting): the anchor file's own ``run()`` per model (PyHessian,
   hessian-eigenthings and its reference Lanczos, at ``--peer-ks``), its rows kept in ours (a peer
   it could not run is a skipped row, which does not fail the suite).
@@ -362,8 +363,12 @@ def compiled_route(
     )
 
 
-def in_training(rec: Recorder, args: argparse.Namespace) -> None:
-    """Issue 16's in-training figures on the suite's device, through ``warm_start.py``."""
+def in_training(rec: Recorder, args: argparse.Namespace, criterion: str = "residual") -> None:
+    """Issue 16's in-training figures on the suite's device, through ``warm_start.py``.
+
+    With the default ``criterion``: the default round and the warm λ_max probe; with
+    ``"eigenvalue"``: the default round again with ``Sharpness(criterion="eigenvalue")``.
+    """
     import warm_start
 
     smoke = args.smoke
@@ -374,12 +379,9 @@ def in_training(rec: Recorder, args: argparse.Namespace) -> None:
         + (["--quick"] if smoke else [])
     )
 
-    def default_round(criterion: str = "residual") -> None:
+    def default_round() -> None:
         ns.steps, ns.criterion = (30 if smoke else 120), criterion
-        try:
-            d = warm_start.run_default_monitor("resnet18", ns)
-        finally:
-            ns.criterion = "residual"
+        d = warm_start.run_default_monitor("resnet18", ns)
         rec.emit(
             model="resnet18",
             params=d["params"],
@@ -408,13 +410,11 @@ def in_training(rec: Recorder, args: argparse.Namespace) -> None:
             every_n_steps=ns.every,
         )
 
+    if criterion != "residual":
+        rec.section("resnet18", f"default_round_in_steps_{criterion}", default_round)
+        return
     rec.section("resnet18", "default_round_in_steps", default_round)
     rec.section("resnet18", "warm_lambda_max_hvps", warm_lambda_max)
-    rec.section(  # the option that measured 14 % cheaper on the CPU (RESULTS.md)
-        "resnet18",
-        "default_round_in_steps_eigenvalue",
-        lambda: default_round("eigenvalue"),
-    )
 
 
 def peers(
@@ -598,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
             rec.section(name, "compiled_route", run)
             if args.device == "cuda":
                 torch.cuda.empty_cache()
+    if args.in_training:  # an option, after the issue's own rows (RESULTS.md: cheaper on a CPU)
+        in_training(rec, args, "eigenvalue")
     if args.peers and anchor is not None:
         peer_ks = [int(k) for k in args.peer_ks.split(",")]
         for name, _ in [*plan, ("gpt2s", [10])] if not args.smoke else plan:

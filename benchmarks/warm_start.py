@@ -30,6 +30,7 @@ seconds in units of the median training step.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import os
@@ -80,14 +81,16 @@ class Module(pl.LightningModule):
 
 
 def setup(
-    name: str, steps: int, quick: bool, probe_samples: int = 16
+    name: str, steps: int, quick: bool, probe_samples: int = 16, seed: int = 0
 ) -> tuple[Module, DataLoader, DataLoader, float]:
     """(module, train loader, probe loader, grad clip): bench_cpu's models, data and probes.
 
-    ``probe_samples`` sizes the ResNet-18's probe set (held-out samples in batches of 16, the
-    training batch size, so that BatchNorm normalises each as in training).
+    ``probe_samples`` (a multiple of 16) sizes the ResNet-18's probe set: held-out samples in
+    batches of 16, the training batch size, so that BatchNorm normalises each as in training.
+    The training data and the first 16 probe samples do not depend on it; the others come from
+    a generator of their own. ``seed`` seeds the networks' initialisation (not the data).
     """
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     if name == "resnet":
         from sklearn.datasets import load_digits
 
@@ -107,10 +110,16 @@ def setup(
 
         g = torch.Generator().manual_seed(4)
         templates = torch.randn(10, 3, 32, 32, generator=g)  # a learnable synthetic task
-        y = torch.randint(0, 10, (16 * steps + probe_samples,), generator=g)
+        y = torch.randint(0, 10, (16 * steps + 16,), generator=g)
         x = templates[y] + 2.0 * torch.randn(len(y), 3, 32, 32, generator=g)
-        train = TensorDataset(x[:-probe_samples], y[:-probe_samples])
-        probe = TensorDataset(x[-probe_samples:], y[-probe_samples:])
+        train = TensorDataset(x[:-16], y[:-16])
+        px, py = x[-16:], y[-16:]
+        if probe_samples > 16:  # more of the same task, without changing the training data
+            h = torch.Generator().manual_seed(5)
+            more = torch.randint(0, 10, (probe_samples - 16,), generator=h)
+            noise = torch.randn(len(more), 3, 32, 32, generator=h)
+            px, py = torch.cat([px, templates[more] + 2.0 * noise]), torch.cat([py, more])
+        probe = TensorDataset(px, py)
         net = TorchvisionResNet18(width=16 if quick else 64)
         loader = DataLoader(train, batch_size=16)  # a fresh batch every step
         return Module(net, cnn_loss, 0.05), loader, DataLoader(probe, batch_size=16), 0.0
@@ -292,11 +301,13 @@ def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
     monitor = ll.LandscapeMonitor(
         every_n_steps=args.every, probe_dataloader=probe, tensorboard_layout=False
     )
-    if args.criterion != "residual":
-        sharpness = ll.Sharpness(criterion=args.criterion, every_n_steps=args.every)
-        defaults = [p for p in monitor.probes if not isinstance(p, ll.Sharpness)]
+    if args.criterion != "residual":  # the default Sharpness probe, with another criterion
+        sharpness = copy.copy(monitor.sharpness)
+        assert sharpness is not None
+        sharpness.criterion = args.criterion
+        others = [p for p in monitor.probes if not isinstance(p, ll.Sharpness)]
         monitor = ll.LandscapeMonitor(
-            probes=[sharpness, *defaults], probe_dataloader=probe, tensorboard_layout=False
+            probes=[sharpness, *others], probe_dataloader=probe, tensorboard_layout=False
         )
     timer = _StepTimer()
     per_probe: dict[str, list[int]] = {type(p).__name__: [] for p in monitor.probes}
@@ -356,8 +367,8 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
         "--probe-samples",
         type=int,
         default=16,
-        help="resnet18's probe samples, in batches of 16 (default 16; the monitor's own default "
-        "num_probe_samples is 256)",
+        help="resnet18's probe samples, a multiple of 16, in batches of 16 (default 16; the "
+        "monitor's own default num_probe_samples is 256)",
     )
     ap.add_argument("--out", default=None, help="write rows + metadata to this JSON path")
     ap.add_argument("--quick", action="store_true", help="small smoke run (< 60 s)")
@@ -391,6 +402,8 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
         help="the Trainer's one device (default cpu; gpu: the first CUDA device)",
     )
     args = ap.parse_args(argv)
+    if args.probe_samples < 16 or args.probe_samples % 16:
+        ap.error(f"--probe-samples must be a positive multiple of 16, got {args.probe_samples}")
     args.steps = args.steps or (60 if args.quick else 300)
     args.every = args.every or (15 if args.quick else 20)
     return args
