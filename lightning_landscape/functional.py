@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ._validate import optional_integer
-from .context import curvature_context
+from .context import NormStatistics, curvature_context
 from .operators import (
     CurvatureOperator,
     DistributedOperator,
@@ -42,6 +42,7 @@ def _hessian(
     distributed: bool | None,
     timeout: datetime.timedelta | None,
     micro_batch_size: int | None = None,
+    norm_statistics: NormStatistics = "running",
 ) -> Iterator[CurvatureOperator]:
     """A Hessian operator on one batch, inside the curvature context, released on exit.
 
@@ -49,10 +50,11 @@ def _hessian(
     False) every rank's batch is a shard and the operator is the sample-weighted mean over ranks.
     With ``micro_batch_size`` the batch is split into micro-batches whose graphs are built one at
     a time (the memory of one micro-batch, one extra forward and backward pass per product).
+    ``norm_statistics`` goes to :func:`~lightning_landscape.curvature_context`.
     """
     optional_integer("micro_batch_size", micro_batch_size)
     batches = [batch] if micro_batch_size is None else split_batch(batch, micro_batch_size)
-    with curvature_context(model, eval_mode=eval_mode):
+    with curvature_context(model, eval_mode=eval_mode, norm_statistics=norm_statistics):
         local = HessianOperator(model, loss_fn, batches, params=params, route=route)
         try:
             use_dist = distributed_world() > 1 if distributed is None else distributed
@@ -82,6 +84,7 @@ def hessian_eigenvalues(
     route: HVPRoute = "auto",
     seed: int = 0,
     eval_mode: bool = True,
+    norm_statistics: NormStatistics = "running",
     distributed: bool | None = None,
     timeout: datetime.timedelta | None = None,
     micro_batch_size: int | None = None,
@@ -89,9 +92,10 @@ def hessian_eigenvalues(
     """Extreme eigenvalues of the loss Hessian on one probe batch.
 
     The Hessian is that of ``loss_fn(model, batch)`` with respect to ``params`` (default: all
-    trainable parameters), evaluated with the model in ``eval()`` mode, autocast off and the math
-    attention backend (see :func:`~lightning_landscape.curvature_context`); the model, its
-    ``.grad`` and every RNG are left exactly as they were.
+    trainable parameters), evaluated with the model in ``eval()`` mode (BatchNorm on its running
+    statistics unless ``norm_statistics="batch"``), autocast off and the math attention backend
+    (see :func:`~lightning_landscape.curvature_context`); the model, its ``.grad`` and every RNG
+    are left exactly as they were.
 
     Args:
         model: the model.
@@ -115,6 +119,13 @@ def hessian_eigenvalues(
             or ``"finite_difference"`` (see :class:`~lightning_landscape.HessianOperator`).
         seed: seed of the private generator for the random start vector.
         eval_mode: probe in ``eval()`` mode (default) or in the model's current modes.
+        norm_statistics: with ``eval_mode``, how BatchNorm-type layers normalise.
+            ``"running"`` (default): with their running statistics, the function evaluation
+            computes. ``"batch"``: each batch (each micro-batch with ``micro_batch_size``)
+            with its own statistics, as in training, leaving the running statistics alone.
+            That is the Hessian of the loss training optimises, whose λ_max governs its
+            stability, and what :class:`~lightning_landscape.LandscapeMonitor` measures by
+            default; early in training the two can differ by orders of magnitude.
         distributed: treat ``batch`` as this rank's shard and return the result for the union
             of all ranks' shards (one all-reduce per Hessian-vector product). ``None``: yes
             when called inside an initialised process group with more than one rank.
@@ -122,15 +133,18 @@ def hessian_eigenvalues(
         micro_batch_size: memory cap: split ``batch`` into micro-batches of at most this many
             samples, whose gradient graphs are built one at a time on every product (peak
             memory of one micro-batch instead of the whole batch, at one extra forward and
-            backward pass per micro-batch per product). The Hessian is the same (for models
-            whose forward pass does not couple samples, e.g. no train-mode BatchNorm).
+            backward pass per micro-batch per product). The Hessian is the same for models
+            whose forward pass does not couple samples; with BatchNorm and
+            ``norm_statistics="batch"`` it is the sample-weighted mean of the micro-batches'
+            Hessians, each normalised with its own statistics.
 
     Returns:
         An :class:`~lightning_landscape.results.EigenResult`; check ``.converged``.
 
     Raises:
         ValueError: for k < 1 or larger than the number of parameters, tol <= 0, an unknown
-            ``which``/``criterion``/``route``, unknown parameter names, no trainable
+            ``which``/``criterion``/``route``/``norm_statistics``, unknown parameter names, no
+            trainable
             parameters, a loss that is not a scalar, or an invalid ``max_basis_bytes`` or
             ``micro_batch_size``.
         TypeError: if ``loss_fn`` does not return a tensor.
@@ -146,7 +160,16 @@ def hessian_eigenvalues(
         tensor([9., 4.], dtype=torch.float64)
     """
     with _hessian(
-        model, loss_fn, batch, params, route, eval_mode, distributed, timeout, micro_batch_size
+        model,
+        loss_fn,
+        batch,
+        params,
+        route,
+        eval_mode,
+        distributed,
+        timeout,
+        micro_batch_size,
+        norm_statistics,
     ) as op:
         return lanczos(
             op,
@@ -173,6 +196,7 @@ def hessian_trace(
     route: HVPRoute = "auto",
     seed: int = 0,
     eval_mode: bool = True,
+    norm_statistics: NormStatistics = "running",
     distributed: bool | None = None,
     timeout: datetime.timedelta | None = None,
     micro_batch_size: int | None = None,
@@ -189,6 +213,13 @@ def hessian_trace(
             or ``"finite_difference"`` (see :class:`~lightning_landscape.HessianOperator`).
         seed: seed of the private generator for the random probes.
         eval_mode: probe in ``eval()`` mode (default) or in the model's current modes.
+        norm_statistics: with ``eval_mode``, how BatchNorm-type layers normalise.
+            ``"running"`` (default): with their running statistics, the function evaluation
+            computes. ``"batch"``: each batch (each micro-batch with ``micro_batch_size``)
+            with its own statistics, as in training, leaving the running statistics alone.
+            That is the Hessian of the loss training optimises, whose λ_max governs its
+            stability, and what :class:`~lightning_landscape.LandscapeMonitor` measures by
+            default; early in training the two can differ by orders of magnitude.
         distributed: treat ``batch`` as this rank's shard and return the result for the union
             of all ranks' shards (one all-reduce per Hessian-vector product). ``None``: yes
             when called inside an initialised process group with more than one rank.
@@ -196,15 +227,17 @@ def hessian_trace(
         micro_batch_size: memory cap: split ``batch`` into micro-batches of at most this many
             samples, whose gradient graphs are built one at a time on every product (peak
             memory of one micro-batch instead of the whole batch, at one extra forward and
-            backward pass per micro-batch per product). The Hessian is the same (for models
-            whose forward pass does not couple samples, e.g. no train-mode BatchNorm).
+            backward pass per micro-batch per product). The Hessian is the same for models
+            whose forward pass does not couple samples; with BatchNorm and
+            ``norm_statistics="batch"`` it is the sample-weighted mean of the micro-batches'
+            Hessians, each normalised with its own statistics.
 
     Returns:
         A :class:`~lightning_landscape.results.TraceResult`.
 
     Raises:
-        ValueError: for num_hvps < 3, unknown parameter names, no trainable parameters or a
-            non-scalar loss.
+        ValueError: for num_hvps < 3, an unknown ``route`` or ``norm_statistics``, unknown
+            parameter names, no trainable parameters or a non-scalar loss.
 
     Example:
         >>> import torch
@@ -217,6 +250,15 @@ def hessian_trace(
         14.0
     """
     with _hessian(
-        model, loss_fn, batch, params, route, eval_mode, distributed, timeout, micro_batch_size
+        model,
+        loss_fn,
+        batch,
+        params,
+        route,
+        eval_mode,
+        distributed,
+        timeout,
+        micro_batch_size,
+        norm_statistics,
     ) as op:
         return hutchpp_trace(op, num_hvps, seed=seed)

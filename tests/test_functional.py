@@ -3,6 +3,7 @@ the guarantee that a probe leaves the model, its gradients and every RNG untouch
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import random
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_landscape import hessian_eigenvalues, hessian_trace
+from lightning_landscape.operators import LossFn
 from tests._models import (
     KINDS,
     classification_loss,
@@ -316,6 +318,7 @@ def _per_sample_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
         ({"loss_fn": lambda m, b: 1.0}, TypeError, "Tensor"),
         ({"micro_batch_size": 0}, ValueError, "micro_batch_size"),
         ({"max_basis_bytes": 8}, ValueError, "max_basis_bytes=8 holds 0 vectors"),
+        ({"norm_statistics": "train"}, ValueError, "norm_statistics"),
     ],
 )
 def test_hessian_eigenvalues_errors(kwargs: dict, exc: type, match: str) -> None:  # type: ignore[type-arg]
@@ -360,3 +363,52 @@ def test_hessian_trace_errors(kwargs: dict, match: str) -> None:  # type: ignore
     loss_fn = args.pop("loss_fn")
     with pytest.raises(ValueError, match=match):
         hessian_trace(model, loss_fn, batch, **args)
+
+
+# --------------------------------------------------------------------------------------------------
+# BatchNorm: running or batch statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def _batch_statistics_hessian(
+    model: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, Tensor]
+) -> Tensor:
+    """Dense Hessian with every BatchNorm normalising ``batch`` with its own statistics."""
+    twin = copy.deepcopy(model).train()
+    for m in twin.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False  # batch statistics, and nothing updated in place
+    return dense_hessian(twin, loss_fn, batch).detach()
+
+
+def test_batch_statistics_give_the_training_hessian() -> None:
+    model, loss_fn, batch = make_model("cnn")
+    buffers = [b.clone() for b in model.buffers()]
+    top = torch.linalg.eigvalsh(_batch_statistics_hessian(model, loss_fn, batch)).flip(0)[:2]
+    res = hessian_eigenvalues(model, loss_fn, batch, 2, tol=1e-10, norm_statistics="batch")
+    torch.testing.assert_close(res.eigenvalues, top, rtol=1e-8, atol=0)
+    # The default measures the running statistics' Hessian, which differs on this model.
+    running = hessian_eigenvalues(model, loss_fn, batch, 2, tol=1e-10)
+    torch.testing.assert_close(
+        running.eigenvalues, _expected("cnn", 2, "largest"), rtol=1e-8, atol=0
+    )
+    assert not torch.allclose(running.eigenvalues, top, rtol=1e-3)
+    assert not any(m.training for m in model.modules())  # modes and statistics left alone
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers, strict=True))
+    assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_batch_statistics_with_micro_batches_average_their_hessians() -> None:
+    model, loss_fn, (x, y) = make_model("cnn")
+    halves = [(x[:8], y[:8]), (x[8:], y[8:])]
+    dense = sum(_batch_statistics_hessian(model, loss_fn, h) for h in halves) / 2
+    assert isinstance(dense, Tensor)
+    top = torch.linalg.eigvalsh(dense).flip(0)[:1]
+    res = hessian_eigenvalues(
+        model, loss_fn, (x, y), 1, tol=1e-10, norm_statistics="batch", micro_batch_size=8
+    )
+    torch.testing.assert_close(res.eigenvalues, top, rtol=1e-8, atol=0)
+    tr = hessian_trace(
+        model, loss_fn, (x, y), num_hvps=60, norm_statistics="batch", micro_batch_size=8
+    )
+    assert abs(tr.trace - float(torch.trace(dense))) <= 4 * tr.stderr + 1e-9
