@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._validate import optional_integer
-from .context import NormStatistics, curvature_context
+from ._validate import choice, optional_integer
+from .context import NORM_STATISTICS, NormStatistics, curvature_context, running_stat_norms
 from .operators import (
     CurvatureOperator,
     DistributedOperator,
@@ -50,10 +50,22 @@ def _hessian(
     False) every rank's batch is a shard and the operator is the sample-weighted mean over ranks.
     With ``micro_batch_size`` the batch is split into micro-batches whose graphs are built one at
     a time (the memory of one micro-batch, one extra forward and backward pass per product).
-    ``norm_statistics`` goes to :func:`~lightning_landscape.curvature_context`.
+    ``norm_statistics`` goes to :func:`~lightning_landscape.curvature_context`; with ``"batch"``
+    and normalisation layers, a one-sample remainder joins the micro-batch before it (train-mode
+    BatchNorm needs two samples), as the monitor's chunks do.
     """
     optional_integer("micro_batch_size", micro_batch_size)
-    batches = [batch] if micro_batch_size is None else split_batch(batch, micro_batch_size)
+    choice("norm_statistics", norm_statistics, NORM_STATISTICS)
+    batch_stats = norm_statistics == "batch" and bool(running_stat_norms(model))
+    if batch_stats and not eval_mode:
+        raise ValueError(
+            "norm_statistics='batch' switches the normalisation layers of an eval() model to "
+            "batch statistics; with eval_mode=False the model keeps its own modes, so pass "
+            "eval_mode=True (the default) or norm_statistics='running'."
+        )
+    batches = [batch]
+    if micro_batch_size is not None:
+        batches = split_batch(batch, micro_batch_size, min_size=2 if batch_stats else 1)
     with curvature_context(model, eval_mode=eval_mode, norm_statistics=norm_statistics):
         local = HessianOperator(model, loss_fn, batches, params=params, route=route)
         try:
@@ -119,13 +131,16 @@ def hessian_eigenvalues(
             or ``"finite_difference"`` (see :class:`~lightning_landscape.HessianOperator`).
         seed: seed of the private generator for the random start vector.
         eval_mode: probe in ``eval()`` mode (default) or in the model's current modes.
-        norm_statistics: with ``eval_mode``, how BatchNorm-type layers normalise.
-            ``"running"`` (default): with their running statistics, the function evaluation
-            computes. ``"batch"``: each batch (each micro-batch with ``micro_batch_size``)
-            with its own statistics, as in training, leaving the running statistics alone.
-            That is the Hessian of the loss training optimises, whose λ_max governs its
-            stability, and what :class:`~lightning_landscape.LandscapeMonitor` measures by
-            default; early in training the two can differ by orders of magnitude.
+        norm_statistics: how BatchNorm layers (and InstanceNorm with running statistics)
+            normalise; models without them get the same Hessian either way. ``"running"``
+            (default): with their running statistics, the function evaluation computes.
+            ``"batch"`` (needs ``eval_mode``): each batch (each micro-batch with
+            ``micro_batch_size``; under ``distributed`` each rank's shard) with its own
+            statistics, leaving the running statistics alone. With the batch or
+            ``micro_batch_size`` at the training batch size that is the Hessian of the loss
+            training optimises, whose λ_max governs its stability, and what
+            :class:`~lightning_landscape.LandscapeMonitor` measures by default; early in
+            training the two can differ by orders of magnitude.
         distributed: treat ``batch`` as this rank's shard and return the result for the union
             of all ranks' shards (one all-reduce per Hessian-vector product). ``None``: yes
             when called inside an initialised process group with more than one rank.
@@ -143,8 +158,9 @@ def hessian_eigenvalues(
 
     Raises:
         ValueError: for k < 1 or larger than the number of parameters, tol <= 0, an unknown
-            ``which``/``criterion``/``route``/``norm_statistics``, unknown parameter names, no
-            trainable
+            ``which``/``criterion``/``route``/``norm_statistics``, ``norm_statistics="batch"``
+            with ``eval_mode=False`` on a model with normalisation layers, unknown parameter
+            names, no trainable
             parameters, a loss that is not a scalar, or an invalid ``max_basis_bytes`` or
             ``micro_batch_size``.
         TypeError: if ``loss_fn`` does not return a tensor.
@@ -213,13 +229,16 @@ def hessian_trace(
             or ``"finite_difference"`` (see :class:`~lightning_landscape.HessianOperator`).
         seed: seed of the private generator for the random probes.
         eval_mode: probe in ``eval()`` mode (default) or in the model's current modes.
-        norm_statistics: with ``eval_mode``, how BatchNorm-type layers normalise.
-            ``"running"`` (default): with their running statistics, the function evaluation
-            computes. ``"batch"``: each batch (each micro-batch with ``micro_batch_size``)
-            with its own statistics, as in training, leaving the running statistics alone.
-            That is the Hessian of the loss training optimises, whose λ_max governs its
-            stability, and what :class:`~lightning_landscape.LandscapeMonitor` measures by
-            default; early in training the two can differ by orders of magnitude.
+        norm_statistics: how BatchNorm layers (and InstanceNorm with running statistics)
+            normalise; models without them get the same Hessian either way. ``"running"``
+            (default): with their running statistics, the function evaluation computes.
+            ``"batch"`` (needs ``eval_mode``): each batch (each micro-batch with
+            ``micro_batch_size``; under ``distributed`` each rank's shard) with its own
+            statistics, leaving the running statistics alone. With the batch or
+            ``micro_batch_size`` at the training batch size that is the Hessian of the loss
+            training optimises, whose λ_max governs its stability, and what
+            :class:`~lightning_landscape.LandscapeMonitor` measures by default; early in
+            training the two can differ by orders of magnitude.
         distributed: treat ``batch`` as this rank's shard and return the result for the union
             of all ranks' shards (one all-reduce per Hessian-vector product). ``None``: yes
             when called inside an initialised process group with more than one rank.
@@ -236,8 +255,9 @@ def hessian_trace(
         A :class:`~lightning_landscape.results.TraceResult`.
 
     Raises:
-        ValueError: for num_hvps < 3, an unknown ``route`` or ``norm_statistics``, unknown
-            parameter names, no trainable parameters or a non-scalar loss.
+        ValueError: for num_hvps < 3, an unknown ``route`` or ``norm_statistics``,
+            ``norm_statistics="batch"`` with ``eval_mode=False`` on a model with normalisation
+            layers, unknown parameter names, no trainable parameters or a non-scalar loss.
 
     Example:
         >>> import torch

@@ -355,6 +355,7 @@ def test_k_too_large_for_subset_names_subset_size() -> None:
         ({"num_hvps": 2}, "num_hvps"),
         ({"params": ["nope"]}, "'nope'"),
         ({"loss_fn": _per_sample_loss}, "scalar"),
+        ({"norm_statistics": "train"}, "norm_statistics"),
     ],
 )
 def test_hessian_trace_errors(kwargs: dict, match: str) -> None:  # type: ignore[type-arg]
@@ -408,7 +409,40 @@ def test_batch_statistics_with_micro_batches_average_their_hessians() -> None:
         model, loss_fn, (x, y), 1, tol=1e-10, norm_statistics="batch", micro_batch_size=8
     )
     torch.testing.assert_close(res.eigenvalues, top, rtol=1e-8, atol=0)
+    buffers = [b.clone() for b in model.buffers()]
     tr = hessian_trace(
         model, loss_fn, (x, y), num_hvps=60, norm_statistics="batch", micro_batch_size=8
     )
     assert abs(tr.trace - float(torch.trace(dense))) <= 4 * tr.stderr + 1e-9
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers, strict=True))
+
+
+def test_batch_statistics_keep_two_samples_in_the_last_micro_batch() -> None:
+    # BatchNorm1d in train mode refuses a one-sample batch: 5 samples in micro-batches of 2 are
+    # normalised as 2 + 3, not 2 + 2 + 1.
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))
+    model = model.to(F64).eval()
+    x, y = torch.randn(5, 3, generator=gen, dtype=F64), torch.tensor([0, 1, 1, 0, 1])
+    loss_fn = classification_loss
+    pieces = [(x[:2], y[:2]), (x[2:], y[2:])]
+    dense = sum(
+        n / 5 * _batch_statistics_hessian(model, loss_fn, p)
+        for n, p in zip((2, 3), pieces, strict=True)
+    )
+    assert isinstance(dense, Tensor)
+    res = hessian_eigenvalues(
+        model, loss_fn, (x, y), 1, tol=1e-10, norm_statistics="batch", micro_batch_size=2
+    )
+    torch.testing.assert_close(
+        res.eigenvalues, torch.linalg.eigvalsh(dense).flip(0)[:1], rtol=1e-8, atol=0
+    )
+
+
+def test_batch_statistics_need_eval_mode_where_there_is_batchnorm() -> None:
+    model, loss_fn, batch = make_model("cnn")
+    with pytest.raises(ValueError, match="eval_mode=True"):
+        hessian_eigenvalues(model, loss_fn, batch, 1, norm_statistics="batch", eval_mode=False)
+    mlp, mlp_loss, mlp_data = make_model("mlp")  # no normalisation layers: nothing to switch
+    res = hessian_eigenvalues(mlp, mlp_loss, mlp_data, 1, tol=1e-10, norm_statistics="batch")
+    torch.testing.assert_close(res.eigenvalues, _expected("mlp", 1, "largest"), rtol=1e-8, atol=0)
