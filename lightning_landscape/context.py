@@ -150,6 +150,36 @@ def running_stat_norms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
 
 
+def check_norm_statistics(
+    model: nn.Module, eval_mode: bool, norm_statistics: NormStatistics
+) -> bool:
+    """Validate a one-call function's ``norm_statistics``: whether layers go to batch statistics.
+
+    Args:
+        model: the module to probe.
+        eval_mode: the call's ``eval_mode``.
+        norm_statistics: ``"running"`` or ``"batch"``.
+
+    Returns:
+        True when :func:`curvature_context` will switch normalisation layers of ``model`` to
+        batch statistics (``"batch"`` and at least one such layer).
+
+    Raises:
+        ValueError: for an unknown ``norm_statistics``, or ``"batch"`` with ``eval_mode=False``
+            on a model with such layers (the context would leave their modes alone, so the
+            argument would be silently ignored).
+    """
+    choice("norm_statistics", norm_statistics, NORM_STATISTICS)
+    switched = norm_statistics == "batch" and bool(running_stat_norms(model))
+    if switched and not eval_mode:
+        raise ValueError(
+            "norm_statistics='batch' switches the normalisation layers of an eval() model to "
+            "batch statistics; with eval_mode=False the model keeps its own modes, so pass "
+            "eval_mode=True (the default) or norm_statistics='running'."
+        )
+    return switched
+
+
 def _compiled(model: nn.Module) -> list[nn.Module]:
     from torch._dynamo.eval_frame import OptimizedModule
 

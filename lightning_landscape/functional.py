@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._validate import choice, optional_integer
-from .context import NORM_STATISTICS, NormStatistics, curvature_context, running_stat_norms
+from ._validate import optional_integer
+from .context import NormStatistics, check_norm_statistics, curvature_context
 from .operators import (
     CurvatureOperator,
     DistributedOperator,
@@ -55,14 +55,7 @@ def _hessian(
     BatchNorm needs two samples), as the monitor's chunks do.
     """
     optional_integer("micro_batch_size", micro_batch_size)
-    choice("norm_statistics", norm_statistics, NORM_STATISTICS)
-    batch_stats = norm_statistics == "batch" and bool(running_stat_norms(model))
-    if batch_stats and not eval_mode:
-        raise ValueError(
-            "norm_statistics='batch' switches the normalisation layers of an eval() model to "
-            "batch statistics; with eval_mode=False the model keeps its own modes, so pass "
-            "eval_mode=True (the default) or norm_statistics='running'."
-        )
+    batch_stats = check_norm_statistics(model, eval_mode, norm_statistics)
     batches = [batch]
     if micro_batch_size is not None:
         batches = split_batch(batch, micro_batch_size, min_size=2 if batch_stats else 1)
@@ -229,16 +222,8 @@ def hessian_trace(
             or ``"finite_difference"`` (see :class:`~lightning_landscape.HessianOperator`).
         seed: seed of the private generator for the random probes.
         eval_mode: probe in ``eval()`` mode (default) or in the model's current modes.
-        norm_statistics: how BatchNorm layers (and InstanceNorm with running statistics)
-            normalise; models without them get the same Hessian either way. ``"running"``
-            (default): with their running statistics, the function evaluation computes.
-            ``"batch"`` (needs ``eval_mode``): each batch (each micro-batch with
-            ``micro_batch_size``; under ``distributed`` each rank's shard) with its own
-            statistics, leaving the running statistics alone. With the batch or
-            ``micro_batch_size`` at the training batch size that is the Hessian of the loss
-            training optimises, whose λ_max governs its stability, and what
-            :class:`~lightning_landscape.LandscapeMonitor` measures by default; early in
-            training the two can differ by orders of magnitude.
+        norm_statistics: ``"running"`` (default) or ``"batch"``, as in
+            :func:`hessian_eigenvalues`.
         distributed: treat ``batch`` as this rank's shard and return the result for the union
             of all ranks' shards (one all-reduce per Hessian-vector product). ``None``: yes
             when called inside an initialised process group with more than one rank.

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import integer
-from ..context import curvature_context
+from ..context import NormStatistics, check_norm_statistics, curvature_context
 from ..operators import HessianOperator, HVPRoute, LossFn, check_scalar_loss
 from ..operators.hessian import eager_route
 from ._fit import assess_fit, fit_power_law
@@ -315,6 +315,7 @@ def curvature_exponents(
     layer_types: Mapping[str, str] | None = None,
     route: HVPRoute = "auto",
     eval_mode: bool = True,
+    norm_statistics: NormStatistics = "running",
 ) -> dict[str, AlphaResult]:
     """Per-layer curvature exponent α on one fixed probe batch.
 
@@ -344,13 +345,20 @@ def curvature_exponents(
             (``"compiled"`` means ``"functorch"`` here: every layer has its own operator, which
             would compile a graph of its own).
         eval_mode: probe in ``eval()`` mode (default) or in the model's current modes.
+        norm_statistics: how BatchNorm layers (and InstanceNorm with running statistics)
+            normalise: ``"running"`` (default), or ``"batch"`` (needs ``eval_mode``) to
+            normalise ``batch`` with its own statistics, as training does at that batch size,
+            leaving the running statistics alone (see
+            :func:`~lightning_landscape.hessian_eigenvalues`).
 
     Returns:
         ``{parameter name: AlphaResult}`` in ``model.named_parameters()`` order.
 
     Raises:
         ValueError: for ``top_k < 1``, a layer pattern that matches no parameter with at least 2
-            dimensions, an unknown layer type in ``layer_types``, or a non-scalar loss.
+            dimensions, an unknown layer type in ``layer_types``, a non-scalar loss, an unknown
+            ``norm_statistics``, or ``"batch"`` with ``eval_mode=False`` on a model with
+            normalisation layers.
 
     Example::
 
@@ -360,6 +368,7 @@ def curvature_exponents(
         group_alphas(results)  # {"conv": 2.03, "head": 1.41, ...}
     """
     integer("top_k", top_k)
+    check_norm_statistics(model, eval_mode, norm_statistics)
     overrides = dict(layer_types or {})
     bad = {t for t in overrides.values() if t not in LAYER_TYPES}
     if bad:
@@ -367,7 +376,7 @@ def curvature_exponents(
     names = resolve_layers(model, layers)
     params = dict(model.named_parameters())
     results: dict[str, AlphaResult] = {}
-    with curvature_context(model, eval_mode=eval_mode):
+    with curvature_context(model, eval_mode=eval_mode, norm_statistics=norm_statistics):
         outputs: list[Any] = []
         hook = model.register_forward_hook(lambda _m, _i, out: outputs.append(out))
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -44,6 +45,28 @@ def test_h_matches_dense_layer_block_hessian(kind: str, name: str) -> None:
     assert res.shape == tuple(g2.shape)
     assert float(res.h.abs().max()) > 1e-4  # a non-trivial check
     assert res.kept.dtype == torch.bool and res.sigma.dtype == torch.float64
+
+
+def test_batch_statistics_h_matches_the_training_hessian() -> None:
+    model, loss_fn, batch = make_model("cnn")  # BatchNorm with running statistics
+    name = "conv.weight"
+    twin = copy.deepcopy(model).train()  # BatchNorm on the batch's statistics, nothing updated
+    twin.bn.track_running_stats = False
+    buffers = [b.clone() for b in model.buffers()]
+    res = ll.curvature_exponents(
+        model, loss_fn, batch, top_k=20, layers=[name], norm_statistics="batch"
+    )[name]
+    u, sigma, vh = torch.linalg.svd(_mean_grad(twin, loss_fn, batch, name), full_matrices=False)
+    torch.testing.assert_close(res.sigma, sigma[: len(res.sigma)])
+    hess = dense_hessian(twin, loss_fn, batch, params=[name]).detach()
+    for k in range(len(res.h)):
+        d = torch.outer(u[:, k], vh[k]).reshape(-1)
+        assert math.isclose(float(res.h[k]), float(d @ hess @ d), rel_tol=1e-8, abs_tol=1e-12)
+    running = ll.curvature_exponents(model, loss_fn, batch, top_k=20, layers=[name])[name]
+    assert not torch.allclose(running.h, res.h, rtol=1e-3)  # the default differs on this model
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers, strict=True))
+    with pytest.raises(ValueError, match="eval_mode=True"):
+        ll.curvature_exponents(model, loss_fn, batch, norm_statistics="batch", eval_mode=False)
 
 
 def test_transformers_conv1d_is_read_as_its_linear_map_and_tied_weights_once() -> None:
