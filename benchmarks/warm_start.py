@@ -321,9 +321,7 @@ def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "model": name,
         "params": sum(p.numel() for p in module.parameters()),
         "probes": [type(p).__name__ for p in monitor.probes],
-        "sharpness_criterion": next(
-            p.criterion for p in monitor.probes if isinstance(p, ll.Sharpness)
-        ),
+        "sharpness_criterion": monitor.sharpness.criterion if monitor.sharpness else None,
         "median_step_seconds": step,
         "round_seconds": [r.seconds for r in monitor.history],
         "round_hvps": [r.num_hvps for r in monitor.history],

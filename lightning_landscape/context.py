@@ -150,6 +150,20 @@ def running_stat_norms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
 
 
+def batch_statistics(model: nn.Module, norm_statistics: NormStatistics) -> bool:
+    """Whether ``norm_statistics`` puts any layer of ``model`` on batch statistics.
+
+    Args:
+        model: the module to probe.
+        norm_statistics: ``"running"`` or ``"batch"``.
+
+    Returns:
+        True for ``"batch"`` on a model with at least one :func:`running_stat_norms` layer: its
+        probe data must then come in chunks of the training batch size, of two samples or more.
+    """
+    return norm_statistics == "batch" and bool(running_stat_norms(model))
+
+
 def check_norm_statistics(
     model: nn.Module, eval_mode: bool, norm_statistics: NormStatistics
 ) -> bool:
@@ -170,7 +184,7 @@ def check_norm_statistics(
             argument would be silently ignored).
     """
     choice("norm_statistics", norm_statistics, NORM_STATISTICS)
-    switched = norm_statistics == "batch" and bool(running_stat_norms(model))
+    switched = batch_statistics(model, norm_statistics)
     if switched and not eval_mode:
         raise ValueError(
             "norm_statistics='batch' switches the normalisation layers of an eval() model to "

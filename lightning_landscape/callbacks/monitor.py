@@ -31,9 +31,9 @@ from .._validate import choice, flag, integer, optional_integer, patterns, real
 from ..context import (
     NORM_STATISTICS,
     NormStatistics,
+    batch_statistics,
     compiled_modules,
     curvature_context,
-    running_stat_norms,
 )
 from ..operators import (
     ROUTES,
@@ -551,7 +551,7 @@ class LandscapeMonitor(Callback):
         # Single-batch measurements (α, slices) take the probe set as one batch ...
         whole = batches[0] if len(batches) == 1 else sample
         chunk, self._retain_graph = self.probe_micro_batch_size, None
-        statistics = self.norm_statistics == "batch" and bool(running_stat_norms(pl_module))
+        statistics = batch_statistics(pl_module, self.norm_statistics)
         if chunk is None and statistics and own_data:
             chunk = _train_batch_size(trainer)
             if chunk is None:

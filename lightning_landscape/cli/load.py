@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from ..callbacks.data import silenced, training_step_loss
-from ..context import NormStatistics, curvature_context, fork_rng, running_stat_norms
+from ..context import NormStatistics, batch_statistics, curvature_context, fork_rng
 from ..operators import LossFn, batch_size, split_batch
 from ..probes import ProbeContext, check_products
 from .output import warn
@@ -423,7 +423,7 @@ class Setup:
             ``(batches, retain_graph)``.
         """
         size = self.train_batch_size
-        if norm_statistics == "batch" and running_stat_norms(self.model) and size:
+        if batch_statistics(self.model, norm_statistics) and size:
             return split_batch(self.batch, size, min_size=2), True
         return [self.batch], None
 
