@@ -17,13 +17,16 @@ buffers (BatchNorm running statistics). Probes never touch optimizer state.
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import nn
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from ._validate import choice
@@ -150,6 +153,38 @@ def running_stat_norms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
 
 
+def synchronised_batch_norms(model: nn.Module) -> list[nn.SyncBatchNorm]:
+    """The ``SyncBatchNorm`` layers that would synchronise their batch statistics across ranks.
+
+    In train mode such a layer all-reduces the statistics over its process group when that
+    group has more than one rank. PyTorch cannot differentiate that twice (its backward calls
+    ``batch_norm_backward_elemt``, which has no derivative: pytorch#61222), so with
+    ``norm_statistics="batch"`` :func:`curvature_context` normalises each rank's batch with its
+    own statistics instead, as ``BatchNorm`` under DDP does.
+
+    Args:
+        model: the module.
+
+    Returns:
+        Its ``SyncBatchNorm`` layers whose process group (default: the world) has more than one
+        rank; empty outside an initialised process group.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return []
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.SyncBatchNorm)
+        and dist.get_world_size(m.process_group or dist.group.WORLD) > 1
+    ]
+
+
+def _local_batch_norm(norm: nn.SyncBatchNorm, input: Tensor) -> Tensor:
+    """``norm`` on ``input``'s own batch statistics (its forward without a process group)."""
+    norm._check_input_dim(input)
+    return F.batch_norm(input, None, None, norm.weight, norm.bias, True, 0.0, norm.eps)
+
+
 def batch_statistics(model: nn.Module, norm_statistics: NormStatistics) -> bool:
     """Whether ``norm_statistics`` puts any layer of ``model`` on batch statistics.
 
@@ -263,8 +298,11 @@ def curvature_context(
         norm_statistics: with ``eval_mode``, ``"running"`` leaves BatchNorm-type layers in eval
             mode too (their running statistics), ``"batch"`` puts them in train mode without
             tracking, so they normalise each batch with its own statistics, as in training,
-            and never update their running statistics. With ``eval_mode=False`` the buffers are
-            copied and restored on exit (a train-mode forward pass updates them).
+            and never update their running statistics. A ``SyncBatchNorm`` whose process group
+            has several ranks then normalises with this rank's statistics alone
+            (:func:`synchronised_batch_norms`: PyTorch cannot differentiate its synchronised
+            forward twice). With ``eval_mode=False`` the buffers are copied and restored on
+            exit (a train-mode forward pass updates them).
 
     Yields:
         The model, prepared for probing.
@@ -286,6 +324,9 @@ def curvature_context(
     grads = [p.grad for p in params]
     flags = [p.requires_grad for p in params]
     batch_stats = running_stat_norms(model) if eval_mode and norm_statistics == "batch" else []
+    local = synchronised_batch_norms(model) if batch_stats else []
+    missing = object()
+    forwards = [(m, m.__dict__.get("forward", missing)) for m in local]
     # In train mode a forward pass may update buffers (BatchNorm running statistics): keep copies.
     buffers = [(b, b.detach().clone()) for b in model.buffers()] if not eval_mode else []
     for p in params:  # anything accumulated into .grad inside goes to fresh tensors
@@ -310,8 +351,15 @@ def curvature_context(
                     # transforms could not trace either).
                     norm.train()
                     setattr(norm, "track_running_stats", False)  # noqa: B010
+                for norm in local:  # an instance attribute: nn.Module.__call__ calls it
+                    norm.__dict__["forward"] = functools.partial(_local_batch_norm, norm)
             yield model
         finally:
+            for norm, forward in forwards:
+                if forward is missing:
+                    norm.__dict__.pop("forward", None)
+                else:
+                    norm.__dict__["forward"] = forward
             for module, mode in modes:
                 module.training = mode
             for norm in batch_stats:

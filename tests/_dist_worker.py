@@ -15,8 +15,8 @@ deliberately leaves the process group out of step, after which both ranks leave 
 Scenarios:
 
 * ``functional``: the distributed functional API and ``DistributedOperator`` against single-process
-  results, the all-reduce cost model, ``route="compiled"`` on every rank, failure agreement, and
-  (last) the collective timeout.
+  results, the all-reduce cost model, ``route="compiled"`` on every rank, ``SyncBatchNorm`` with
+  batch statistics, failure agreement, and (last) the collective timeout.
 * ``trainer``: ``LandscapeMonitor`` in ``Trainer(strategy="ddp", devices=2)`` (Lightning picks up
   torchrun's environment): runs without monitor, with monitor, with Adam, with
   ``route="compiled"``, with a probe failing on rank 1
@@ -25,6 +25,7 @@ Scenarios:
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import math
@@ -190,6 +191,34 @@ def check_agreement(rank: int, kind: str) -> dict[str, Any]:
         "ref": ref,
         "shard_only_largest": eig(shard_only),
         "model_unchanged": state_equal(model, before),
+    }
+
+
+def check_sync_batchnorm(rank: int) -> dict[str, Any]:
+    """A ``SyncBatchNorm`` model with batch statistics over the uneven shards: each rank's shard
+    is normalised with its own statistics (the synchronised forward has no double backward), so
+    the result is one process's sample-weighted mean of the shards' Hessians."""
+    model, loss_fn, _ = make_model("cnn")
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    union = union_batch("cnn")
+    shards = [shard_of(union, r) for r in range(len(SIZES))]
+    res = ll.hessian_eigenvalues(
+        synced, loss_fn, shards[rank], k=3, tol=1e-10, norm_statistics="batch", timeout=BOUND
+    )
+    with ll.curvature_context(model, norm_statistics="batch"):
+        op = HessianOperator(model, loss_fn, shards)  # weighted by the shards' sample counts
+        ref = lanczos(op, 3, tol=1e-10)
+        op.release()
+    whole = ll.hessian_eigenvalues(  # one batch of 20: statistics over the union
+        model, loss_fn, union, k=3, tol=1e-10, norm_statistics="batch", distributed=False
+    )
+    layers = [m for m in synced.modules() if isinstance(m, nn.SyncBatchNorm)]
+    return {
+        "dist": eig(res),
+        "ref": eig(ref),
+        "union_statistics": eig(whole),
+        "layers": len(layers),
+        "restored": all("forward" not in m.__dict__ and not m.training for m in layers),
     }
 
 
@@ -383,6 +412,7 @@ def scenario_functional(rank: int, rec: Recorder) -> None:
         guarded(rec, f"agreement_{kind}", lambda kind=kind: check_agreement(rank, kind))
     guarded(rec, "cost_model", lambda: check_cost_model(rank))
     guarded(rec, "compiled", lambda: check_compiled(rank))
+    guarded(rec, "sync_batchnorm", lambda: check_sync_batchnorm(rank))
     for route in ("double_backward", "functorch", "finite_difference"):
         guarded(rec, f"hvp_exception_{route}", lambda route=route: check_hvp_exception(rank, route))
     guarded(rec, "nan_on_rank1", lambda: check_nan_on_one_rank(rank))

@@ -439,6 +439,41 @@ def test_batch_statistics_keep_two_samples_in_the_last_micro_batch() -> None:
     )
 
 
+def _as_if_two_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make this process look like one rank of an initialised 2-rank group (no collective runs:
+    a ``SyncBatchNorm`` that tried to synchronise on the CPU would raise first)."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "group", type("G", (), {"WORLD": object()}))
+
+
+def test_sync_batchnorm_takes_each_ranks_own_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    # PyTorch cannot differentiate SyncBatchNorm's synchronised forward twice (pytorch#61222),
+    # so with batch statistics each rank's batch is normalised on its own, as BatchNorm under
+    # DDP: the Hessian is the plain BatchNorm model's.
+    model, loss_fn, batch = make_model("cnn")
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    _as_if_two_ranks(monkeypatch)
+    with pytest.raises(ValueError, match="expected input tensor to be on GPU"):
+        synced.train()(batch[0])  # what training's forward would do on this CPU
+    synced.eval()
+    top = torch.linalg.eigvalsh(_batch_statistics_hessian(model, loss_fn, batch)).flip(0)[:2]
+    res = hessian_eigenvalues(
+        synced, loss_fn, batch, 2, tol=1e-10, norm_statistics="batch", distributed=False
+    )
+    torch.testing.assert_close(res.eigenvalues, top, rtol=1e-8, atol=0)
+    layers = [m for m in synced.modules() if isinstance(m, nn.SyncBatchNorm)]
+    assert layers and all("forward" not in m.__dict__ for m in layers)  # restored
+    assert all(m.track_running_stats and not m.training for m in layers)
+    # The running statistics' Hessian (eval mode) needs no synchronisation and is left as is.
+    running = hessian_eigenvalues(synced, loss_fn, batch, 2, tol=1e-10, distributed=False)
+    torch.testing.assert_close(
+        running.eigenvalues, _expected("cnn", 2, "largest"), rtol=1e-8, atol=0
+    )
+
+
 def test_batch_statistics_need_eval_mode_where_there_is_batchnorm() -> None:
     model, loss_fn, batch = make_model("cnn")
     with pytest.raises(ValueError, match="eval_mode=True"):

@@ -34,6 +34,7 @@ from ..context import (
     batch_statistics,
     compiled_modules,
     curvature_context,
+    synchronised_batch_norms,
 )
 from ..operators import (
     ROUTES,
@@ -207,7 +208,9 @@ class LandscapeMonitor(Callback):
             Hessian is the mean over the chunks, and the running statistics are left untouched;
             ``"running"``, that of the function evaluation computes (eval mode, running
             statistics). Dropout is off in both. Early in training the running statistics lag
-            far behind, and the two can differ by orders of magnitude (see the README).
+            far behind, and the two can differ by orders of magnitude (see the README). Under
+            DDP, ``SyncBatchNorm`` layers (``Trainer(sync_batchnorm=True)``) take each rank's
+            own statistics with ``"batch"``: their synchronised forward has no double backward.
         check_products: before the first round of each ``fit``, check with 4 products that the
             Hessian-vector products are symmetric, as a Hessian's are
             (:func:`~lightning_landscape.solvers.symmetry_defect`). They are not when an
@@ -498,6 +501,7 @@ class LandscapeMonitor(Callback):
                 rank_zero_info(f"LandscapeMonitor: landscape/stability_ratio is not logged: {why}")
         for hook in self.hooks:
             check_hook(hook, trainer, pl_module)  # e.g. a guard that cannot drive this optimizer
+        self._check_sync_batchnorm(pl_module)
         self._collect(trainer, pl_module)
         self._check_loss(pl_module)
         self._products_checked = False  # once per fit, on its first round
@@ -570,6 +574,23 @@ class LandscapeMonitor(Callback):
                 whole = batches[0]  # ... but only one micro-batch under a memory cap
         self._batches, self._sample_batch, self._single_batch = batches, sample, whole
         self._weight = float(sum(batch_size(b) for b in batches))
+
+    def _check_sync_batchnorm(self, pl_module: pl.LightningModule) -> None:
+        """Say once that ``SyncBatchNorm`` is probed on each rank's own batch statistics.
+
+        Checked at the start of training, after the strategy has converted the model
+        (``Trainer(sync_batchnorm=True)`` does so after ``setup``).
+        """
+        synced = synchronised_batch_norms(pl_module) if self.norm_statistics == "batch" else []
+        if synced:
+            rank_zero_warn(
+                f"LandscapeMonitor: {len(synced)} SyncBatchNorm layers synchronise batch "
+                "statistics across ranks in training. PyTorch cannot differentiate that twice "
+                "(pytorch#61222), so the probes normalise each rank's probe chunks with that "
+                "rank's own statistics, as BatchNorm under DDP does. With a few samples per "
+                "rank and chunk the measured Hessian can differ from training's; "
+                "norm_statistics='running' measures the eval-mode Hessian instead."
+            )
 
     def _check_loss(self, pl_module: pl.LightningModule) -> None:
         """Evaluate the probe loss once before training.

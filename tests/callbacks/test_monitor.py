@@ -533,6 +533,25 @@ def test_batch_and_running_statistics_give_different_hessians() -> None:
     assert runs["batch"] != pytest.approx(runs["running"], rel=1e-2)
 
 
+def test_sync_batchnorm_under_several_ranks_is_said_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With batch statistics, SyncBatchNorm in a group of several ranks is probed on each rank's
+    own statistics: the monitor says so at the start of training (not with running ones)."""
+    import torch.distributed as dist
+
+    module = ClassifierModule()
+    module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "group", type("G", (), {"WORLD": object()}))
+    with pytest.warns(UserWarning, match=r"1 SyncBatchNorm layers .* own statistics"):
+        LandscapeMonitor()._check_sync_batchnorm(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LandscapeMonitor(norm_statistics="running")._check_sync_batchnorm(module)
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+        LandscapeMonitor()._check_sync_batchnorm(module)
+
+
 def test_precision_64_true() -> None:
     monitor = sharpness_monitor(5, 2, norm_statistics="running")
     module, _ = _fit(ClassifierModule, [monitor], max_steps=10, precision="64-true")

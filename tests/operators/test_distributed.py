@@ -137,6 +137,18 @@ def test_functional_results_are_bit_identical_on_every_rank(functional: Launch, 
     assert r1["explicit_largest"] == r1["dist"]["largest"]
 
 
+def test_sync_batchnorm_normalises_each_rank_on_its_own(functional: Launch) -> None:
+    r0, r1 = functional.both("sync_batchnorm")
+    assert "crashed" not in r0, r0
+    assert r0["layers"] > 0 and r0["restored"] and r1["restored"]
+    dist_eig, ref = r0["dist"], r0["ref"]
+    assert dist_eig["converged"] and ref["converged"], (dist_eig, ref)
+    _assert_close_lists(dist_eig["values"], ref["values"], 1e-6, "SyncBatchNorm")
+    assert r0["dist"] == r1["dist"]
+    # Statistics over the union (what a synchronised forward would give) differ measurably.
+    assert _rel(r0["union_statistics"]["values"][0], ref["values"][0]) > 1e-3
+
+
 def test_compiled_route_on_every_rank(functional: Launch) -> None:
     """Each rank compiles its own product; the all-reduced spectrum is the uncompiled one's."""
     r0, r1 = functional.both("compiled")
