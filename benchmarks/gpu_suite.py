@@ -391,6 +391,7 @@ def in_training(rec: Recorder, args: argparse.Namespace, criterion: str = "resid
             seconds=d["median_round_seconds"],
             step_seconds=d["median_step_seconds"],
             round_hvps=d["round_hvps"],
+            probe_in_steps=d["median_probe_in_steps"],
             every_n_steps=ns.every,
             criterion=d["sharpness_criterion"],
         )

@@ -24,7 +24,7 @@ main solve's vectors still carry over, and training is unchanged.
 
 ``--default-monitor`` instead trains with the default ``LandscapeMonitor()`` probes (top-5 sharpness
 with λ_min, update curvature, trace) every ``--every`` steps and reports a probe round's median
-seconds in units of the median training step.
+seconds in units of the median training step, and each probe's (``median_probe_in_steps``).
 """
 
 from __future__ import annotations
@@ -276,15 +276,24 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def _count_products(probe: ll.Probe, counts: list[int]) -> None:
-    """Record the products each measurement of ``probe`` spends on the round's operator."""
+def _count_products(probe: ll.Probe, counts: list[int], seconds: list[float] | None = None) -> None:
+    """Record the products (and wall time) each measurement of ``probe`` spends.
+
+    The wall time includes building the round's operator when ``probe`` is the first to ask
+    for it (the default round's ``Sharpness``).
+    """
     run = probe.run
 
     def counted(ctx: Any) -> Any:
+        _synchronize()
+        t0 = time.perf_counter()
         op = ctx.operator()
         before = op.num_matvecs
         out = run(ctx)
         counts.append(op.num_matvecs - before)
+        _synchronize()
+        if seconds is not None:
+            seconds.append(time.perf_counter() - t0)
         return out
 
     probe.run = counted  # type: ignore[method-assign]
@@ -311,8 +320,10 @@ def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
         )
     timer = _StepTimer()
     per_probe: dict[str, list[int]] = {type(p).__name__: [] for p in monitor.probes}
+    probe_seconds: dict[str, list[float]] = {type(p).__name__: [] for p in monitor.probes}
     for probe in monitor.probes:
-        _count_products(probe, per_probe[type(probe).__name__])
+        name_ = type(probe).__name__
+        _count_products(probe, per_probe[name_], probe_seconds[name_])
     trainer = _trainer(args.steps, clip, [timer, monitor], args.accelerator)
     trainer.fit(module, loader)
     step = statistics.median(timer.seconds[1:])
@@ -326,6 +337,11 @@ def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "round_seconds": [r.seconds for r in monitor.history],
         "round_hvps": [r.num_hvps for r in monitor.history],
         "probe_hvps": per_probe,
+        "probe_seconds": probe_seconds,
+        # each probe's median after the first (cold) round, in training steps
+        "median_probe_in_steps": {
+            p: statistics.median(s[1:]) / step for p, s in probe_seconds.items() if len(s) > 1
+        },
         "median_round_seconds": statistics.median(rounds) if rounds else None,
         "median_round_in_steps": statistics.median(rounds) / step if rounds else None,
     }
