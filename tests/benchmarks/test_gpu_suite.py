@@ -63,6 +63,9 @@ def test_gpu_suite_smoke_writes_json_and_markdown(tmp_path: Path) -> None:
         assert trained[name]["criterion"] == criterion
         assert trained[name]["value"] > 0
         assert all(n > 0 for n in trained[name]["round_hvps"])
+        shares = trained[name]["probe_in_steps"]
+        assert set(shares) == {"Sharpness", "UpdateCurvature", "Trace"}
+        assert all(v > 0 for v in shares.values())
     assert trained["warm_lambda_max_hvps"]["converged"]
     assert trained["warm_lambda_max_hvps"]["value"] >= 1
     assert "default_round_in_steps" in md.read_text()
