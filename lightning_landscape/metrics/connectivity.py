@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import integer
-from ..context import curvature_context
+from ..context import NormStatistics, check_norm_statistics, curvature_context
 from ..operators import LossFn, check_scalar_loss, select_parameters
 
 
@@ -115,6 +115,7 @@ def mode_connectivity(
     params: Sequence[str] | Sequence[Tensor] | None = None,
     interpolate_buffers: bool = True,
     eval_mode: bool = True,
+    norm_statistics: NormStatistics = "running",
 ) -> ConnectivityResult:
     """Loss along the line between two state dicts of one architecture, and its barrier.
 
@@ -129,7 +130,9 @@ def mode_connectivity(
     with ``interpolate_buffers``, every floating-point buffer (BatchNorm running statistics).
     Note that the averaged running statistics are not the statistics of the interpolated
     network's activations, so with BatchNorm in eval mode the barrier is inflated (Jordan et al.,
-    "REPAIR", ICLR 2023); nothing here re-estimates them. Integer buffers (e.g.
+    "REPAIR", ICLR 2023); nothing here re-estimates them. ``norm_statistics="batch"`` avoids
+    them: every point normalises ``batch`` with the interpolated network's own statistics on
+    it (the loss training optimises, at ``batch``'s size). Integer buffers (e.g.
     ``num_batches_tracked``) come from the nearer endpoint (``state_a`` for ``t < ½``).
     Entries not interpolated (unselected parameters, buffers without ``interpolate_buffers``)
     come from ``state_a``, so the ``t = 1`` end is then ``θ_A`` with the interpolated entries
@@ -146,13 +149,18 @@ def mode_connectivity(
             :func:`~lightning_landscape.operators.select_parameters`); default all.
         interpolate_buffers: interpolate floating buffers too (else take ``state_a``'s).
         eval_mode: evaluate with every submodule in ``eval()`` (restored afterwards).
+        norm_statistics: ``"running"`` (default): BatchNorm-type layers normalise with the
+            (interpolated) running statistics; ``"batch"`` (needs ``eval_mode``): with each
+            point's statistics on ``batch``, the running statistics left alone.
 
     Returns:
         A :class:`ConnectivityResult`.
 
     Raises:
-        ValueError: for ``steps < 2``, or state dicts whose keys or shapes differ from the
-            model's (the message names the first mismatching key).
+        ValueError: for ``steps < 2``, state dicts whose keys or shapes differ from the
+            model's (the message names the first mismatching key), an unknown
+            ``norm_statistics``, or ``"batch"`` with ``eval_mode=False`` on a model with
+            normalisation layers.
 
     Example:
         >>> import torch
@@ -167,6 +175,7 @@ def mode_connectivity(
     """
     t0 = time.perf_counter()
     integer("steps", steps, minimum=2)
+    check_norm_statistics(model, eval_mode, norm_statistics)
     ref = model.state_dict(keep_vars=True)
     a, b = _check_state("state_a", state_a, ref), _check_state("state_b", state_b, ref)
     if params is None:
@@ -189,7 +198,8 @@ def mode_connectivity(
     ts = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
     losses = torch.empty(steps, dtype=torch.float64)
     backup = [(t, t.detach().clone()) for t in ref.values()]
-    with curvature_context(model, eval_mode=eval_mode), torch.no_grad():
+    context = curvature_context(model, eval_mode=eval_mode, norm_statistics=norm_statistics)
+    with context, torch.no_grad():
         try:
             for target, va in fixed:
                 target.copy_(va)
@@ -232,6 +242,7 @@ def linear_interpolation(
     params: Sequence[str] | Sequence[Tensor] | None = None,
     interpolate_buffers: bool = True,
     eval_mode: bool = True,
+    norm_statistics: NormStatistics = "running",
 ) -> ConnectivityResult:
     """Loss along the line from ``model_a``'s weights to ``model_b``'s (two live modules).
 
@@ -247,12 +258,14 @@ def linear_interpolation(
         params: parameters of ``model_a`` to interpolate; default all.
         interpolate_buffers: interpolate floating buffers too (else take ``model_a``'s).
         eval_mode: evaluate with every submodule in ``eval()`` (restored afterwards).
+        norm_statistics: ``"running"`` or ``"batch"``, as in :func:`mode_connectivity`.
 
     Returns:
         A :class:`ConnectivityResult`.
 
     Raises:
-        ValueError: for ``steps < 2`` or modules whose state dicts differ in keys or shapes.
+        ValueError: for ``steps < 2``, modules whose state dicts differ in keys or shapes, or
+            ``norm_statistics`` as in :func:`mode_connectivity`.
 
     Example:
         >>> import torch
@@ -273,4 +286,5 @@ def linear_interpolation(
         params=params,
         interpolate_buffers=interpolate_buffers,
         eval_mode=eval_mode,
+        norm_statistics=norm_statistics,
     )

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import choice, integer, real
-from ..context import curvature_context
+from ..context import NormStatistics, check_norm_statistics, curvature_context
 from ..functional import hessian_eigenvalues
 from ..operators import LossFn, check_scalar_loss, restored_parameters, select_parameters
 
@@ -156,6 +156,7 @@ def loss_slice(
     tol: float = 1e-6,
     seed: int = 0,
     eval_mode: bool = True,
+    norm_statistics: NormStatistics = "running",
 ) -> SliceResult:
     """The loss on a 1-D line or 2-D plane through the current weights.
 
@@ -198,6 +199,12 @@ def loss_slice(
         tol: relative residual tolerance of the eigensolver (``"eigen"``).
         seed: seeds the random directions or the eigensolver's start.
         eval_mode: evaluate with every submodule in ``eval()`` (restored afterwards).
+        norm_statistics: ``"running"`` (default): BatchNorm-type layers normalise with their
+            running statistics; ``"batch"`` (needs ``eval_mode``): every evaluation normalises
+            ``batch`` with its own statistics, as training does and as
+            :class:`~lightning_landscape.LandscapeMonitor`'s slices do by default (the
+            ``"eigen"`` directions then come from that Hessian too). See
+            :func:`~lightning_landscape.hessian_eigenvalues`.
 
     Returns:
         A :class:`SliceResult`.
@@ -205,7 +212,9 @@ def loss_slice(
     Raises:
         ValueError: for ``dims`` not 1 or 2 (or not the number of explicit directions),
             ``steps < 2``, ``span <= 0``, an unknown ``directions`` or ``normalization``,
-            explicit directions of the wrong size, or a random direction that is zero.
+            explicit directions of the wrong size, a random direction that is zero, an
+            unknown ``norm_statistics``, or ``"batch"`` with ``eval_mode=False`` on a model with
+            normalisation layers.
 
     Example:
         >>> import torch
@@ -228,6 +237,7 @@ def loss_slice(
         )
     if kind == "random":
         choice("normalization", normalization, NORMALIZATIONS)
+    check_norm_statistics(model, eval_mode, norm_statistics)
     probed = [p for _, p in select_parameters(model, params)]
     size = sum(p.numel() for p in probed)
     explicit = _explicit(directions, size, probed[0]) if kind == "explicit" else None
@@ -250,6 +260,7 @@ def loss_slice(
             return_eigenvectors=True,
             seed=seed,
             eval_mode=eval_mode,
+            norm_statistics=norm_statistics,
             distributed=False,
         )
         assert eig.eigenvectors is not None
@@ -271,7 +282,7 @@ def loss_slice(
     numels = [p.numel() for p in probed]
     split = [torch.split(v, numels) for v in vectors]
     losses = torch.empty((steps,) * dims, dtype=torch.float64)
-    with curvature_context(model, eval_mode=eval_mode):
+    with curvature_context(model, eval_mode=eval_mode, norm_statistics=norm_statistics):
         with restored_parameters(probed) as saved, torch.no_grad():
             center = _loss(model, loss_fn, batch)
             for index in torch.cartesian_prod(*[torch.arange(steps)] * dims).view(-1, dims):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from lightning_landscape import hessian_eigenvalues
 from lightning_landscape.metrics import (
     linear_interpolation,
     loss_slice,
@@ -329,6 +330,82 @@ def test_buffers_interpolated_integer_buffers_nearest_and_subsets() -> None:
     _, (m1, n1, c1, f1), (m2, _, c2, _) = seen
     assert torch.equal(m2, a["bn.running_mean"]) and torch.equal(c2, a["conv.weight"])
     torch.testing.assert_close(f1, a["fc.weight"] + 0.5)
+
+
+def _train_mode_twin(model: nn.Module) -> nn.Module:
+    """A copy whose BatchNorm normalises every batch with its own statistics, updating nothing."""
+    twin = copy.deepcopy(model).train()
+    for m in twin.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+    return twin
+
+
+def test_batch_statistics_along_the_line() -> None:
+    # Each point normalises the batch with the interpolated network's own statistics: the
+    # interpolated running statistics (shifted far off here) no longer enter.
+    model, loss_fn, batch = make_model("cnn")
+    other = make_model("cnn", seed=1)[0]
+    a, b = _snapshot(model), _snapshot(other)
+    b["bn.running_mean"] += 5.0
+    before = _snapshot(model)
+    r = mode_connectivity(model, a, b, loss_fn, batch, steps=5, norm_statistics="batch")
+    twin = _train_mode_twin(model)
+    for t, got in zip(r.ts.tolist(), r.losses.tolist(), strict=True):
+        point = {
+            k: torch.lerp(va, b[k], t) if va.is_floating_point() else va for k, va in a.items()
+        }
+        twin.load_state_dict(point)
+        with torch.no_grad():
+            assert got == pytest.approx(float(loss_fn(twin, batch)), rel=1e-12)
+    running = mode_connectivity(model, a, b, loss_fn, batch, steps=5)
+    assert not torch.allclose(running.losses[1:-1], r.losses[1:-1], rtol=1e-3)
+    _assert_same_state(model, before)
+    assert not any(m.training for m in model.modules())
+    again = linear_interpolation(model, other, loss_fn, batch, steps=5, norm_statistics="batch")
+    plain = mode_connectivity(
+        model, a, _snapshot(other), loss_fn, batch, steps=5, norm_statistics="batch"
+    )
+    assert torch.equal(again.losses, plain.losses)
+
+
+def test_batch_statistics_in_slices() -> None:
+    model, loss_fn, batch = make_model("cnn")
+    before = _snapshot(model)
+    twin = _train_mode_twin(model)
+    d = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    r = loss_slice(model, loss_fn, batch, directions=[d], steps=3, norm_statistics="batch")
+    with torch.no_grad():
+        assert r.center_loss == pytest.approx(float(loss_fn(twin, batch)), rel=1e-12)
+        offset = 0
+        for p in twin.parameters():
+            p.add_(d[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        assert float(r.losses[2]) == pytest.approx(float(loss_fn(twin, batch)), rel=1e-12)
+    eig = loss_slice(
+        model, loss_fn, batch, directions="eigen", steps=3, tol=1e-10, norm_statistics="batch"
+    )
+    top = hessian_eigenvalues(model, loss_fn, batch, 1, tol=1e-10, norm_statistics="batch")
+    assert eig.eigenvalues is not None
+    torch.testing.assert_close(eig.eigenvalues, top.eigenvalues, rtol=1e-8, atol=0)
+    running = loss_slice(model, loss_fn, batch, directions=[d], steps=3)
+    assert running.center_loss != pytest.approx(r.center_loss, rel=1e-3)
+    _assert_same_state(model, before)
+
+
+@pytest.mark.parametrize("fn", ["slice", "connectivity"])
+def test_batch_statistics_need_eval_mode(fn: str) -> None:
+    model, loss_fn, batch = make_model("cnn")
+    with pytest.raises(ValueError, match="eval_mode=True"):
+        if fn == "slice":
+            loss_slice(model, loss_fn, batch, norm_statistics="batch", eval_mode=False)
+        else:
+            state = model.state_dict()
+            mode_connectivity(
+                model, state, state, loss_fn, batch, norm_statistics="batch", eval_mode=False
+            )
+    with pytest.raises(ValueError, match="norm_statistics"):
+        loss_slice(model, loss_fn, batch, norm_statistics="train")  # type: ignore[arg-type]
 
 
 def test_mismatched_state_dicts_name_the_key() -> None:
