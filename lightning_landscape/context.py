@@ -180,9 +180,31 @@ def synchronised_batch_norms(model: nn.Module) -> list[nn.SyncBatchNorm]:
 
 
 def _local_batch_norm(norm: nn.SyncBatchNorm, input: Tensor) -> Tensor:
-    """``norm`` on ``input``'s own batch statistics (its forward without a process group)."""
+    """``norm``'s forward without a process group: in train mode on ``input``'s own statistics.
+
+    Never synchronises. In train mode (without tracking, as :func:`curvature_context` sets it)
+    this is ``SyncBatchNorm``'s own single-process path; in eval mode (a nested eval-mode
+    context, e.g. Δ₂'s) its own forward, which does not synchronise either.
+    """
+    if not norm.training:
+        return nn.SyncBatchNorm.forward(norm, input)
     norm._check_input_dim(input)
+    norm._check_non_zero_input_channels(input)
     return F.batch_norm(input, None, None, norm.weight, norm.bias, True, 0.0, norm.eps)
+
+
+_LOCAL_FORWARD = "_lightning_landscape_local_forward"
+
+
+def _local_forward(norm: nn.SyncBatchNorm) -> Any:
+    """:func:`_local_batch_norm` for ``norm``: the same callable every time (kept on the module).
+
+    A compiled product guards on ``norm.forward``: a new callable at every probe recompiled it.
+    """
+    forward = norm.__dict__.get(_LOCAL_FORWARD)
+    if forward is None:
+        forward = norm.__dict__[_LOCAL_FORWARD] = functools.partial(_local_batch_norm, norm)
+    return forward
 
 
 def batch_statistics(model: nn.Module, norm_statistics: NormStatistics) -> bool:
@@ -298,11 +320,12 @@ def curvature_context(
         norm_statistics: with ``eval_mode``, ``"running"`` leaves BatchNorm-type layers in eval
             mode too (their running statistics), ``"batch"`` puts them in train mode without
             tracking, so they normalise each batch with its own statistics, as in training,
-            and never update their running statistics. A ``SyncBatchNorm`` whose process group
-            has several ranks then normalises with this rank's statistics alone
-            (:func:`synchronised_batch_norms`: PyTorch cannot differentiate its synchronised
-            forward twice). With ``eval_mode=False`` the buffers are copied and restored on
-            exit (a train-mode forward pass updates them).
+            and never update their running statistics. ``SyncBatchNorm`` then normalises with
+            this rank's statistics alone (:func:`synchronised_batch_norms`: PyTorch cannot
+            differentiate its synchronised forward twice). With ``eval_mode=False`` the buffers
+            are copied and restored on exit (a train-mode forward pass updates them), and
+            train-mode ``SyncBatchNorm`` layers under several ranks keep synchronising, which
+            second-order products cannot differentiate.
 
     Yields:
         The model, prepared for probing.
@@ -324,7 +347,10 @@ def curvature_context(
     grads = [p.grad for p in params]
     flags = [p.requires_grad for p in params]
     batch_stats = running_stat_norms(model) if eval_mode and norm_statistics == "batch" else []
-    local = synchronised_batch_norms(model) if batch_stats else []
+    # Every SyncBatchNorm on batch statistics: in an initialised process group its train-mode
+    # forward also refuses CPU inputs, whatever the group's size; outside one it is the same
+    # computation.
+    local = [m for m in batch_stats if isinstance(m, nn.SyncBatchNorm)]
     missing = object()
     forwards = [(m, m.__dict__.get("forward", missing)) for m in local]
     # In train mode a forward pass may update buffers (BatchNorm running statistics): keep copies.
@@ -352,7 +378,7 @@ def curvature_context(
                     norm.train()
                     setattr(norm, "track_running_stats", False)  # noqa: B010
                 for norm in local:  # an instance attribute: nn.Module.__call__ calls it
-                    norm.__dict__["forward"] = functools.partial(_local_batch_norm, norm)
+                    norm.__dict__["forward"] = _local_forward(norm)
             yield model
         finally:
             for norm, forward in forwards:

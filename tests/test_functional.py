@@ -474,6 +474,32 @@ def test_sync_batchnorm_takes_each_ranks_own_statistics(monkeypatch: pytest.Monk
     )
 
 
+def test_sync_batchnorm_inside_the_context() -> None:
+    # Patched whenever it normalises with batch statistics (in an initialised group of any size
+    # its train-mode forward refuses CPU inputs), with one callable kept across probes (a new one
+    # made a compiled product recompile), and in a nested eval-mode context (Δ₂'s) on its
+    # running statistics, as BatchNorm.
+    from lightning_landscape import curvature_context
+
+    model, _, (x, _) = make_model("cnn")
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    bn = next(m for m in synced.modules() if isinstance(m, nn.SyncBatchNorm))
+    twin = copy.deepcopy(model).train()
+    for m in twin.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats = False
+    seen = []
+    for _ in range(2):
+        with curvature_context(synced, norm_statistics="batch"):
+            seen.append(bn.forward)
+            with torch.no_grad():
+                torch.testing.assert_close(synced(x), twin(x), rtol=0, atol=0)
+                with curvature_context(synced):  # nested, eval mode
+                    torch.testing.assert_close(synced(x), model(x), rtol=0, atol=0)
+        assert "forward" not in bn.__dict__
+    assert seen[0] is seen[1]
+
+
 def test_batch_statistics_need_eval_mode_where_there_is_batchnorm() -> None:
     model, loss_fn, batch = make_model("cnn")
     with pytest.raises(ValueError, match="eval_mode=True"):
