@@ -28,13 +28,15 @@ batches and the 30 SGD warm-up steps are identical), float32 with TF32 off, ``ev
   hessian-eigenthings and its reference Lanczos, at ``--peer-ks``), its rows kept in ours (a peer
   it could not run is a skipped row, which does not fail the suite).
 
-Sections run in that order while ``--budget-s`` seconds have not passed (later ones are written as
-skipped); each failure is a row of its own and the rest goes on. ``--out`` (JSON) and
-``--markdown`` (a RESULTS.md section) are rewritten after every row, so a run cut short keeps what
-it measured. The exit status is 1 if any section failed. ``--smoke`` runs tiny models on the CPU in
-seconds (used by the test suite; ``torch.compile`` there uses the ``aot_eager`` backend); only there
-may the anchor file be missing (``real_sizes.py``'s
-models stand in). On a lent device: ``benchmarks/gpu_prepare.sh`` here, then
+Sections run in that order while ``--budget-s`` seconds have not passed since the process started
+(later ones are written as skipped), and a long one (the compiled route, the peers) only with
+enough time left before ``--deadline-s``, where the section running is stopped (a ``SIGALRM``) and
+written as an error; each failure is a row of its own and the rest goes on. ``--out`` (JSON) and
+``--markdown`` (a RESULTS.md section) are replaced after every row (the peers' rows as the anchor
+emits them), so a run cut short keeps what it measured. The exit status is 1 if any section
+failed. ``--smoke`` runs tiny models on the CPU in seconds (used by the test suite;
+``torch.compile`` there uses the ``aot_eager`` backend); only there may the anchor file be missing
+(``real_sizes.py``'s models stand in). On a lent device: ``benchmarks/gpu_prepare.sh`` here, then
 ``bash benchmarks/gpu_run.sh`` there (see benchmarks/README.md).
 
     python benchmarks/gpu_suite.py --out benchmarks/results_gpu.json --markdown /tmp/gpu.md
@@ -49,6 +51,8 @@ import datetime as dt
 import functools
 import importlib.util
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -59,6 +63,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+T_START = time.perf_counter()  # budgets count from here (imports and CUDA start-up included)
 HERE = Path(__file__).resolve().parent
 ANCHORS = (  # where gpu_prepare.sh copies it, a shared/ inside the checkout, the one beside it
     HERE.parent / ".gpu" / "anchor_gpu.py",
@@ -75,34 +80,78 @@ TOL = 1e-4
 TRUTH_M = {"resnet18": 120, "gpt": 120, "gpt2s": 80}  # 81 × 98 M float32 = 32 GB of basis
 
 
-class Recorder:
-    """Rows printed as JSON lines and rewritten to ``--out`` / ``--markdown`` after each one."""
+class Deadline(Exception):
+    """Raised by ``SIGALRM`` in the section running when ``--deadline-s`` is reached."""
 
-    def __init__(self, meta: dict[str, Any], out: str | None, md: str | None, budget: float):
+
+def _replace_text(path: str, text: str) -> None:
+    """Write ``path`` whole or not at all (a kill mid-write leaves the previous version)."""
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(text)
+    os.replace(tmp, path)
+
+
+class Recorder:
+    """Rows printed as JSON lines and rewritten to ``--out`` / ``--markdown`` after each one.
+
+    ``budget``: no section starts after that many seconds since the process started;
+    ``deadline``: a section running then is stopped (where ``SIGALRM`` exists: not on Windows).
+    """
+
+    def __init__(
+        self,
+        meta: dict[str, Any],
+        out: str | None,
+        md: str | None,
+        budget: float,
+        deadline: float | None = None,
+    ):
         self.meta, self.out, self.md, self.budget = meta, out, md, budget
+        self.deadline = deadline
         self.rows: list[dict[str, Any]] = []
-        self.t0 = time.perf_counter()
+        self.t0 = T_START
 
     def emit(self, **row: Any) -> None:
         row = json.loads(json.dumps(row, default=str))  # e.g. a tensor as its text, not a crash
         self.rows.append(row)
         print(json.dumps(row), flush=True)
         if self.out:
-            Path(self.out).write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
+            _replace_text(self.out, json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
         if self.md:
-            Path(self.md).write_text(markdown(self.rows, self.meta))
+            _replace_text(self.md, markdown(self.rows, self.meta))
 
-    def section(self, model: str, what: str, fn: Callable[[], None]) -> bool:
-        """Run ``fn`` unless the budget is spent; a failure becomes a row. True if it ran clean."""
+    def section(self, model: str, what: str, fn: Callable[[], None], needs_s: float = 0.0) -> bool:
+        """Run ``fn`` unless the budget is spent or fewer than ``needs_s`` seconds are left
+        before the deadline; a failure (the deadline too) becomes a row. True if it ran clean."""
         spent = time.perf_counter() - self.t0
         if spent > self.budget:
             self.emit(model=model, what=what, skipped=f"time budget spent ({spent:.0f} s)")
             return False
+        left = None if self.deadline is None else self.deadline - spent
+        if left is not None and left < needs_s:
+            self.emit(
+                model=model,
+                what=what,
+                skipped=f"{left:.0f} s left, the section needs {needs_s:.0f}",
+            )
+            return False
+        alarm = left is not None and hasattr(signal, "SIGALRM")
+        if alarm:
+            assert left is not None
+
+            def stop(signum: int, frame: Any) -> None:
+                raise Deadline(f"deadline reached after {time.perf_counter() - self.t0:.0f} s")
+
+            signal.signal(signal.SIGALRM, stop)
+            signal.setitimer(signal.ITIMER_REAL, max(left, 0.001))
         try:
             fn()
-        except Exception as err:  # report, keep going
+        except Exception as err:  # report, keep going (the deadline included)
             self.emit(model=model, what=what, error=repr(err)[:500])
             return False
+        finally:
+            if alarm:
+                signal.setitimer(signal.ITIMER_REAL, 0)
         return True
 
 
@@ -369,15 +418,19 @@ def in_training(rec: Recorder, args: argparse.Namespace, criterion: str = "resid
     With the default ``criterion``: the default round and the warm λ_max probe; with
     ``"eigenvalue"``: the default round again with ``Sharpness(criterion="eigenvalue")``.
     """
-    import warm_start
-
     smoke = args.smoke
     accelerator = "gpu" if args.device == "cuda" else "cpu"
     every = "10" if smoke else "20"
-    ns = warm_start.options(
-        ["--every", every, "--tol", str(TOL), "--accelerator", accelerator]
-        + (["--quick"] if smoke else [])
-    )
+    try:  # outside a section: a failure here is still a row, not the end of the run
+        import warm_start
+
+        ns = warm_start.options(
+            ["--every", every, "--tol", str(TOL), "--accelerator", accelerator]
+            + (["--quick"] if smoke else [])
+        )
+    except Exception as err:
+        rec.emit(model="resnet18", what=f"in_training ({criterion})", error=repr(err)[:500])
+        return
 
     def default_round() -> None:
         ns.steps, ns.criterion = (30 if smoke else 120), criterion
@@ -421,24 +474,45 @@ def in_training(rec: Recorder, args: argparse.Namespace, criterion: str = "resid
 def peers(
     rec: Recorder, anchor: ModuleType, name: str, ks: list[int], args: argparse.Namespace
 ) -> None:
-    """The anchor file's own ``run()``: its rows (PyHessian, hessian-eigenthings, ...) kept."""
-    start = len(anchor.OUT)
+    """The anchor file's own ``run()``: its rows (PyHessian, hessian-eigenthings, ...) kept.
+
+    Each row reaches ``rec`` as the anchor emits it (a run stopped by the deadline keeps the rows
+    before), and the models it built lose their ``.grad`` afterwards: PyHessian's
+    ``backward(create_graph=True)`` leaves gradients that hold their graph in a reference cycle
+    the garbage collector does not free, which would keep the model and graph on the GPU.
+    """
+    emit, problem = anchor.emit, anchor.problem
+    built: list[nn.Module] = []
+    params: Any = None
+
+    def forward(**row: Any) -> None:  # its "secs" as our "seconds"; a peer it lacks is skipped
+        nonlocal params
+        emit(**row)  # the anchor's own list too
+        what = f"anchor:{row.get('what', '')}"
+        if row.get("what") == "params":
+            params = row.get("value")
+        if "max_iter" in row:  # hessian-eigenthings: its default basis (2k) or 4k + 20
+            what += f" (max_iter {row['max_iter'] or 'default'})"
+        row = {"model": name, "params": params, **row, "what": what}
+        if "secs" in row:
+            row["seconds"] = row.pop("secs")
+        if "error" in row:
+            row["skipped"] = row.pop("error")
+        rec.emit(**row)
+
+    def capture(*a: Any, **kw: Any) -> Any:
+        made = problem(*a, **kw)
+        built.append(made[0])
+        return made
+
+    anchor.emit, anchor.problem = forward, capture
     try:
         anchor.run(name, args.device, args.smoke, ks, args.truth_m or TRUTH_M[name], False)
     finally:
-        params = None
-        for row in anchor.OUT[start:]:  # its "secs" as our "seconds"; a peer it lacks is skipped
-            what = f"anchor:{row.get('what', '')}"
-            if row.get("what") == "params":
-                params = row.get("value")
-            if "max_iter" in row:  # hessian-eigenthings: its default basis (2k) or 4k + 20
-                what += f" (max_iter {row['max_iter'] or 'default'})"
-            row = {"model": name, "params": params, **row, "what": what}
-            if "secs" in row:
-                row["seconds"] = row.pop("secs")
-            if "error" in row:
-                row["skipped"] = row.pop("error")
-            rec.emit(**row)
+        anchor.emit, anchor.problem = emit, problem
+        for model in built:
+            for p in model.parameters():
+                p.grad = None
 
 
 def _num(value: Any, spec: str) -> str:
@@ -530,7 +604,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="skip timing route='compiled' (torch.compile of the functorch product)",
     )
-    ap.add_argument("--budget-s", type=float, default=None, help="start no section after this")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start no section after this many seconds since the process started (default 430)",
+    )
+    ap.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="stop the section running at this many seconds (default 560; gpu_run.sh's limit "
+        "is 590 s for the whole command)",
+    )
     ap.add_argument(
         "--no-in-training",
         dest="in_training",
@@ -576,8 +662,18 @@ def main(argv: list[str] | None = None) -> int:
         "compile_backend": "aot_eager" if args.smoke else "inductor",
     }
     print(json.dumps(meta), flush=True)
-    budget = args.budget_s if args.budget_s is not None else (1e9 if args.smoke else 450.0)
-    rec = Recorder(meta, args.out, args.markdown, budget)
+    budget = args.budget_s if args.budget_s is not None else (1e9 if args.smoke else 430.0)
+    deadline = args.deadline_s if args.deadline_s is not None else (None if args.smoke else 560.0)
+    rec = Recorder(meta, args.out, args.markdown, budget, deadline)
+    long_s = 0.0 if args.smoke else 150.0  # the compiled route, the peers: a minute or more
+
+    def free() -> None:  # after a fatal CUDA error this raises too: not a reason to stop
+        if args.device == "cuda":
+            try:
+                torch.cuda.empty_cache()
+            except RuntimeError as err:
+                print(f"gpu_suite: empty_cache failed: {err!r}", file=sys.stderr, flush=True)
+
     if missing:
         rec.emit(model="", what="curvlinops_eigsh", skipped=missing)
     if args.smoke:
@@ -587,8 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, ks in plan:
         run = lambda name=name, ks=ks: bench_model(rec, anchor, name, ks, args)  # noqa: E731
         rec.section(name, "model", run)
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
+        free()
     if args.in_training:
         in_training(rec, args)
     if not args.smoke:
@@ -596,9 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.compiled:  # after the issue's own rows: each compilation can take a minute
         for name, _ in plan:
             run = lambda name=name: compiled_route(rec, anchor, name, args)  # noqa: E731
-            rec.section(name, "compiled_route", run)
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
+            rec.section(name, "compiled_route", run, needs_s=long_s)
+            free()
     if args.in_training:  # an option, after the issue's own rows (RESULTS.md: cheaper on a CPU)
         in_training(rec, args, "eigenvalue")
     if args.peers and anchor is not None:
@@ -606,9 +700,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, _ in [*plan, ("gpt2s", [10])] if not args.smoke else plan:
             ks = peer_ks[:1] if name == "gpt2s" else peer_ks
             run = lambda name=name, ks=ks: peers(rec, anchor, name, ks, args)  # noqa: E731
-            rec.section(name, "anchor_peers", run)
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
+            rec.section(name, "anchor_peers", run, needs_s=long_s)
+            free()
     return 0 if not any("error" in r for r in rec.rows) else 1
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -134,6 +135,68 @@ def test_gpu_suite_rows_written_as_they_come_and_failures_listed(tmp_path: Path)
     assert "- gpt alpha: ZeroDivisionError" in text
     assert "- gpt2s model: time budget spent" in text
     assert "curvlinops or scipy not importable" in text
+
+
+def test_gpu_suite_deadline_stops_a_section_and_long_ones_need_time(tmp_path: Path) -> None:
+    import time
+
+    suite = _gpu_suite()
+    meta = {"device_name": "H100", "date_utc": "2026-12-07T00:00:00Z", "command": "c"}
+    out = tmp_path / "g.json"
+    spent = time.perf_counter() - suite.T_START  # budgets count from the process's start
+    rec = suite.Recorder(
+        meta | {"torch": "2.11", "source": "abc"}, str(out), None, 1e9, spent + 0.3
+    )
+    started = time.perf_counter()
+    assert rec.section("gpt", "compiled_route", lambda: time.sleep(30)) is False
+    assert time.perf_counter() - started < 10  # stopped at the deadline, not after 30 s
+    assert rec.section("gpt", "next", lambda: None) is False  # nothing left to start with
+    rows = json.loads(out.read_text())["rows"]
+    assert "Deadline" in rows[0]["error"] and "left" in rows[1]["skipped"]
+    rec.deadline = time.perf_counter() - suite.T_START + 60
+    assert rec.section("gpt", "anchor_peers", lambda: None, needs_s=120) is False
+    assert rec.section("gpt", "quick", lambda: None, needs_s=1) is True
+    assert "the section needs 120" in json.loads(out.read_text())["rows"][-1]["skipped"]
+    assert not (tmp_path / "g.json.tmp").exists()  # replaced whole
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
+def test_gpu_suite_peers_rows_arrive_as_the_anchor_emits_them(tmp_path: Path) -> None:
+    import argparse
+    import types
+
+    suite = _gpu_suite()
+    anchor = types.ModuleType("fake_anchor")
+    model = torch.nn.Linear(2, 1)
+    code = """
+OUT = []
+def emit(**kw):
+    OUT.append(kw)
+def problem(name, device, tiny):
+    return MODEL, None, None, None
+def run(name, device, tiny, ks, truth_m, skip_peers):
+    m = problem(name, device, tiny)[0]
+    m(TORCH.ones(3, 2)).sum().backward(create_graph=True)  # as PyHessian leaves them
+    emit(model=name, what="params", value=3)
+    emit(model=name, what="pyhessian_power", k=1, secs=0.5, hvps=7, max_iter=None)
+    raise RuntimeError("killed")
+"""
+    anchor.__dict__.update(MODEL=model, TORCH=torch)
+    exec(code, anchor.__dict__)
+    meta = {"device_name": "H100", "date_utc": "2026-12-07T00:00:00Z", "command": "c"}
+    rec = suite.Recorder(meta | {"torch": "2.11", "source": "abc"}, None, None, 1e9)
+    args = argparse.Namespace(device="cpu", smoke=True, truth_m=None)
+    ran = rec.section("gpt", "anchor_peers", lambda: suite.peers(rec, anchor, "gpt", [1], args))
+    assert ran is False
+    assert [r["what"] for r in rec.rows] == [
+        "anchor:params",
+        "anchor:pyhessian_power (max_iter default)",
+        "anchor_peers",
+    ]
+    assert rec.rows[1]["seconds"] == 0.5 and rec.rows[1]["params"] == 3
+    assert "killed" in rec.rows[2]["error"]
+    assert len(anchor.OUT) == 2 and anchor.emit is anchor.__dict__["emit"]  # restored
+    assert all(p.grad is None for p in model.parameters())  # no graph kept alive
 
 
 @pytest.mark.slow
