@@ -20,6 +20,8 @@ export PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, lightning, scipy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', lightning.__version__, 'scipy', scipy.__version__)"
     python3 -c "import curvlinops, pyhessian, hessian_eigenthings; print('peers importable')"
+    # The library's TF32 switch on this torch: a float32 product on the GPU, exact to 1e-5.
+    python3 -c "import torch; from lightning_landscape.context import full_float32; a = torch.randn(256, 256, device='cuda'); exec('with full_float32(): b = a @ a'); print('full_float32 rel. error', float((b.double() - a.double() @ a.double()).norm() / (a.double() @ a.double()).norm()))"
 } 2>&1 | tee "$OUT/env.txt"
 # The suite counts its budgets from its own start: take off what the lines above spent (bash's
 # SECONDS), so that no section starts after ~430 s and none runs past ~560 s of the whole command.
