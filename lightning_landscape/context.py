@@ -147,10 +147,12 @@ def running_stat_norms(model: nn.Module) -> list[nn.Module]:
         model: the module.
 
     Returns:
-        Every BatchNorm (any dimension, SyncBatchNorm included) and InstanceNorm with
-        ``track_running_stats=True`` in ``model``.
+        Every BatchNorm (any dimension, SyncBatchNorm included) and InstanceNorm built with
+        ``track_running_stats=True`` in ``model``: those holding running-statistics buffers, also
+        while a :func:`curvature_context` with ``norm_statistics="batch"`` has switched their
+        tracking off (so that a nested context finds them too).
     """
-    return [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+    return [m for m in model.modules() if isinstance(m, _NormBase) and m.running_mean is not None]
 
 
 def synchronised_batch_norms(model: nn.Module) -> list[nn.SyncBatchNorm]:
@@ -347,6 +349,7 @@ def curvature_context(
     grads = [p.grad for p in params]
     flags = [p.requires_grad for p in params]
     batch_stats = running_stat_norms(model) if eval_mode and norm_statistics == "batch" else []
+    tracking = [(norm, norm.track_running_stats) for norm in batch_stats]  # False when nested
     # Every SyncBatchNorm on batch statistics: in an initialised process group its train-mode
     # forward also refuses CPU inputs, whatever the group's size; outside one it is the same
     # computation.
@@ -388,8 +391,8 @@ def curvature_context(
                     norm.__dict__["forward"] = forward
             for module, mode in modes:
                 module.training = mode
-            for norm in batch_stats:
-                setattr(norm, "track_running_stats", True)  # noqa: B010 (typed as Tensor | Module)
+            for norm, tracked in tracking:
+                setattr(norm, "track_running_stats", tracked)  # noqa: B010 (typed Tensor | Module)
             for p, g, flag in zip(params, grads, flags, strict=True):
                 if p.requires_grad != flag:
                     p.requires_grad_(flag)

@@ -500,6 +500,21 @@ def test_sync_batchnorm_inside_the_context() -> None:
     assert seen[0] is seen[1]
 
 
+def test_batch_statistics_inside_a_batch_statistics_context() -> None:
+    # The outer context has switched tracking off; the inner one must still find the layers
+    # (not fall back to their running statistics) and leave the outer state as it found it.
+    from lightning_landscape import curvature_context
+
+    model, loss_fn, batch = make_model("cnn")
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    flat = hessian_eigenvalues(model, loss_fn, batch, 2, tol=1e-10, norm_statistics="batch")
+    with curvature_context(model, norm_statistics="batch"):
+        nested = hessian_eigenvalues(model, loss_fn, batch, 2, tol=1e-10, norm_statistics="batch")
+        assert all(m.training and not m.track_running_stats for m in bns)
+    torch.testing.assert_close(nested.eigenvalues, flat.eigenvalues, rtol=1e-10, atol=0)
+    assert all(not m.training and m.track_running_stats for m in bns)
+
+
 def test_batch_statistics_need_eval_mode_where_there_is_batchnorm() -> None:
     model, loss_fn, batch = make_model("cnn")
     with pytest.raises(ValueError, match="eval_mode=True"):

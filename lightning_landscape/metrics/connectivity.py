@@ -130,9 +130,11 @@ def mode_connectivity(
     with ``interpolate_buffers``, every floating-point buffer (BatchNorm running statistics).
     Note that the averaged running statistics are not the statistics of the interpolated
     network's activations, so with BatchNorm in eval mode the barrier is inflated (Jordan et al.,
-    "REPAIR", ICLR 2023); nothing here re-estimates them. ``norm_statistics="batch"`` avoids
-    them: every point normalises ``batch`` with the interpolated network's own statistics on
-    it (the loss training optimises, at ``batch``'s size). Integer buffers (e.g.
+    "REPAIR", ICLR 2023, who re-estimate them; nothing here does).
+    ``norm_statistics="batch"`` leaves them out instead: every point normalises the whole
+    ``batch`` with the interpolated network's own statistics on it (the loss training optimises
+    when ``batch`` has the training batch size; for a larger set pass a ``loss_fn`` that averages
+    over training-size chunks, as ``lightning-landscape compare`` does). Integer buffers (e.g.
     ``num_batches_tracked``) come from the nearer endpoint (``state_a`` for ``t < ½``).
     Entries not interpolated (unselected parameters, buffers without ``interpolate_buffers``)
     come from ``state_a``, so the ``t = 1`` end is then ``θ_A`` with the interpolated entries

@@ -201,9 +201,11 @@ def loss_slice(
         eval_mode: evaluate with every submodule in ``eval()`` (restored afterwards).
         norm_statistics: ``"running"`` (default): BatchNorm-type layers normalise with their
             running statistics; ``"batch"`` (needs ``eval_mode``): every evaluation normalises
-            ``batch`` with its own statistics, as training does and as
+            the whole ``batch`` with its own statistics, as
             :class:`~lightning_landscape.LandscapeMonitor`'s slices do by default (the
-            ``"eigen"`` directions then come from that Hessian too). See
+            ``"eigen"`` directions then come from that Hessian too). That is training's
+            normalisation when ``batch`` has the training batch size; for a larger set, pass a
+            ``loss_fn`` that averages the loss over training-size chunks. See
             :func:`~lightning_landscape.hessian_eigenvalues`.
 
     Returns:

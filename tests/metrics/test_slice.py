@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_landscape import hessian_eigenvalues
+from lightning_landscape import curvature_context, hessian_eigenvalues
 from lightning_landscape.metrics import (
     linear_interpolation,
     loss_slice,
@@ -377,11 +377,16 @@ def test_batch_statistics_in_slices() -> None:
     r = loss_slice(model, loss_fn, batch, directions=[d], steps=3, norm_statistics="batch")
     with torch.no_grad():
         assert r.center_loss == pytest.approx(float(loss_fn(twin, batch)), rel=1e-12)
-        offset = 0
-        for p in twin.parameters():
-            p.add_(d[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-        assert float(r.losses[2]) == pytest.approx(float(loss_fn(twin, batch)), rel=1e-12)
+        weights = [p.detach().clone() for p in twin.parameters()]
+        for a, got in zip(r.coords.tolist(), r.losses.tolist(), strict=True):
+            offset = 0
+            for p, w in zip(twin.parameters(), weights, strict=True):
+                p.copy_(w + a * d[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+            assert got == pytest.approx(float(loss_fn(twin, batch)), rel=1e-12)
+    with curvature_context(model, norm_statistics="batch"):  # nested: the same statistics
+        nested = loss_slice(model, loss_fn, batch, directions=[d], steps=3, norm_statistics="batch")
+    assert torch.equal(nested.losses, r.losses)
     eig = loss_slice(
         model, loss_fn, batch, directions="eigen", steps=3, tol=1e-10, norm_statistics="batch"
     )
