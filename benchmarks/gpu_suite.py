@@ -28,10 +28,11 @@ batches and the 30 SGD warm-up steps are identical), float32 with TF32 off, ``ev
   hessian-eigenthings and its reference Lanczos, at ``--peer-ks``), its rows kept in ours (a peer
   it could not run is a skipped row, which does not fail the suite).
 
-Sections run in that order while ``--budget-s`` seconds have not passed since the process started
-(later ones are written as skipped), and a long one (the compiled route, the peers) only with
-enough time left before ``--deadline-s``, where the section running is stopped (a ``SIGALRM``) and
-written as an error; each failure is a row of its own and the rest goes on. ``--out`` (JSON) and
+Sections run in that order while ``--budget-s`` seconds have not passed since the suite started
+(after importing torch; later ones are written as skipped), and a long one (the compiled route,
+the peers) only with enough time left before ``--deadline-s``, where the section running is
+stopped (a ``SIGALRM``) and written as an error; each failure is a row of its own and the rest
+goes on. ``--out`` (JSON) and
 ``--markdown`` (a RESULTS.md section) are replaced after every row (the peers' rows as the anchor
 emits them), so a run cut short keeps what it measured. The exit status is 1 if any section
 failed. ``--smoke`` runs tiny models on the CPU in seconds (used by the test suite;
@@ -63,7 +64,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-T_START = time.perf_counter()  # budgets count from here (imports and CUDA start-up included)
+T_START = time.perf_counter()  # budgets count from here (CUDA start-up included; torch imported)
 HERE = Path(__file__).resolve().parent
 ANCHORS = (  # where gpu_prepare.sh copies it, a shared/ inside the checkout, the one beside it
     HERE.parent / ".gpu" / "anchor_gpu.py",
@@ -94,7 +95,7 @@ def _replace_text(path: str, text: str) -> None:
 class Recorder:
     """Rows printed as JSON lines and rewritten to ``--out`` / ``--markdown`` after each one.
 
-    ``budget``: no section starts after that many seconds since the process started;
+    ``budget``: no section starts after that many seconds since the suite started;
     ``deadline``: a section running then is stopped (where ``SIGALRM`` exists: not on Windows).
     """
 
@@ -608,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-s",
         type=float,
         default=None,
-        help="start no section after this many seconds since the process started (default 430)",
+        help="start no section after this many seconds since the suite started (default 430)",
     )
     ap.add_argument(
         "--deadline-s",

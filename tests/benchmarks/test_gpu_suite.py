@@ -143,7 +143,7 @@ def test_gpu_suite_deadline_stops_a_section_and_long_ones_need_time(tmp_path: Pa
     suite = _gpu_suite()
     meta = {"device_name": "H100", "date_utc": "2026-12-07T00:00:00Z", "command": "c"}
     out = tmp_path / "g.json"
-    spent = time.perf_counter() - suite.T_START  # budgets count from the process's start
+    spent = time.perf_counter() - suite.T_START  # budgets count from the suite's start
     rec = suite.Recorder(
         meta | {"torch": "2.11", "source": "abc"}, str(out), None, 1e9, spent + 0.3
     )
