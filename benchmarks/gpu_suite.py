@@ -32,13 +32,13 @@ Sections run in that order while ``--budget-s`` seconds have not passed since th
 (after importing torch; later ones are written as skipped), and a long one (the compiled route,
 the peers) only with enough time left before ``--deadline-s``, where the section running is
 stopped (a ``SIGALRM``) and written as an error; each failure is a row of its own and the rest
-goes on. ``--out`` (JSON) and
-``--markdown`` (a RESULTS.md section) are replaced after every row (the peers' rows as the anchor
-emits them), so a run cut short keeps what it measured. The exit status is 1 if any section
-failed. ``--smoke`` runs tiny models on the CPU in seconds (used by the test suite;
-``torch.compile`` there uses the ``aot_eager`` backend); only there may the anchor file be missing
-(``real_sizes.py``'s models stand in). On a lent device: ``benchmarks/gpu_prepare.sh`` here, then
-``bash benchmarks/gpu_run.sh`` there (see benchmarks/README.md).
+goes on. ``--out`` (JSON) and ``--markdown`` (a RESULTS.md section) are replaced after every
+row (the peers' rows as the anchor emits them), so a run cut short keeps what it measured. The
+exit status is 1 if any section failed. ``--smoke`` runs tiny models on the CPU in seconds (used
+by the test suite; ``torch.compile`` there uses the ``aot_eager`` backend); only there may the
+anchor file be missing (``real_sizes.py``'s models stand in). On a lent device:
+``benchmarks/gpu_prepare.sh`` here, then ``bash benchmarks/gpu_run.sh`` there (see
+benchmarks/README.md).
 
     python benchmarks/gpu_suite.py --out benchmarks/results_gpu.json --markdown /tmp/gpu.md
     python benchmarks/gpu_suite.py --smoke
@@ -81,8 +81,12 @@ TOL = 1e-4
 TRUTH_M = {"resnet18": 120, "gpt": 120, "gpt2s": 80}  # 81 × 98 M float32 = 32 GB of basis
 
 
-class Deadline(Exception):
-    """Raised by ``SIGALRM`` in the section running when ``--deadline-s`` is reached."""
+class Deadline(BaseException):
+    """Raised by ``SIGALRM`` in the section running when ``--deadline-s`` is reached.
+
+    Not an ``Exception``: the monitor's fault isolation and the anchor's per-peer ``try`` catch
+    those, log them and go on, so a deadline raised inside them would not stop the section.
+    """
 
 
 def _replace_text(path: str, text: str) -> None:
@@ -147,7 +151,7 @@ class Recorder:
             signal.setitimer(signal.ITIMER_REAL, max(left, 0.001))
         try:
             fn()
-        except Exception as err:  # report, keep going (the deadline included)
+        except (Exception, Deadline) as err:  # report, keep going
             self.emit(model=model, what=what, error=repr(err)[:500])
             return False
         finally:

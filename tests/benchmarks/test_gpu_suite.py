@@ -153,6 +153,19 @@ def test_gpu_suite_deadline_stops_a_section_and_long_ones_need_time(tmp_path: Pa
     assert rec.section("gpt", "next", lambda: None) is False  # nothing left to start with
     rows = json.loads(out.read_text())["rows"]
     assert "Deadline" in rows[0]["error"] and "left" in rows[1]["skipped"]
+
+    def swallowing() -> None:  # as the monitor's fault isolation and the anchor's peers do
+        for _ in range(30):
+            try:
+                time.sleep(1)
+            except Exception:
+                pass
+
+    rec.deadline = time.perf_counter() - suite.T_START + 0.3
+    started = time.perf_counter()
+    assert rec.section("gpt", "peers", swallowing) is False
+    assert time.perf_counter() - started < 10
+    assert "Deadline" in json.loads(out.read_text())["rows"][-1]["error"]
     rec.deadline = time.perf_counter() - suite.T_START + 60
     assert rec.section("gpt", "anchor_peers", lambda: None, needs_s=120) is False
     assert rec.section("gpt", "quick", lambda: None, needs_s=1) is True
