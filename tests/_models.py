@@ -9,6 +9,7 @@ Loss functions follow the library's signature ``loss_fn(model, batch) -> scalar 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
@@ -319,6 +320,16 @@ def dense_hessian(
 # --------------------------------------------------------------------------------------------------
 
 KINDS = ("mlp", "cnn", "attention")
+
+
+def batch_statistics_twin(model: nn.Module) -> nn.Module:
+    """A train-mode copy of ``model`` whose BatchNorm layers normalise every batch with its own
+    statistics and update nothing (the function ``norm_statistics="batch"`` probes)."""
+    twin = copy.deepcopy(model).train()
+    for m in twin.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+    return twin
 
 
 def make_model(

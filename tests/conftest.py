@@ -1,3 +1,5 @@
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -27,3 +29,17 @@ def fast_compile(monkeypatch: pytest.MonkeyPatch) -> list[torch.fx.GraphModule]:
     backend = recording_aot_eager(graphs)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
     return graphs
+
+
+@pytest.fixture
+def as_two_ranks(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Call it to make this process look like one rank of an initialised 2-rank group (no
+    collective runs: a ``SyncBatchNorm`` that tried to synchronise on the CPU raises first)."""
+    import torch.distributed as dist
+
+    def apply() -> None:
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+        monkeypatch.setattr(dist, "group", type("G", (), {"WORLD": object()}))
+
+    return apply

@@ -8,6 +8,7 @@ import functools
 import math
 import random
 import re
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from lightning_landscape import hessian_eigenvalues, hessian_trace
 from lightning_landscape.operators import LossFn
 from tests._models import (
     KINDS,
+    batch_statistics_twin,
     classification_loss,
     cnn_batch,
     dense_hessian,
@@ -375,11 +377,7 @@ def _batch_statistics_hessian(
     model: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, Tensor]
 ) -> Tensor:
     """Dense Hessian with every BatchNorm normalising ``batch`` with its own statistics."""
-    twin = copy.deepcopy(model).train()
-    for m in twin.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.track_running_stats = False  # batch statistics, and nothing updated in place
-    return dense_hessian(twin, loss_fn, batch).detach()
+    return dense_hessian(batch_statistics_twin(model), loss_fn, batch).detach()
 
 
 def test_batch_statistics_give_the_training_hessian() -> None:
@@ -439,23 +437,15 @@ def test_batch_statistics_keep_two_samples_in_the_last_micro_batch() -> None:
     )
 
 
-def _as_if_two_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make this process look like one rank of an initialised 2-rank group (no collective runs:
-    a ``SyncBatchNorm`` that tried to synchronise on the CPU would raise first)."""
-    import torch.distributed as dist
-
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-    monkeypatch.setattr(dist, "group", type("G", (), {"WORLD": object()}))
-
-
-def test_sync_batchnorm_takes_each_ranks_own_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sync_batchnorm_takes_each_ranks_own_statistics(
+    as_two_ranks: Callable[[], None],
+) -> None:
     # PyTorch cannot differentiate SyncBatchNorm's synchronised forward twice (pytorch#61222),
     # so with batch statistics each rank's batch is normalised on its own, as BatchNorm under
     # DDP: the Hessian is the plain BatchNorm model's.
     model, loss_fn, batch = make_model("cnn")
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
-    _as_if_two_ranks(monkeypatch)
+    as_two_ranks()
     with pytest.raises(ValueError, match="expected input tensor to be on GPU"):
         synced.train()(batch[0])  # what training's forward would do on this CPU
     synced.eval()
@@ -484,10 +474,7 @@ def test_sync_batchnorm_inside_the_context() -> None:
     model, _, (x, _) = make_model("cnn")
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
     bn = next(m for m in synced.modules() if isinstance(m, nn.SyncBatchNorm))
-    twin = copy.deepcopy(model).train()
-    for m in twin.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.track_running_stats = False
+    twin = batch_statistics_twin(model)
     seen = []
     for _ in range(2):
         with curvature_context(synced, norm_statistics="batch"):

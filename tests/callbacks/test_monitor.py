@@ -533,7 +533,9 @@ def test_batch_and_running_statistics_give_different_hessians() -> None:
     assert runs["batch"] != pytest.approx(runs["running"], rel=1e-2)
 
 
-def test_sync_batchnorm_under_several_ranks_is_said(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sync_batchnorm_under_several_ranks_is_said(
+    monkeypatch: pytest.MonkeyPatch, as_two_ranks: Callable[[], None]
+) -> None:
     """With batch statistics, SyncBatchNorm in a group of several ranks is probed on each rank's
     own statistics: the monitor says so at the start of training (not with running ones)."""
     import torch.distributed as dist
@@ -552,9 +554,7 @@ def test_sync_batchnorm_under_several_ranks_is_said(monkeypatch: pytest.MonkeyPa
     assert checked == [fitted]  # once per fit, at its start (after the strategy's conversion)
     module = ClassifierModule()
     module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-    monkeypatch.setattr(dist, "group", type("G", (), {"WORLD": object()}))
+    as_two_ranks()
     with pytest.warns(UserWarning, match=r"SyncBatchNorm layers \(1\) .* own statistics"):
         LandscapeMonitor()._check_sync_batchnorm(module)
     with warnings.catch_warnings():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -11,7 +10,7 @@ from torch import nn
 
 import lightning_landscape as ll
 from lightning_landscape.metrics import AlphaResult, fit_power_law, group_alphas, layer_type
-from tests._models import dense_hessian, make_model
+from tests._models import batch_statistics_twin, dense_hessian, make_model
 
 CASES = [
     ("mlp", "fc2.weight"),
@@ -50,8 +49,7 @@ def test_h_matches_dense_layer_block_hessian(kind: str, name: str) -> None:
 def test_batch_statistics_h_matches_the_training_hessian() -> None:
     model, loss_fn, batch = make_model("cnn")  # BatchNorm with running statistics
     name = "conv.weight"
-    twin = copy.deepcopy(model).train()  # BatchNorm on the batch's statistics, nothing updated
-    twin.bn.track_running_stats = False
+    twin = batch_statistics_twin(model)  # BatchNorm on the batch's statistics, nothing updated
     buffers = [b.clone() for b in model.buffers()]
     res = ll.curvature_exponents(
         model, loss_fn, batch, top_k=20, layers=[name], norm_statistics="batch"

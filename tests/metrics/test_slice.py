@@ -17,7 +17,7 @@ from lightning_landscape.metrics import (
     mode_connectivity,
 )
 from lightning_landscape.report.figures import connectivity_figure, slice_figure
-from tests._models import make_model
+from tests._models import batch_statistics_twin, make_model
 
 # --------------------------------------------------------------------------------------------------
 # An exact quadratic bowl: least squares with a bias, float64
@@ -332,15 +332,6 @@ def test_buffers_interpolated_integer_buffers_nearest_and_subsets() -> None:
     torch.testing.assert_close(f1, a["fc.weight"] + 0.5)
 
 
-def _train_mode_twin(model: nn.Module) -> nn.Module:
-    """A copy whose BatchNorm normalises every batch with its own statistics, updating nothing."""
-    twin = copy.deepcopy(model).train()
-    for m in twin.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.track_running_stats = False
-    return twin
-
-
 def test_batch_statistics_along_the_line() -> None:
     # Each point normalises the batch with the interpolated network's own statistics: the
     # interpolated running statistics (shifted far off here) no longer enter.
@@ -350,7 +341,7 @@ def test_batch_statistics_along_the_line() -> None:
     b["bn.running_mean"] += 5.0
     before = _snapshot(model)
     r = mode_connectivity(model, a, b, loss_fn, batch, steps=5, norm_statistics="batch")
-    twin = _train_mode_twin(model)
+    twin = batch_statistics_twin(model)
     for t, got in zip(r.ts.tolist(), r.losses.tolist(), strict=True):
         point = {
             k: torch.lerp(va, b[k], t) if va.is_floating_point() else va for k, va in a.items()
@@ -372,7 +363,7 @@ def test_batch_statistics_along_the_line() -> None:
 def test_batch_statistics_in_slices() -> None:
     model, loss_fn, batch = make_model("cnn")
     before = _snapshot(model)
-    twin = _train_mode_twin(model)
+    twin = batch_statistics_twin(model)
     d = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
     r = loss_slice(model, loss_fn, batch, directions=[d], steps=3, norm_statistics="batch")
     with torch.no_grad():
