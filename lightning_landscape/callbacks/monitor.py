@@ -587,10 +587,9 @@ class LandscapeMonitor(Callback):
                 f"LandscapeMonitor: the model's SyncBatchNorm layers ({len(synced)}) "
                 "synchronise batch statistics across ranks in training. PyTorch cannot "
                 "differentiate that twice (pytorch#61222), so the probes normalise each rank's "
-                "probe chunks with that "
-                "rank's own statistics, as BatchNorm under DDP does. With a few samples per "
-                "rank and chunk the measured Hessian can differ from training's; "
-                "norm_statistics='running' measures the eval-mode Hessian instead."
+                "probe chunks with that rank's own statistics, as BatchNorm under DDP does. With "
+                "a few samples per rank and chunk the measured Hessian can differ from "
+                "training's; norm_statistics='running' measures the eval-mode Hessian instead."
             )
 
     def _check_loss(self, pl_module: pl.LightningModule) -> None:
