@@ -7,10 +7,13 @@ the ``eval()`` ResNet-18 of ``real_sizes.py`` (16 samples), as in its speed tabl
 probes every 20 steps, 16 probe samples).
 
 Each listed function's total wall time and call count are printed; nested ones overlap (the
-products are inside ``_single_step``). Timers cost microseconds per call.
+products are inside ``_single_step``, the copy of each product into its output vector,
+``_flat_or_zero``, inside ``_second_backward``). ``Tensor.addmv_`` is every Gram–Schmidt
+correction pass over a basis: Lanczos' partial reorthogonalisation and ``project_out``'s. Timers
+cost microseconds per call.
 
     python benchmarks/profile_probe.py --solve 1
-    python benchmarks/profile_probe.py --rounds --steps 60
+    python benchmarks/profile_probe.py --rounds --steps 60 --threads 2
 """
 
 from __future__ import annotations
@@ -28,12 +31,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+import torch  # noqa: E402
+
 import lightning_landscape  # noqa: E402,F401  (loads the submodules patched below)
 
 TOTAL: dict[str, float] = collections.defaultdict(float)
 CALLS: collections.Counter[str] = collections.Counter()
 TIMED = {
-    "lightning_landscape.operators.hessian": ["HessianOperator._second_backward"],
+    "lightning_landscape.operators.hessian": [
+        "HessianOperator._second_backward",
+        "HessianOperator._flat_or_zero",
+    ],
     "lightning_landscape.solvers.lanczos": [
         "_single_step",
         "_start_block",
@@ -43,7 +51,7 @@ TIMED = {
         "dot",
         "vector_norm",
     ],
-    "lightning_landscape.solvers.trace": ["_deflated_hutchinson"],
+    "lightning_landscape.solvers.trace": ["_deflated_hutchinson", "orthonormal_columns"],
     "lightning_landscape.probes.sharpness": ["Sharpness.run"],
     "lightning_landscape.probes.trace": ["Trace.run"],
     "lightning_landscape.probes.update": ["UpdateCurvature.run"],
@@ -73,6 +81,7 @@ def install() -> None:
             for part in path:
                 owner = getattr(owner, part)
             setattr(owner, attr, _timed(qual, getattr(owner, attr)))
+    torch.Tensor.addmv_ = _timed("Tensor.addmv_", torch.Tensor.addmv_)  # type: ignore[method-assign]
 
 
 def main() -> None:
@@ -80,13 +89,17 @@ def main() -> None:
     ap.add_argument("--solve", type=int, default=None, help="one cold top-K solve")
     ap.add_argument("--rounds", action="store_true", help="the default monitor's rounds")
     ap.add_argument("--steps", type=int, default=60, help="training steps with --rounds")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     install()
     t0 = time.perf_counter()
     if args.rounds:
         import warm_start
 
-        ns = warm_start.options(["--steps", str(args.steps), "--every", "20"])
+        ns = warm_start.options(
+            ["--steps", str(args.steps), "--every", "20", "--threads", str(args.threads)]
+        )
         warm_start.run_default_monitor("resnet18", ns)
     else:
         from real_sizes import make_resnet18
