@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -80,6 +81,53 @@ def test_deflated_trace_is_exact_when_the_pairs_span_the_space() -> None:
     res = deflated_trace(MatrixOperator(a), vectors, values, 4)
     assert res.trace == pytest.approx(exact, rel=1e-12)
     assert res.stderr == pytest.approx(0.0, abs=1e-12)
+
+
+def _skewed(u: Tensor, off: float) -> Tensor:
+    """``[u₁, (u₁ + off·u₂)/‖·‖]``: the same span, Gram off-diagonal ``1/√(1 + off²)``."""
+    second = u[:, 0] + off * u[:, 1]
+    return torch.stack([u[:, 0], second / second.norm()], dim=1)
+
+
+@pytest.mark.parametrize(("off", "fast"), [(2.0, True), (0.5, False)])
+def test_deflated_trace_projects_off_the_span_of_non_orthonormal_vectors(
+    off: float, fast: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gram eigenvalues 0.55 / 1.45 (off = 2) go through ``(YᵀY)⁻¹``; 0.11 / 1.89 (off = 0.5) are
+    orthonormalised first. Either way the projector is onto the span: with ``A`` the identity off
+    its top two eigenvectors, the result is exact."""
+    lam = torch.tensor([9.0, 5.0, 1, 1, 1, 1, 1, 1], dtype=F64)
+    a, q = torch.diag(lam), torch.eye(8, dtype=F64)  # coordinate axes: no Rademacher variance
+    trace_module = sys.modules["lightning_landscape.solvers.trace"]
+    calls: list[int] = []
+    original = trace_module.orthonormal_columns
+
+    def spy(block: Tensor, sharding: object = None) -> tuple[Tensor, Tensor]:
+        calls.append(block.shape[1])
+        return original(block, sharding)
+
+    monkeypatch.setattr(trace_module, "orthonormal_columns", spy)
+    res = deflated_trace(MatrixOperator(a), _skewed(q[:, :2], off), lam[:2], 4, seed=1)
+    assert res.trace == pytest.approx(float(lam.sum()), rel=1e-12)
+    assert res.stderr == pytest.approx(0.0, abs=1e-12)
+    assert calls == ([] if fast else [2])
+
+
+def test_deflated_trace_same_estimate_for_any_basis_of_the_span() -> None:
+    """The same probes give the same estimate whether the top pairs come orthonormal or mixed by
+    a well-conditioned matrix (the projector onto their span is the same)."""
+    a, _ = _psd_decaying()
+    vectors, values = _top_pairs(a, 5)
+    mix = torch.eye(5, dtype=F64) + 0.05 * torch.randn(
+        5, 5, generator=torch.Generator().manual_seed(0), dtype=F64
+    )
+    mixed = vectors @ mix
+    spread = torch.linalg.eigvalsh(mixed.T @ mixed)
+    assert spread.min() >= 0.5 and spread.max() <= 2.0  # the (YᵀY)⁻¹ path
+    plain = deflated_trace(MatrixOperator(a), vectors, values, 10, seed=2)
+    skew = deflated_trace(MatrixOperator(a), mixed, values, 10, seed=2)
+    assert skew.trace == pytest.approx(plain.trace, rel=1e-10)
+    assert skew.stderr == pytest.approx(plain.stderr, rel=1e-8)
 
 
 def test_deflated_trace_with_ritz_pairs_of_a_model_hessian() -> None:
