@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_landscape.operators import CurvatureOperator, Sharding
-from lightning_landscape.solvers import hutchpp_trace, lanczos, spectral_density
+from lightning_landscape.solvers import deflated_trace, hutchpp_trace, lanczos, spectral_density
 
 
 class _Group:
@@ -151,6 +151,24 @@ def test_sharded_hutchpp_is_unbiased_on_independent_shards() -> None:
     values = torch.tensor([e.trace for e in estimates])
     spread = float(values.std()) / len(estimates) ** 0.5
     assert abs(float(values.mean()) - truth) < 4 * spread
+
+
+@pytest.mark.parametrize("off", [2.0, 0.5])  # (YᵀY)⁻¹ applied as it is; Y orthonormalised
+def test_sharded_deflated_trace_is_exact_on_a_skewed_basis_of_the_eigenspace(off: float) -> None:
+    """Every process takes the same projection path (from the all-reduced Gram matrix) and gets
+    the exact trace: off its top two coordinate axes ``A`` is the identity."""
+    lam = torch.tensor([9.0, 5.0] + [1.0] * 10, dtype=torch.float64)
+    axes = torch.eye(12, dtype=torch.float64)
+    second = axes[:, 0] + off * axes[:, 1]
+    y = torch.stack([axes[:, 0], second / second.norm()], dim=1)
+    results = _on_shards(
+        torch.diag(lam),
+        [0, 5, 12],
+        lambda op: deflated_trace(op, y[op.lo : op.hi], lam[:2], num_hvps=4),
+    )
+    for res in results:
+        assert res.trace == pytest.approx(float(lam.sum()), abs=1e-9)
+        assert res.stderr == pytest.approx(0.0, abs=1e-12)
 
 
 def test_sharded_density_has_the_exact_nodes_on_every_process() -> None:
