@@ -150,6 +150,8 @@ def _deflation_basis(y: Tensor, sharding: Sharding | None) -> tuple[Tensor, Tens
     if y.shape[1] == 0:
         return y, None
     gram_y = gram(y, sharding)
+    if not bool(torch.isfinite(gram_y).all()):  # its diagonal holds every column's ‖y‖²
+        raise ValueError("deflated_trace: the vectors are not finite")
     spread = torch.linalg.eigvalsh(gram_y)
     if float(spread.min()) >= 0.5 and float(spread.max()) <= 2.0:
         return y, torch.linalg.inv(gram_y)
@@ -232,7 +234,8 @@ def deflated_trace(
         ``stderr`` is that of the Hutchinson part.
 
     Raises:
-        ValueError: if ``num_hvps < 2`` or the shapes do not match.
+        ValueError: if ``num_hvps < 2``, the shapes do not match, or the vectors or values are
+            not finite.
 
     Example:
         >>> import torch
@@ -251,6 +254,8 @@ def deflated_trace(
             f"vectors must be ({op.size}, k) and values (k,), got {tuple(vectors.shape)} and "
             f"{tuple(values.shape)}"
         )
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"deflated_trace: the values are not finite: {values.tolist()}")
     t_start = time.perf_counter()
     if generator is None:
         generator = private_generator(op, seed)

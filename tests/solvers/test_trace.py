@@ -147,6 +147,16 @@ def test_deflated_trace_with_ritz_pairs_of_a_model_hessian() -> None:
         ((torch.eye(6)[:, :2], torch.ones(2), 1), "num_hvps >= 2"),
         ((torch.eye(6)[:5, :2], torch.ones(2), 4), "vectors must be"),
         ((torch.eye(6)[:, :2], torch.ones(3), 4), "vectors must be"),
+        ((torch.eye(6)[:, :2], torch.tensor([1.0, math.nan]), 4), "values are not finite"),
+        ((torch.eye(6)[:, :2] * torch.tensor([1.0, math.inf]), torch.ones(2), 4), "vectors are"),
+        (
+            (
+                torch.eye(6)[:, :2].index_put((torch.tensor([3]),), torch.tensor(math.nan)),
+                torch.ones(2),
+                4,
+            ),
+            "vectors are",
+        ),
     ],
 )
 def test_deflated_trace_validation(args: tuple, match: str) -> None:  # type: ignore[type-arg]
