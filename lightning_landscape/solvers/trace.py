@@ -179,12 +179,14 @@ def _deflated_hutchinson(
     sh = op.sharding
     one = not op.batches_blocks
     out = torch.empty(op.size, dtype=op.dtype, device=op.device) if one else None
+    if gram_inverse is not None:  # applied to the float64 coefficients, where they are reduced
+        gram_inverse = gram_inverse.to(device=q.device, dtype=torch.float64)
     local: list[float] = []
     for probes in _rademacher_blocks(op.size, g, 1 if one else g, q, generator):
         if q.shape[1]:  # project off span(Q), in place
             h = coefficients(q.T, probes, sh)
             if gram_inverse is not None:
-                h = (gram_inverse.to(h.device) @ h.to(torch.float64)).to(h.dtype)
+                h = (gram_inverse @ h.to(torch.float64)).to(h.dtype)
             probes.T.addmm_(h.T, q.T, alpha=-1.0)
         if out is None:
             products = op.matmat(probes)

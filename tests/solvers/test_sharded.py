@@ -156,19 +156,24 @@ def test_sharded_hutchpp_is_unbiased_on_independent_shards() -> None:
 @pytest.mark.parametrize("off", [2.0, 0.5])  # (YᵀY)⁻¹ applied as it is; Y orthonormalised
 def test_sharded_deflated_trace_is_exact_on_a_skewed_basis_of_the_eigenspace(off: float) -> None:
     """Every process takes the same projection path (from the all-reduced Gram matrix) and gets
-    the exact trace: off its top two coordinate axes ``A`` is the identity."""
-    lam = torch.tensor([9.0, 5.0] + [1.0] * 10, dtype=torch.float64)
-    axes = torch.eye(12, dtype=torch.float64)
-    second = axes[:, 0] + off * axes[:, 1]
-    y = torch.stack([axes[:, 0], second / second.norm()], dim=1)
+    the exact trace. ``A`` is zero off a rotated two-dimensional eigenspace whose vectors have
+    entries on both shards, so a projection that missed the other shard's part would leave a
+    non-zero remainder."""
+    u = torch.linalg.qr(
+        torch.randn(12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    )[0]
+    lam = torch.tensor([9.0, 5.0] + [0.0] * 10, dtype=torch.float64)
+    a = (u * lam) @ u.T
+    second = u[:, 0] + off * u[:, 1]
+    y = torch.stack([u[:, 0], second / second.norm()], dim=1)
     results = _on_shards(
-        torch.diag(lam),
+        0.5 * (a + a.T),
         [0, 5, 12],
         lambda op: deflated_trace(op, y[op.lo : op.hi], lam[:2], num_hvps=4),
     )
     for res in results:
-        assert res.trace == pytest.approx(float(lam.sum()), abs=1e-9)
-        assert res.stderr == pytest.approx(0.0, abs=1e-12)
+        assert res.trace == pytest.approx(14.0, abs=1e-9)
+        assert res.stderr == pytest.approx(0.0, abs=1e-9)
 
 
 def test_sharded_density_has_the_exact_nodes_on_every_process() -> None:

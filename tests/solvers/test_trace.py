@@ -148,7 +148,14 @@ def test_deflated_trace_with_ritz_pairs_of_a_model_hessian() -> None:
         ((torch.eye(6)[:5, :2], torch.ones(2), 4), "vectors must be"),
         ((torch.eye(6)[:, :2], torch.ones(3), 4), "vectors must be"),
         ((torch.eye(6)[:, :2], torch.tensor([1.0, math.nan]), 4), "values are not finite"),
-        ((torch.eye(6)[:, :2] * torch.tensor([1.0, math.inf]), torch.ones(2), 4), "vectors are"),
+        (
+            (
+                torch.eye(6)[:, :2].index_put((torch.tensor([4]),), torch.tensor(math.inf)),
+                torch.ones(2),
+                4,
+            ),
+            "vectors are",
+        ),
         (
             (
                 torch.eye(6)[:, :2].index_put((torch.tensor([3]),), torch.tensor(math.nan)),
@@ -346,19 +353,27 @@ class _OneAtATime(MatrixOperator):
         return False
 
 
-@pytest.mark.parametrize("deflate", [4, 0])
-def test_probes_one_at_a_time_match_the_block_estimate(deflate: int) -> None:
-    """The one-at-a-time path (two reused vectors) and the block path give the same samples."""
+@pytest.mark.parametrize(("deflate", "skew"), [(4, False), (0, False), (4, True)])
+def test_probes_one_at_a_time_match_the_block_estimate(deflate: int, skew: bool) -> None:
+    """The one-at-a-time path (two reused vectors) and the block path give the same samples,
+    with orthonormal vectors and with a skewed basis projected through ``(QᵀQ)⁻¹``."""
     from lightning_landscape.solvers import trace as trace_module
 
     torch.manual_seed(0)
     a = torch.randn(300, 300, dtype=torch.float64)
     a = a + a.T
     q = torch.linalg.qr(torch.randn(300, deflate, dtype=torch.float64))[0]
+    inverse = None
+    if skew:
+        q = q @ (
+            torch.eye(deflate, dtype=torch.float64)
+            + 0.1 * torch.randn(deflate, deflate, dtype=torch.float64)
+        )
+        inverse = torch.linalg.inv(q.T @ q)
     single, block = _OneAtATime(a), MatrixOperator(a)
-    one = trace_module._deflated_hutchinson(single, q, 6, torch.Generator().manual_seed(1))
-    many = trace_module._deflated_hutchinson(block, q, 6, torch.Generator().manual_seed(1))
-    p = torch.eye(300, dtype=torch.float64) - q @ q.T
+    one = trace_module._deflated_hutchinson(single, q, 6, torch.Generator().manual_seed(1), inverse)
+    many = trace_module._deflated_hutchinson(block, q, 6, torch.Generator().manual_seed(1), inverse)
+    p = torch.eye(300, dtype=torch.float64) - q @ (q.T if inverse is None else inverse @ q.T)
     pz = p @ trace_module._rademacher(300, 6, q, torch.Generator().manual_seed(1))
     samples = (pz * (a @ pz)).sum(0)
     for got in (one, many):
