@@ -278,6 +278,24 @@ def compiled_modules(model: nn.Module) -> list[str]:
 
 
 @contextlib.contextmanager
+def _instance_attribute(module: nn.Module, name: str, value: Any) -> Iterator[None]:
+    """``module``'s own ``name`` (its instance ``__dict__`` entry) set to ``value`` while inside.
+
+    On exit the previous entry is put back, or removed if there was none.
+    """
+    missing = object()
+    previous = module.__dict__.get(name, missing)
+    module.__dict__[name] = value
+    try:
+        yield
+    finally:
+        if previous is missing:
+            module.__dict__.pop(name, None)
+        else:
+            module.__dict__[name] = previous
+
+
+@contextlib.contextmanager
 def eager(model: nn.Module) -> Iterator[nn.Module]:
     """Run every ``torch.compile``'d module inside ``model`` eagerly (its original code).
 
@@ -294,19 +312,13 @@ def eager(model: nn.Module) -> Iterator[nn.Module]:
     """
     from torch._dynamo.eval_frame import OptimizedModule
 
-    saved: list[tuple[nn.Module, str, Any]] = []
-    for m in _compiled(model):
-        if isinstance(m, OptimizedModule):
-            saved.append((m, "forward", m.__dict__["forward"]))
-            m.__dict__["forward"] = m._orig_mod.__call__
-        else:
-            saved.append((m, "_compiled_call_impl", m._compiled_call_impl))
-            m._compiled_call_impl = None
-    try:
+    with contextlib.ExitStack() as stack:
+        for m in _compiled(model):
+            if isinstance(m, OptimizedModule):
+                stack.enter_context(_instance_attribute(m, "forward", m._orig_mod.__call__))
+            else:
+                stack.enter_context(_instance_attribute(m, "_compiled_call_impl", None))
         yield model
-    finally:
-        for m, name, value in saved:
-            m.__dict__[name] = value
 
 
 @contextlib.contextmanager
@@ -354,8 +366,6 @@ def curvature_context(
     # forward also refuses CPU inputs, whatever the group's size; outside one it is the same
     # computation.
     local = [m for m in batch_stats if isinstance(m, nn.SyncBatchNorm)]
-    missing = object()
-    forwards = [(m, m.__dict__.get("forward", missing)) for m in local]
     # In train mode a forward pass may update buffers (BatchNorm running statistics): keep copies.
     buffers = [(b, b.detach().clone()) for b in model.buffers()] if not eval_mode else []
     for p in params:  # anything accumulated into .grad inside goes to fresh tensors
@@ -381,14 +391,9 @@ def curvature_context(
                     norm.train()
                     setattr(norm, "track_running_stats", False)  # noqa: B010
                 for norm in local:  # an instance attribute: nn.Module.__call__ calls it
-                    norm.__dict__["forward"] = _local_forward(norm)
+                    stack.enter_context(_instance_attribute(norm, "forward", _local_forward(norm)))
             yield model
         finally:
-            for norm, forward in forwards:
-                if forward is missing:
-                    norm.__dict__.pop("forward", None)
-                else:
-                    norm.__dict__["forward"] = forward
             for module, mode in modes:
                 module.training = mode
             for norm, tracked in tracking:
