@@ -332,6 +332,13 @@ def batch_statistics_twin(model: nn.Module) -> nn.Module:
     return twin
 
 
+def skewed_pair(u: Tensor, off: float) -> Tensor:
+    """``[u₁, (u₁ + off·u₂)/‖·‖]`` from orthonormal columns ``u``: the same span, unit columns,
+    Gram off-diagonal ``1/√(1 + off²)`` (a basis that is not orthonormal)."""
+    second = u[:, 0] + off * u[:, 1]
+    return torch.stack([u[:, 0], second / second.norm()], dim=1)
+
+
 def make_model(
     kind: str, dtype: torch.dtype = torch.float64, seed: int = 0
 ) -> tuple[nn.Module, LossFn, Any]:

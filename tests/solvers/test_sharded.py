@@ -18,6 +18,7 @@ from torch import Tensor
 
 from lightning_landscape.operators import CurvatureOperator, Sharding
 from lightning_landscape.solvers import deflated_trace, hutchpp_trace, lanczos, spectral_density
+from tests._models import skewed_pair
 
 
 class _Group:
@@ -164,8 +165,7 @@ def test_sharded_deflated_trace_is_exact_on_a_skewed_basis_of_the_eigenspace(off
     )[0]
     lam = torch.tensor([9.0, 5.0] + [0.0] * 10, dtype=torch.float64)
     a = (u * lam) @ u.T
-    second = u[:, 0] + off * u[:, 1]
-    y = torch.stack([u[:, 0], second / second.norm()], dim=1)
+    y = skewed_pair(u, off)
     results = _on_shards(
         0.5 * (a + a.T),
         [0, 5, 12],

@@ -23,7 +23,7 @@ from lightning_landscape import (
     hutchpp_trace,
 )
 from lightning_landscape.operators import ScaledOperator
-from tests._models import KINDS, dense_hessian, make_model, random_orthogonal
+from tests._models import KINDS, dense_hessian, make_model, random_orthogonal, skewed_pair
 
 F64 = torch.float64
 
@@ -83,12 +83,6 @@ def test_deflated_trace_is_exact_when_the_pairs_span_the_space() -> None:
     assert res.stderr == pytest.approx(0.0, abs=1e-12)
 
 
-def _skewed(u: Tensor, off: float) -> Tensor:
-    """``[u₁, (u₁ + off·u₂)/‖·‖]``: the same span, Gram off-diagonal ``1/√(1 + off²)``."""
-    second = u[:, 0] + off * u[:, 1]
-    return torch.stack([u[:, 0], second / second.norm()], dim=1)
-
-
 @pytest.mark.parametrize(("off", "fast"), [(2.0, True), (0.5, False)])
 def test_deflated_trace_projects_off_the_span_of_non_orthonormal_vectors(
     off: float, fast: bool, monkeypatch: pytest.MonkeyPatch
@@ -107,7 +101,7 @@ def test_deflated_trace_projects_off_the_span_of_non_orthonormal_vectors(
         return original(block, sharding)
 
     monkeypatch.setattr(trace_module, "orthonormal_columns", spy)
-    res = deflated_trace(MatrixOperator(a), _skewed(q[:, :2], off), lam[:2], 4, seed=1)
+    res = deflated_trace(MatrixOperator(a), skewed_pair(q[:, :2], off), lam[:2], 4, seed=1)
     assert res.trace == pytest.approx(float(lam.sum()), rel=1e-12)
     assert res.stderr == pytest.approx(0.0, abs=1e-12)
     assert calls == ([] if fast else [2])
