@@ -25,12 +25,20 @@ main solve's vectors still carry over, and training is unchanged.
 ``--default-monitor`` instead trains with the default ``LandscapeMonitor()`` probes (top-5 sharpness
 with λ_min, update curvature, trace) every ``--every`` steps and reports a probe round's median
 seconds in units of the median training step, and each probe's (``median_probe_in_steps``).
+``--sharpness NAME=VALUE`` (repeatable) changes one setting of that round's ``Sharpness`` probe
+(e.g. ``top_k=1``, ``tol=0.01``, ``max_basis=40``) to see what each costs. ``--reference`` also
+solves every round's operator again, cold, to tol 1e-5 and records how far the probe's eigenvalues
+and λ_min are from those (``reference``); its rounds then include the extra solves, so their
+seconds are not reported.
+
+    python benchmarks/warm_start.py --models resnet18 --default-monitor --steps 120 \
+        --threads 2 --sharpness tol=0.01 --reference
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import ast
 import datetime as dt
 import json
 import os
@@ -61,10 +69,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 import lightning_landscape as ll
 from lightning_landscape.probes.base import warm_vectors
-from lightning_landscape.solvers import lanczos
+from lightning_landscape.solvers import lanczos, lanczos_ends
 
 TOL = 1e-4
 TARGET = {1: 5, 20: 30}
+REFERENCE_TOL = 1e-5
 
 
 class Module(pl.LightningModule):
@@ -299,10 +308,61 @@ def _count_products(probe: ll.Probe, counts: list[int], seconds: list[float] | N
     probe.run = counted  # type: ignore[method-assign]
 
 
+def _record_reference(probe: ll.Sharpness, records: list[dict[str, Any]]) -> None:
+    """After each measurement of ``probe``, solve its operator again cold to
+    :data:`REFERENCE_TOL` (both ends, a basis of 40) and record the relative errors of the probe's
+    eigenvalues and λ_min against that solve's."""
+    run = probe.run
+
+    def checked(ctx: Any) -> Any:
+        out = run(ctx)
+        op = ctx.operator()
+        before = op.num_matvecs
+        top, bottom = lanczos_ends(
+            op, probe.top_k, 1, tol=REFERENCE_TOL, max_basis=40, max_hvps=1000, seed=12345
+        )
+        ref, got = top.eigenvalues.double(), out.top.eigenvalues.double()
+        lmin = float(bottom.eigenvalues[0])
+        records.append(
+            {
+                "step": ctx.step,
+                "eigenvalues": got.tolist(),
+                "reference": ref.tolist(),
+                "relative_errors": ((got - ref).abs() / ref.abs()).tolist(),
+                "lambda_min": out.lambda_min,
+                "reference_lambda_min": lmin,
+                "lambda_min_relative_error": (
+                    None if out.lambda_min is None else abs(out.lambda_min - lmin) / abs(lmin)
+                ),
+                "reference_converged": bool(top.all_converged and bottom.all_converged),
+                "reference_hvps": op.num_matvecs - before,
+            }
+        )
+        return out
+
+    probe.run = checked  # type: ignore[method-assign]
+
+
+def _sharpness_settings(pairs: list[str]) -> dict[str, Any]:
+    """``--sharpness NAME=VALUE`` pairs as keyword arguments (values as Python literals)."""
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--sharpness expects NAME=VALUE, got {pair!r}")
+        try:
+            settings[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            settings[name] = value  # a plain string, e.g. criterion=eigenvalue
+    return settings
+
+
 def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """A probe round of the default ``LandscapeMonitor()`` probes, in training steps.
 
-    With ``--criterion eigenvalue`` the same probes, but ``Sharpness(criterion="eigenvalue")``.
+    With ``--criterion eigenvalue`` or ``--sharpness NAME=VALUE`` the same probes, but the
+    ``Sharpness`` probe built with those settings; with ``--reference`` each round's eigenvalues
+    are also checked against a tight cold solve (see :func:`_record_reference`).
     """
     pl.seed_everything(0, verbose=False)
     module, loader, probe, clip = setup(name, args.steps, args.quick, args.probe_samples)
@@ -310,10 +370,11 @@ def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
     monitor = ll.LandscapeMonitor(
         every_n_steps=args.every, probe_dataloader=probe, tensorboard_layout=False
     )
-    if args.criterion != "residual":  # the default Sharpness probe, with another criterion
-        sharpness = copy.copy(monitor.sharpness)
-        assert sharpness is not None
-        sharpness.criterion = args.criterion
+    overrides = _sharpness_settings(args.sharpness)
+    if args.criterion != "residual":
+        overrides.setdefault("criterion", args.criterion)
+    if overrides:  # the default probes, with another Sharpness probe
+        sharpness = ll.Sharpness(every_n_steps=args.every, **overrides)
         others = [p for p in monitor.probes if not isinstance(p, ll.Sharpness)]
         monitor = ll.LandscapeMonitor(
             probes=[sharpness, *others], probe_dataloader=probe, tensorboard_layout=False
@@ -321,29 +382,38 @@ def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
     timer = _StepTimer()
     per_probe: dict[str, list[int]] = {type(p).__name__: [] for p in monitor.probes}
     probe_seconds: dict[str, list[float]] = {type(p).__name__: [] for p in monitor.probes}
+    reference: list[dict[str, Any]] = []
     for probe in monitor.probes:
         name_ = type(probe).__name__
         _count_products(probe, per_probe[name_], probe_seconds[name_])
+        if args.reference and isinstance(probe, ll.Sharpness):
+            _record_reference(probe, reference)
     trainer = _trainer(args.steps, clip, [timer, monitor], args.accelerator)
     trainer.fit(module, loader)
     step = statistics.median(timer.seconds[1:])
     rounds = [r.seconds for r in monitor.history[1:]]  # after the first (cold) round
+    timed = bool(rounds) and not args.reference  # reference solves run inside the rounds
+    assert monitor.sharpness is not None
     row = {
         "model": name,
         "params": sum(p.numel() for p in module.parameters()),
         "probes": [type(p).__name__ for p in monitor.probes],
-        "sharpness_criterion": monitor.sharpness.criterion if monitor.sharpness else None,
+        "sharpness_criterion": monitor.sharpness.criterion,
+        "sharpness_overrides": overrides,
         "median_step_seconds": step,
-        "round_seconds": [r.seconds for r in monitor.history],
+        "round_seconds": [r.seconds for r in monitor.history] if timed else None,
         "round_hvps": [r.num_hvps for r in monitor.history],
         "probe_hvps": per_probe,
-        "probe_seconds": probe_seconds,
+        "probe_seconds": probe_seconds if timed else None,
         # each probe's median after the first (cold) round, in training steps
         "median_probe_in_steps": {
             p: statistics.median(s[1:]) / step for p, s in probe_seconds.items() if len(s) > 1
-        },
-        "median_round_seconds": statistics.median(rounds) if rounds else None,
-        "median_round_in_steps": statistics.median(rounds) / step if rounds else None,
+        }
+        if timed
+        else None,
+        "median_round_seconds": statistics.median(rounds) if timed else None,
+        "median_round_in_steps": statistics.median(rounds) / step if timed else None,
+        "reference": reference or None,
     }
     print(json.dumps(row), flush=True)
     return row
@@ -395,6 +465,20 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--tol", type=float, default=TOL, help=f"the λ_max probes' tolerance (default {TOL})"
+    )
+    ap.add_argument(
+        "--sharpness",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="--default-monitor only: one setting of its Sharpness probe, e.g. top_k=1, "
+        "tol=0.01 or max_basis=40 (repeatable)",
+    )
+    ap.add_argument(
+        "--reference",
+        action="store_true",
+        help="--default-monitor only: check each round's eigenvalues against a cold solve to "
+        f"tol {REFERENCE_TOL} (the rounds' seconds are then not reported)",
     )
     ap.add_argument(
         "--lr",
@@ -449,6 +533,8 @@ def main() -> None:
         "tol": args.tol,
         "criterion": args.criterion,
         "probe_samples": args.probe_samples,
+        "sharpness": args.sharpness,
+        "reference": args.reference,
     }
     if args.default_monitor:
         drows = [run_default_monitor(name, args) for name in args.models.split(",")]

@@ -223,3 +223,25 @@ def test_product_symmetry_quick_run_separates_fused_kernels(tmp_path: Path) -> N
         assert row["double_backward_defect"] > 0.1 > 1e-4 > row["finite_difference_defect"]
         fd, ref = row["lambda_max_finite_difference"], row["lambda_max_reference"]
         assert abs(fd - ref) < 1e-3 * ref < abs(row["lambda_max_double_backward"] - ref)
+
+
+@pytest.mark.slow
+def test_warm_start_default_round_with_sharpness_settings_and_reference(tmp_path: Path) -> None:
+    out = tmp_path / "round.json"
+    args = ["--quick", "--default-monitor", "--models", "resnet", "--steps", "30", "--every", "15"]
+    settings = ["--sharpness", "top_k=2", "--sharpness", "criterion=eigenvalue", "--reference"]
+    proc = _run("warm_start.py", *args, *settings, "--out", str(out), tmp=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["sharpness_overrides"] == {"top_k": 2, "criterion": "eigenvalue"}
+    assert row["sharpness_criterion"] == "eigenvalue"
+    assert row["median_round_in_steps"] is None  # the reference solves ran inside the rounds
+    assert len(row["reference"]) == len(row["round_hvps"]) == 3  # steps 0, 15, 30
+    for rec in row["reference"]:
+        assert rec["reference_converged"] and len(rec["eigenvalues"]) == 2
+        assert max(rec["relative_errors"]) < 1e-2  # the probe's default tol, 1e-3, and margin
+        # λ_min to the solve's scale, the largest Ritz value magnitude
+        scale = max(abs(rec["reference"][0]), abs(rec["reference_lambda_min"]))
+        assert abs(rec["lambda_min"] - rec["reference_lambda_min"]) < 1e-2 * scale
+    bad = _run("warm_start.py", *args, "--sharpness", "top_k", tmp=tmp_path)
+    assert bad.returncode != 0 and "NAME=VALUE" in bad.stderr

@@ -125,3 +125,12 @@ def test_combine_rows_in_place_and_fresh(monkeypatch: pytest.MonkeyPatch, chunk:
     assert out.data_ptr() == basis.data_ptr()
     torch.testing.assert_close(basis[:4], expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(basis[4:], rows[4:], rtol=0, atol=0)
+    # A given output elsewhere (the straight-write path) is written in place, not replaced.
+    target = torch.full((4, 100), math.nan, dtype=torch.float64)
+    assert _orthogonality.combine_rows(rows, y, out=target) is target
+    torch.testing.assert_close(target, expected, rtol=1e-12, atol=1e-12)
+    # An output in the same storage but other rows (the buffered path) is correct too.
+    both = torch.cat([rows, torch.zeros(4, 100, dtype=torch.float64)])
+    _orthogonality.combine_rows(both[:9], y, out=both[9:])
+    torch.testing.assert_close(both[9:], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(both[:9], rows, rtol=0, atol=0)
