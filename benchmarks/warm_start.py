@@ -74,6 +74,7 @@ from lightning_landscape.solvers import lanczos, lanczos_ends
 TOL = 1e-4
 TARGET = {1: 5, 20: 30}
 REFERENCE_TOL = 1e-5
+_CADENCE = ("every_n_steps", "every_n_epochs", "on_train_start", "on_train_end")
 
 
 class Module(pl.LightningModule):
@@ -328,11 +329,13 @@ def _record_reference(probe: ll.Sharpness, records: list[dict[str, Any]]) -> Non
                 "step": ctx.step,
                 "eigenvalues": got.tolist(),
                 "reference": ref.tolist(),
-                "relative_errors": ((got - ref).abs() / ref.abs()).tolist(),
+                "relative_errors": [
+                    _relative(g, r) for g, r in zip(got.tolist(), ref.tolist(), strict=True)
+                ],
                 "lambda_min": out.lambda_min,
                 "reference_lambda_min": lmin,
                 "lambda_min_relative_error": (
-                    None if out.lambda_min is None else abs(out.lambda_min - lmin) / abs(lmin)
+                    None if out.lambda_min is None else _relative(out.lambda_min, lmin)
                 ),
                 "reference_converged": bool(top.all_converged and bottom.all_converged),
                 "reference_hvps": op.num_matvecs - before,
@@ -343,17 +346,33 @@ def _record_reference(probe: ll.Sharpness, records: list[dict[str, Any]]) -> Non
     probe.run = checked  # type: ignore[method-assign]
 
 
-def _sharpness_settings(pairs: list[str]) -> dict[str, Any]:
-    """``--sharpness NAME=VALUE`` pairs as keyword arguments (values as Python literals)."""
+def _relative(got: float, ref: float) -> float | None:
+    """``|got − ref| / |ref|``, or ``None`` for a zero reference."""
+    return abs(got - ref) / abs(ref) if ref != 0.0 else None
+
+
+def _sharpness_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """``--sharpness NAME=VALUE`` pairs as ``Sharpness`` keyword arguments (values as Python
+    literals, else strings), checked by building the probe; a bad pair ends with a usage error."""
     settings: dict[str, Any] = {}
-    for pair in pairs:
+    for pair in args.sharpness:
         name, sep, value = pair.partition("=")
         if not sep or not name:
-            raise SystemExit(f"--sharpness expects NAME=VALUE, got {pair!r}")
+            ap.error(f"--sharpness expects NAME=VALUE, got {pair!r}")
+        if name in _CADENCE:
+            ap.error(f"--sharpness {name}: the cadence is --every's")
         try:
             settings[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             settings[name] = value  # a plain string, e.g. criterion=eigenvalue
+    if "criterion" in settings and args.criterion != "residual":
+        ap.error("give the criterion once: --criterion or --sharpness criterion=...")
+    if args.criterion != "residual":
+        settings["criterion"] = args.criterion
+    try:
+        ll.Sharpness(**settings)
+    except (TypeError, ValueError) as err:
+        ap.error(f"--sharpness: {err}")
     return settings
 
 
@@ -370,9 +389,7 @@ def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
     monitor = ll.LandscapeMonitor(
         every_n_steps=args.every, probe_dataloader=probe, tensorboard_layout=False
     )
-    overrides = _sharpness_settings(args.sharpness)
-    if args.criterion != "residual":
-        overrides.setdefault("criterion", args.criterion)
+    overrides = args.sharpness_settings
     if overrides:  # the default probes, with another Sharpness probe
         sharpness = ll.Sharpness(every_n_steps=args.every, **overrides)
         others = [p for p in monitor.probes if not isinstance(p, ll.Sharpness)]
@@ -500,6 +517,9 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
         help="the Trainer's one device (default cpu; gpu: the first CUDA device)",
     )
     args = ap.parse_args(argv)
+    if (args.sharpness or args.reference) and not args.default_monitor:
+        ap.error("--sharpness and --reference go with --default-monitor")
+    args.sharpness_settings = _sharpness_settings(ap, args)
     if args.probe_samples < 16 or args.probe_samples % 16:
         ap.error(f"--probe-samples must be a positive multiple of 16, got {args.probe_samples}")
     args.steps = args.steps or (60 if args.quick else 300)

@@ -119,18 +119,35 @@ def coefficients(basis: Tensor, w: Tensor, sharding: Sharding | None = None) -> 
     return sharding.reduce(h.to(torch.float64)).to(dtype=h.dtype, device=h.device)
 
 
+def _address_range(t: Tensor) -> tuple[int, int]:
+    """The first and one past the last byte that ``t``'s elements can occupy (a superset)."""
+    start = t.data_ptr()
+    last = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
+    return start, start + (last + 1) * t.element_size()
+
+
+def _may_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` may share memory (``False`` only when they certainly do not)."""
+    if a.device != b.device:
+        return False
+    a0, a1 = _address_range(a)
+    b0, b1 = _address_range(b)
+    return a0 < b1 and b0 < a1
+
+
 def combine_rows(rows: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
     """``yᵀ rows``: ``p`` combinations of the ``(j, n)`` rows (Ritz vectors from a Lanczos basis).
 
     Computed over column chunks, so no ``(p, n)`` temporary is ever allocated. Into a fresh
-    ``out`` (or one that shares no memory with ``rows``) each chunk's product is written straight
-    into its columns. ``out`` may also be the first rows of ``rows`` itself (a thick restart, in
-    place): then each chunk goes through one small reused buffer before it is copied over its
-    input. On a CPU the chunks fit in cache: with 22 rows of 11 M entries and ``p = 14`` this
-    took 0.17 s against 0.59 s for ``y.T @ rows`` over 2²⁰-column slices, whose fresh temporaries
-    cost page faults (measured on one core). Writing the chunks straight into ``out`` saves the
-    buffer's copy: 0.074 s against 0.090 s for ``p = 6``, 0.120 s against 0.141 s for ``p = 14``
-    (medians, two cores, ``benchmarks/combine_rows.py``).
+    ``out``, or one of the rows' dtype and device whose memory cannot overlap theirs, each chunk's
+    product is written straight into its columns. Otherwise (e.g. ``out`` is the first rows of
+    ``rows`` itself: a thick restart, in place) each chunk goes through one small reused buffer
+    before it is copied into ``out`` (cast to its dtype and device). On a CPU the chunks fit in
+    cache: with 22 rows of 11 M entries and ``p = 14`` this took 0.17 s against 0.59 s for
+    ``y.T @ rows`` over 2²⁰-column slices, whose fresh temporaries cost page faults (measured on
+    one core). Writing the chunks straight into ``out`` saves the buffer's copy: 0.074 s against
+    0.090 s for ``p = 6``, 0.120 s against 0.141 s for ``p = 14`` (medians, two cores,
+    ``benchmarks/combine_rows.py``).
 
     Args:
         rows: ``(j, n)`` vectors, row-major.
@@ -139,14 +156,20 @@ def combine_rows(rows: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
 
     Returns:
         ``out``.
+
+    Raises:
+        ValueError: if ``out`` is not ``(p, n)``.
     """
     n = rows.shape[1]
     yt = y.T.to(dtype=rows.dtype, device=rows.device).contiguous()
     p = yt.shape[0]
     if out is None:
         out = torch.empty(p, n, dtype=rows.dtype, device=rows.device)
+    elif tuple(out.shape) != (p, n):
+        raise ValueError(f"combine_rows: out must be {(p, n)}, got {tuple(out.shape)}")
     chunk = min(n, _COMBINE_CHUNK if rows.device.type == "cpu" else 1 << 20)
-    if out.untyped_storage().data_ptr() != rows.untyped_storage().data_ptr():
+    same_kind = out.dtype == rows.dtype and out.device == rows.device
+    if same_kind and not _may_overlap(out, rows):
         for c0 in range(0, n, chunk):
             torch.mm(yt, rows[:, c0 : c0 + chunk], out=out[:, c0 : c0 + chunk])
         return out

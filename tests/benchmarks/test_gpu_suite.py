@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,24 +10,15 @@ from typing import Any
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _run(script: str, *args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), *args],
-        capture_output=True,
-        text=True,
-        cwd=tmp,
-        timeout=240,
-        check=False,
-    )
+from tests.benchmarks._scripts import ROOT, run_script
 
 
 @pytest.mark.slow
 def test_gpu_suite_smoke_writes_json_and_markdown(tmp_path: Path) -> None:
     out, md = tmp_path / "gpu.json", tmp_path / "gpu.md"
-    proc = _run("gpu_suite.py", "--smoke", "--out", str(out), "--markdown", str(md), tmp=tmp_path)
+    proc = run_script(
+        "gpu_suite.py", "--smoke", "--out", str(out), "--markdown", str(md), tmp=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     ours = [r for r in rows if r["what"] == "ours"]
@@ -75,7 +65,7 @@ def test_gpu_suite_smoke_writes_json_and_markdown(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_real_sizes_quick_speed_section(tmp_path: Path) -> None:
     out = tmp_path / "real.json"
-    proc = _run(
+    proc = run_script(
         "real_sizes.py",
         "--quick",
         "--ks",
@@ -215,7 +205,7 @@ def run(name, device, tiny, ks, truth_m, skip_peers):
 @pytest.mark.slow
 def test_product_symmetry_quick_run_separates_fused_kernels(tmp_path: Path) -> None:
     out = tmp_path / "symmetry.json"
-    proc = _run("product_symmetry.py", "--quick", "--out", str(out), tmp=tmp_path)
+    proc = run_script("product_symmetry.py", "--quick", "--out", str(out), tmp=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert len(result["floors"]) == 4 and all(r["defect"] < 1e-4 for r in result["floors"])
@@ -223,25 +213,3 @@ def test_product_symmetry_quick_run_separates_fused_kernels(tmp_path: Path) -> N
         assert row["double_backward_defect"] > 0.1 > 1e-4 > row["finite_difference_defect"]
         fd, ref = row["lambda_max_finite_difference"], row["lambda_max_reference"]
         assert abs(fd - ref) < 1e-3 * ref < abs(row["lambda_max_double_backward"] - ref)
-
-
-@pytest.mark.slow
-def test_warm_start_default_round_with_sharpness_settings_and_reference(tmp_path: Path) -> None:
-    out = tmp_path / "round.json"
-    args = ["--quick", "--default-monitor", "--models", "resnet", "--steps", "30", "--every", "15"]
-    settings = ["--sharpness", "top_k=2", "--sharpness", "criterion=eigenvalue", "--reference"]
-    proc = _run("warm_start.py", *args, *settings, "--out", str(out), tmp=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (row,) = json.loads(out.read_text())["rows"]
-    assert row["sharpness_overrides"] == {"top_k": 2, "criterion": "eigenvalue"}
-    assert row["sharpness_criterion"] == "eigenvalue"
-    assert row["median_round_in_steps"] is None  # the reference solves ran inside the rounds
-    assert len(row["reference"]) == len(row["round_hvps"]) == 3  # steps 0, 15, 30
-    for rec in row["reference"]:
-        assert rec["reference_converged"] and len(rec["eigenvalues"]) == 2
-        assert max(rec["relative_errors"]) < 1e-2  # the probe's default tol, 1e-3, and margin
-        # λ_min to the solve's scale, the largest Ritz value magnitude
-        scale = max(abs(rec["reference"][0]), abs(rec["reference_lambda_min"]))
-        assert abs(rec["lambda_min"] - rec["reference_lambda_min"]) < 1e-2 * scale
-    bad = _run("warm_start.py", *args, "--sharpness", "top_k", tmp=tmp_path)
-    assert bad.returncode != 0 and "NAME=VALUE" in bad.stderr

@@ -134,3 +134,16 @@ def test_combine_rows_in_place_and_fresh(monkeypatch: pytest.MonkeyPatch, chunk:
     _orthogonality.combine_rows(both[:9], y, out=both[9:])
     torch.testing.assert_close(both[9:], expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(both[:9], rows, rtol=0, atol=0)
+    # The same memory through another storage object (NumPy views): still the buffered path.
+    array = rows.numpy().copy()
+    shared_rows = torch.from_numpy(array)
+    shifted = torch.from_numpy(array[1:5])  # overlaps rows 1-4
+    assert shifted.untyped_storage().data_ptr() != shared_rows.untyped_storage().data_ptr()
+    _orthogonality.combine_rows(shared_rows, y, out=shifted)
+    torch.testing.assert_close(shifted, expected, rtol=1e-12, atol=1e-12)
+    # Another dtype is cast on the copy; a wrong shape is refused.
+    single = torch.empty(4, 100, dtype=torch.float32)
+    _orthogonality.combine_rows(rows, y, out=single)
+    torch.testing.assert_close(single, expected.float())
+    with pytest.raises(ValueError, match=r"\(4, 100\)"):
+        _orthogonality.combine_rows(rows, y, out=torch.empty(4, 101, dtype=torch.float64))

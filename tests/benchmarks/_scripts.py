@@ -1,0 +1,21 @@
+"""Running a benchmark script the way a user would, for the suite's smoke tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_script(script: str, *args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
+    """``python benchmarks/<script> <args>`` in ``tmp``, output captured, 240 s at most."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp,
+        timeout=240,
+        check=False,
+    )
