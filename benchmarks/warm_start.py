@@ -367,8 +367,6 @@ def _sharpness_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -
             settings[name] = value  # a plain string, e.g. criterion=eigenvalue
     if "criterion" in settings and args.criterion != "residual":
         ap.error("give the criterion once: --criterion or --sharpness criterion=...")
-    if args.criterion != "residual":
-        settings["criterion"] = args.criterion
     try:
         ll.Sharpness(**settings)
     except (TypeError, ValueError) as err:
@@ -389,7 +387,9 @@ def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
     monitor = ll.LandscapeMonitor(
         every_n_steps=args.every, probe_dataloader=probe, tensorboard_layout=False
     )
-    overrides = args.sharpness_settings
+    overrides = dict(getattr(args, "sharpness_settings", {}))
+    if args.criterion != "residual":  # read here: gpu_suite sets it after parsing
+        overrides["criterion"] = args.criterion
     if overrides:  # the default probes, with another Sharpness probe
         sharpness = ll.Sharpness(every_n_steps=args.every, **overrides)
         others = [p for p in monitor.probes if not isinstance(p, ll.Sharpness)]
