@@ -519,6 +519,27 @@ def library_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
+def run_metadata(**extra: Any) -> dict[str, Any]:
+    """What a results file records about its run: UTC date, CPU, torch threads and version, the
+    library's source fingerprint and the command line; then ``extra``."""
+    return {
+        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "lightning_landscape_src_sha256_16": library_fingerprint(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        **extra,
+    }
+
+
+def write_results(path: str | None, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """``{"meta": meta, "rows": rows}`` as JSON to ``path`` (nothing when ``None``)."""
+    if path:
+        Path(path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        print(f"wrote {path}")
+
+
 def version_of(dist: str) -> str | None:
     import importlib.metadata as md
 

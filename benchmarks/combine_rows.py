@@ -16,7 +16,6 @@ warm-up call, the two paths alternating.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import statistics
 import sys
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu import ROOT, cpu_model, library_fingerprint
+from bench_cpu import ROOT, run_metadata, write_results
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -73,18 +72,7 @@ def main() -> None:
         }
         rows_out.append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_all")}), flush=True)
-    meta = {
-        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "cpu": cpu_model(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "lightning_landscape_src_sha256_16": library_fingerprint(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "n": args.n,
-    }
-    if args.out:
-        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows_out}, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    write_results(args.out, run_metadata(n=args.n), rows_out)
 
 
 if __name__ == "__main__":

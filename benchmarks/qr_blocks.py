@@ -13,7 +13,6 @@ orthogonality error ``max |QᵀQ − I|`` computed in float64.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import statistics
 import sys
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu import ROOT, cpu_model, library_fingerprint
+from bench_cpu import ROOT, run_metadata, write_results
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -75,18 +74,7 @@ def main() -> None:
                 }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    meta = {
-        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "cpu": cpu_model(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "lightning_landscape_src_sha256_16": library_fingerprint(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "n": args.n,
-    }
-    if args.out:
-        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    write_results(args.out, run_metadata(n=args.n), rows)
 
 
 if __name__ == "__main__":
