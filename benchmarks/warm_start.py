@@ -24,7 +24,8 @@ main solve's vectors still carry over, and training is unchanged.
 
 ``--default-monitor`` instead trains with the default ``LandscapeMonitor()`` probes (top-5 sharpness
 with λ_min, update curvature, trace) every ``--every`` steps and reports a probe round's median
-seconds in units of the median training step, and each probe's (``median_probe_in_steps``).
+seconds in units of the median training step, and each probe's (``median_probe_in_steps``),
+with every trace estimate and its standard error (``traces``).
 ``--sharpness NAME=VALUE`` (repeatable) changes one setting of that round's ``Sharpness`` probe
 (e.g. ``top_k=1``, ``tol=0.01``, ``max_basis=40``) to see what each costs. ``--reference`` also
 solves every round's operator again, cold, to tol 1e-5 and records how far the probe's eigenvalues
@@ -346,6 +347,20 @@ def _record_reference(probe: ll.Sharpness, records: list[dict[str, Any]]) -> Non
     probe.run = checked  # type: ignore[method-assign]
 
 
+def _record_trace(probe: ll.Trace, records: list[dict[str, Any]]) -> None:
+    """Record each of ``probe``'s estimates: the step, the trace, its standard error and method."""
+    run = probe.run
+
+    def recorded(ctx: Any) -> Any:
+        out = run(ctx)
+        records.append(
+            {"step": ctx.step, "trace": out.trace, "stderr": out.stderr, "method": out.method}
+        )
+        return out
+
+    probe.run = recorded  # type: ignore[method-assign]
+
+
 def _relative(got: float, ref: float) -> float | None:
     """``|got − ref| / |ref|``, or ``None`` for a zero reference."""
     return abs(got - ref) / abs(ref) if ref != 0.0 else None
@@ -400,11 +415,14 @@ def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
     per_probe: dict[str, list[int]] = {type(p).__name__: [] for p in monitor.probes}
     probe_seconds: dict[str, list[float]] = {type(p).__name__: [] for p in monitor.probes}
     reference: list[dict[str, Any]] = []
+    traces: list[dict[str, Any]] = []
     for probe in monitor.probes:
         name_ = type(probe).__name__
         _count_products(probe, per_probe[name_], probe_seconds[name_])
         if args.reference and isinstance(probe, ll.Sharpness):
             _record_reference(probe, reference)
+        if isinstance(probe, ll.Trace):
+            _record_trace(probe, traces)
     trainer = _trainer(args.steps, clip, [timer, monitor], args.accelerator)
     trainer.fit(module, loader)
     step = statistics.median(timer.seconds[1:])
@@ -431,6 +449,7 @@ def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "median_round_seconds": statistics.median(rounds) if timed else None,
         "median_round_in_steps": statistics.median(rounds) / step if timed else None,
         "reference": reference or None,
+        "traces": traces,
     }
     print(json.dumps(row), flush=True)
     return row

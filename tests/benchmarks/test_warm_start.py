@@ -25,6 +25,8 @@ def test_default_round_with_sharpness_settings_and_reference(tmp_path: Path) -> 
     assert row["sharpness_criterion"] == "eigenvalue"
     assert row["median_round_in_steps"] is None  # the reference solves ran inside the rounds
     assert len(row["reference"]) == len(row["round_hvps"]) == 3  # steps 0, 15, 30
+    assert [t["step"] for t in row["traces"]] == [0, 15, 30]
+    assert all(t["method"] == "deflated" and t["stderr"] > 0 for t in row["traces"])
     for rec in row["reference"]:
         assert rec["reference_converged"] and len(rec["eigenvalues"]) == 2
         assert max(rec["relative_errors"]) < 1e-2  # the probe's default tol, 1e-3, and margin
