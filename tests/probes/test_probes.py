@@ -3,6 +3,7 @@ shared operator per round, and the worked example of docs/architecture.md."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -103,6 +104,64 @@ def test_trace_reuses_converged_sharpness_pairs_only(mlp: Any) -> None:
     assert Trace(30).run(ctx).method == "hutch++"
     with pytest.raises(ValueError, match="reuse_eigenvectors"):
         Trace(reuse_eigenvectors=1)  # type: ignore[arg-type]
+
+
+def _quadratic(eigenvalues: list[float]) -> tuple[torch.nn.Module, Any, torch.Tensor]:
+    """A model whose Hessian is ``Q diag(eigenvalues) Qᵀ`` for a random rotation ``Q``."""
+    n = len(eigenvalues)
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=_gen(3)))
+    a = q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
+    model = torch.nn.Linear(n, 1, bias=False).double()
+    return model, lambda m, b: 0.5 * (m.weight @ b @ m.weight.T).sum(), a
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_trace_also_deflates_a_converged_lambda_min_below_the_top() -> None:
+    # The rest of the spectrum is zero: with λ_max and λ_min deflated the estimate is exact.
+    model, loss_fn, a = _quadratic([9.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -5.0])
+    ctx = _ctx(model, loss_fn, a)
+    ctx.results["sharpness"] = Sharpness(1, tol=1e-10).run(ctx)
+    both = Trace(9).run(ctx)
+    assert both.trace == pytest.approx(4.0, abs=1e-9) and both.stderr < 1e-9
+    # λ_max alone leaves -5 q qᵀ to Hutchinson: a noisy estimate.
+    ctx = _ctx(model, loss_fn, a)
+    ctx.results["sharpness"] = Sharpness(1, tol=1e-10, lambda_min=False).run(ctx)
+    assert Trace(9).run(ctx).stderr > 0.1
+
+
+def test_trace_deflates_top_and_bottom_once_each() -> None:
+    # top_k = n - 1 with a distinct λ_min: top and bottom span everything, the trace is exact.
+    model, loss_fn, a = _quadratic([3.0, 2.0, -1.0])
+    ctx = _ctx(model, loss_fn, a)
+    ctx.results["sharpness"] = Sharpness(2, tol=1e-10).run(ctx)
+    exact = Trace(9).run(ctx)
+    assert exact.trace == pytest.approx(4.0, abs=1e-9) and exact.stderr < 1e-9
+    # A degenerate eigenvalue: λ_min's vector is the other one of the eigenspace, also exact.
+    model, loss_fn, a = _quadratic([3.0, 2.0, 2.0])
+    ctx = _ctx(model, loss_fn, a)
+    sharp = ctx.results["sharpness"] = Sharpness(2, tol=1e-10).run(ctx)
+    assert Trace(9).run(ctx).trace == pytest.approx(7.0, abs=1e-9)
+    # A bottom pair that is one of the top pairs (its value equals the smallest top value) is
+    # not counted twice: the estimate is the top-k deflation's, with the same probes.
+    top = sharp.top
+    last = slice(top.eigenvalues.numel() - 1, None)
+    assert top.eigenvectors is not None
+    copy = dataclasses.replace(
+        top,
+        eigenvalues=top.eigenvalues[last],
+        eigenvectors=top.eigenvectors[:, last],
+        residuals=top.residuals[last],
+        converged=top.converged[last],
+        which="smallest",
+    )
+    ctx.results["sharpness"] = dataclasses.replace(sharp, bottom=copy)
+    alone = ll.solvers.deflated_trace(
+        ctx.operator(), top.eigenvectors, top.eigenvalues, 3, seed=ctx.seed
+    )
+    assert Trace(9).run(ctx).trace == alone.trace
 
 
 def test_one_operator_per_round_and_delta2_reuses_the_sharpness_vectors(mlp: Any) -> None:
