@@ -26,12 +26,12 @@ class Trace(Probe):
     When a :class:`~lightning_landscape.probes.Sharpness` probe measured in the same round and
     all its top-k pairs converged, their eigenvectors replace Hutch++'s sketch
     (:func:`~lightning_landscape.solvers.deflated_trace`): the trace over their span is the sum
-    of the top-k eigenvalues. A converged λ_min below them is deflated as well (a strongly
-    negative one adds ``λ_min²`` to the variance of the rest: on the ResNet-18 of
-    ``benchmarks/warm_start.py`` the standard error fell by up to 18 %). Only Hutch++'s
-    Hutchinson share of the budget
-    (``num_hvps − 2⌊num_hvps/3⌋`` products, 10 of the default 30) is spent on the rest. The
-    default monitor's round thus pays 10 products for its trace instead of 30.
+    of the top-k eigenvalues. A converged λ_min below them is deflated as well: a strongly
+    negative one adds ``λ_min²`` to the variance of the rest (on the ResNet-18 of
+    ``benchmarks/warm_start.py`` the standard error fell by 2–18 % in six of seven rounds).
+    Only Hutch++'s Hutchinson share of the budget (``num_hvps − 2⌊num_hvps/3⌋`` products, 10 of
+    the default 30) is spent on the rest. The default monitor's round thus pays 10 products for
+    its trace instead of 30.
 
     Args:
         num_hvps: Hessian-vector products (at least 3).
