@@ -470,10 +470,14 @@ def _single_process_probe(state: dict[str, torch.Tensor]) -> dict[str, float]:
     with curvature_context(module, norm_statistics="batch"):
         op = HessianOperator(module, loss_fn, shards, route="double_backward", retain_graph=True)
         top, bottom = lanczos_ends(op, W.TOP_K, 1, tol=W.TOL, seed=0)  # as Sharpness does
-        # The monitor's Trace takes the round's converged sharpness pairs as its sketch.
-        assert top.eigenvectors is not None
+        # The monitor's Trace takes the round's converged sharpness pairs as its sketch: the
+        # top-k and, below them, λ_min's.
+        assert top.eigenvectors is not None and bottom.eigenvectors is not None
+        assert float(bottom.eigenvalues[0]) < float(top.eigenvalues.min())
+        vectors = torch.cat([top.eigenvectors.T, bottom.eigenvectors.T]).T
+        values = torch.cat([top.eigenvalues, bottom.eigenvalues])
         probes = W.TRACE_HVPS - 2 * (W.TRACE_HVPS // 3)
-        trace = deflated_trace(op, top.eigenvectors, top.eigenvalues, probes, seed=0)
+        trace = deflated_trace(op, vectors, values, probes, seed=0)
         probe_loss = op.loss_value
     assert top.all_converged and bottom.all_converged
     return {
