@@ -15,7 +15,7 @@ from ..optim.thresholds import Stability, probed_stability
 from ..report import figures, tags
 from ..report.layout import SHARPNESS, SPECTRUM, Layout, multiline
 from ..solvers import Criterion, EigenResult, lanczos, lanczos_ends
-from .base import Probe, ProbeContext, Row, fmt, warm_vectors
+from .base import Probe, ProbeContext, Row, fmt, join_columns, warm_vectors
 
 _CRITERIA: tuple[Criterion, ...] = ("residual", "eigenvalue")
 WarmStorage = Literal["device", "host", "bfloat16", "host_bfloat16"]
@@ -296,10 +296,7 @@ class Sharpness(Probe):
 
         def start(*vectors: Tensor | None) -> Tensor | None:
             kept = [v for v in vectors if v is not None] if self.warm_start else []
-            # Joined as rows, so each column stays a contiguous row (``torch.cat(dim=1)`` made
-            # the columns strided: every later per-column pass then gathered 45 MB at 11 M).
-            joined = torch.cat([v.T for v in kept]).T if len(kept) > 1 else next(iter(kept), None)
-            return warm_vectors(joined, op.size, op.device)
+            return warm_vectors(join_columns(kept) if kept else None, op.size, op.device)
 
         bottom = None
         if self.lambda_min:  # both ends from one Krylov space

@@ -12,7 +12,7 @@ from .._validate import flag, integer
 from ..report import tags
 from ..report.layout import SPECTRUM, Layout, multiline
 from ..solvers import EigenResult, TraceResult, deflated_trace, hutchpp_trace
-from .base import Probe, ProbeContext, Row, fmt
+from .base import Probe, ProbeContext, Row, fmt, join_columns
 from .sharpness import SharpnessResult
 
 
@@ -136,6 +136,5 @@ def _with_bottom(top: EigenResult, bottom: EigenResult | None) -> tuple[Tensor, 
         or not float(bottom.eigenvalues.max()) < float(top.eigenvalues.min())
     ):
         return top.eigenvectors, top.eigenvalues
-    rows = torch.cat([top.eigenvectors.T, bottom.eigenvectors.T])  # contiguous rows
-    values = torch.cat([top.eigenvalues, bottom.eigenvalues.to(top.eigenvalues.dtype)])
-    return rows.T, values
+    vectors = join_columns([top.eigenvectors, bottom.eigenvectors])
+    return vectors, torch.cat([top.eigenvalues, bottom.eigenvalues])  # both float64

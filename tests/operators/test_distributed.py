@@ -48,6 +48,7 @@ from lightning_landscape.operators.distributed import (
     distributed_world,
     weighted_mean,
 )
+from lightning_landscape.probes.base import join_columns
 from tests import _dist_worker as W
 from tests._lightning import ClassifierModule, make_dataloader, make_dataset, trainer_kwargs
 from tests._models import KINDS, make_model, mlp_batch
@@ -474,7 +475,7 @@ def _single_process_probe(state: dict[str, torch.Tensor]) -> dict[str, float]:
         # top-k and, below them, λ_min's.
         assert top.eigenvectors is not None and bottom.eigenvectors is not None
         assert float(bottom.eigenvalues[0]) < float(top.eigenvalues.min())
-        vectors = torch.cat([top.eigenvectors.T, bottom.eigenvectors.T]).T
+        vectors = join_columns([top.eigenvectors, bottom.eigenvectors])
         values = torch.cat([top.eigenvalues, bottom.eigenvalues])
         probes = W.TRACE_HVPS - 2 * (W.TRACE_HVPS // 3)
         trace = deflated_trace(op, vectors, values, probes, seed=0)
