@@ -46,6 +46,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -310,55 +311,47 @@ def _count_products(probe: ll.Probe, counts: list[int], seconds: list[float] | N
     probe.run = counted  # type: ignore[method-assign]
 
 
-def _record_reference(probe: ll.Sharpness, records: list[dict[str, Any]]) -> None:
-    """After each measurement of ``probe``, solve its operator again cold to
-    :data:`REFERENCE_TOL` (both ends, a basis of 40) and record the relative errors of the probe's
-    eigenvalues and λ_min against that solve's."""
-    run = probe.run
-
-    def checked(ctx: Any) -> Any:
-        out = run(ctx)
-        op = ctx.operator()
-        before = op.num_matvecs
-        top, bottom = lanczos_ends(
-            op, probe.top_k, 1, tol=REFERENCE_TOL, max_basis=40, max_hvps=1000, seed=12345
-        )
-        ref, got = top.eigenvalues.double(), out.top.eigenvalues.double()
-        lmin = float(bottom.eigenvalues[0])
-        records.append(
-            {
-                "step": ctx.step,
-                "eigenvalues": got.tolist(),
-                "reference": ref.tolist(),
-                "relative_errors": [
-                    _relative(g, r) for g, r in zip(got.tolist(), ref.tolist(), strict=True)
-                ],
-                "lambda_min": out.lambda_min,
-                "reference_lambda_min": lmin,
-                "lambda_min_relative_error": (
-                    None if out.lambda_min is None else _relative(out.lambda_min, lmin)
-                ),
-                "reference_converged": bool(top.all_converged and bottom.all_converged),
-                "reference_hvps": op.num_matvecs - before,
-            }
-        )
-        return out
-
-    probe.run = checked  # type: ignore[method-assign]
-
-
-def _record_trace(probe: ll.Trace, records: list[dict[str, Any]]) -> None:
-    """Record each of ``probe``'s estimates: the step, the trace, its standard error and method."""
+def _after_each(probe: ll.Probe, record: Callable[[Any, Any], None]) -> None:
+    """Call ``record(ctx, result)`` after each measurement of ``probe`` (inside its round)."""
     run = probe.run
 
     def recorded(ctx: Any) -> Any:
         out = run(ctx)
-        records.append(
-            {"step": ctx.step, "trace": out.trace, "stderr": out.stderr, "method": out.method}
-        )
+        record(ctx, out)
         return out
 
     probe.run = recorded  # type: ignore[method-assign]
+
+
+def _reference(ctx: Any, out: Any) -> dict[str, Any]:
+    """Solve the round's operator again cold to :data:`REFERENCE_TOL` (both ends, a basis of
+    40) and compare the probe's eigenvalues and λ_min (``out``) with that solve's."""
+    op = ctx.operator()
+    before = op.num_matvecs
+    got = out.top.eigenvalues.double().tolist()  # the probe's top_k eigenvalues
+    top, bottom = lanczos_ends(
+        op, len(got), 1, tol=REFERENCE_TOL, max_basis=40, max_hvps=1000, seed=12345
+    )
+    ref = top.eigenvalues.double().tolist()
+    lmin = float(bottom.eigenvalues[0])
+    return {
+        "step": ctx.step,
+        "eigenvalues": got,
+        "reference": ref,
+        "relative_errors": [_relative(g, r) for g, r in zip(got, ref, strict=True)],
+        "lambda_min": out.lambda_min,
+        "reference_lambda_min": lmin,
+        "lambda_min_relative_error": (
+            None if out.lambda_min is None else _relative(out.lambda_min, lmin)
+        ),
+        "reference_converged": bool(top.all_converged and bottom.all_converged),
+        "reference_hvps": op.num_matvecs - before,
+    }
+
+
+def _trace_row(ctx: Any, out: Any) -> dict[str, Any]:
+    """One trace estimate: the step, the trace, its standard error and the method."""
+    return {"step": ctx.step, "trace": out.trace, "stderr": out.stderr, "method": out.method}
 
 
 def _relative(got: float, ref: float) -> float | None:
@@ -394,7 +387,7 @@ def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     With ``--criterion eigenvalue`` or ``--sharpness NAME=VALUE`` the same probes, but the
     ``Sharpness`` probe built with those settings; with ``--reference`` each round's eigenvalues
-    are also checked against a tight cold solve (see :func:`_record_reference`).
+    are also checked against a tight cold solve (see :func:`_reference`).
     """
     pl.seed_everything(0, verbose=False)
     module, loader, probe, clip = setup(name, args.steps, args.quick, args.probe_samples)
@@ -402,7 +395,7 @@ def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
     monitor = ll.LandscapeMonitor(
         every_n_steps=args.every, probe_dataloader=probe, tensorboard_layout=False
     )
-    overrides = dict(getattr(args, "sharpness_settings", {}))
+    overrides = dict(args.sharpness_settings)
     if args.criterion != "residual":  # read here: gpu_suite sets it after parsing
         overrides["criterion"] = args.criterion
     if overrides:  # the default probes, with another Sharpness probe
@@ -420,9 +413,9 @@ def run_default_monitor(name: str, args: argparse.Namespace) -> dict[str, Any]:
         name_ = type(probe).__name__
         _count_products(probe, per_probe[name_], probe_seconds[name_])
         if args.reference and isinstance(probe, ll.Sharpness):
-            _record_reference(probe, reference)
+            _after_each(probe, lambda ctx, out: reference.append(_reference(ctx, out)))
         if isinstance(probe, ll.Trace):
-            _record_trace(probe, traces)
+            _after_each(probe, lambda ctx, out: traces.append(_trace_row(ctx, out)))
     trainer = _trainer(args.steps, clip, [timer, monitor], args.accelerator)
     trainer.fit(module, loader)
     step = statistics.median(timer.seconds[1:])

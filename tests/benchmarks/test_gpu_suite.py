@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from tests.benchmarks._scripts import ROOT, run_script
+from tests.benchmarks._scripts import benchmark_module, run_script
 
 
 @pytest.mark.slow
@@ -85,10 +84,7 @@ def test_real_sizes_quick_speed_section(tmp_path: Path) -> None:
 
 
 def _gpu_suite() -> Any:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import gpu_suite
-
-    return gpu_suite
+    return benchmark_module("gpu_suite")
 
 
 def test_gpu_suite_refuses_to_run_without_the_anchor_outside_smoke(

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.benchmarks._scripts import ROOT, run_script
+from tests.benchmarks._scripts import benchmark_module, run_script
 
 QUICK = ("--quick", "--default-monitor", "--models", "resnet", "--steps", "30", "--every", "15")
 
@@ -36,10 +35,7 @@ def test_default_round_with_sharpness_settings_and_reference(tmp_path: Path) -> 
 
 
 def _options() -> Any:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import warm_start
-
-    return warm_start.options
+    return benchmark_module("warm_start").options
 
 
 @pytest.mark.parametrize(
